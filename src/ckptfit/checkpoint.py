@@ -1,0 +1,366 @@
+"""The lazy :class:`Checkpoint`: what a file holds, described without reading tensor bytes.
+
+A format reader (:mod:`ckptfit.formats`) turns a file or directory into a ``Checkpoint``: the
+nested container tree with :class:`~ckptfit.lazy.LazyTensor` leaves, plain-data metadata,
+the safety scan of every pickle it interpreted, and the candidate state dicts inside.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import CheckpointError
+from .lazy import LazyTensor
+from .safety import PickleScan, Placeholder, to_plain
+
+__all__ = ["Checkpoint", "StateDictCandidate", "Safety"]
+
+CandidateKind = Literal["model", "ema", "optimizer", "module", "other"]
+
+# Preferred names for the model's own weights, best first.
+_MODEL_NAMES = ("state_dict", "model_state_dict", "model", "module", "net", "network", "params", "weights",
+                "model_weights", "params_ema_free", "generator", "student", "backbone")
+_EMA_WORDS = ("ema", "average", "swa", "shadow", "polyak")
+_OPT_WORDS = ("optim", "opt_state", "optimizer")
+_SCHED_WORDS = ("sched", "lr_")
+_META_KEYS = {"_metadata"}
+
+
+@dataclass(frozen=True, eq=False)
+class StateDictCandidate:
+    """One set of model weights found inside a checkpoint.
+
+    Attributes:
+        name: its key path in the file (``"state_dict"``, ``"model.ema"``; ``""`` = the root).
+        tensors: ``{key: LazyTensor}`` in file order.
+        kind: ``model`` (the model's own weights), ``ema``, ``module`` (a whole pickled
+            ``nn.Module``'s parameters and buffers), ``optimizer`` or ``other``.
+        default: whether ckptfit uses it when nothing else is asked.
+        reason: why it is (or is not) the default.
+    """
+
+    name: str
+    tensors: dict[str, LazyTensor]
+    kind: CandidateKind
+    default: bool = False
+    reason: str = ""
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def label(self) -> str:
+        return repr(self.name) if self.name else "the file's top level"
+
+
+@dataclass(frozen=True)
+class Safety:
+    """The safety verdict of a checkpoint's pickles.
+
+    Attributes:
+        verdict: ``"no pickle"`` (safetensors), ``"safe"`` (only tensor machinery and known data),
+            ``"safe, with placeholders"`` (unknown classes kept inert), ``"trusted"`` (read with
+            ``trust=True``: real unpickling was allowed).
+        unknown: class paths kept as inert placeholders.
+        anomalies: oddities found while reading (trailing data, unclosed marks ...).
+    """
+
+    verdict: str
+    unknown: tuple[str, ...] = ()
+    anomalies: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "unknown_classes": list(self.unknown), "anomalies": list(self.anomalies)}
+
+
+def _kind_of(name: str) -> CandidateKind:
+    last = name.rsplit(".", 1)[-1].lower()
+    if any(w in last for w in _EMA_WORDS):
+        return "ema"
+    if any(w in last for w in _OPT_WORDS):
+        return "optimizer"
+    return "model"
+
+
+def _module_state(obj: Placeholder) -> dict[str, LazyTensor] | None:
+    """Parameters and persistent buffers of a pickled ``nn.Module`` (a placeholder), or None."""
+    attrs = obj.attributes()
+    if not isinstance(attrs.get("_modules"), dict) or not isinstance(attrs.get("_parameters"), dict):
+        return None
+    out: dict[str, LazyTensor] = collections.OrderedDict()
+    stack: list[tuple[str, Placeholder]] = [("", obj)]
+    seen: set[int] = set()
+    # depth-first in registration order, like nn.Module.state_dict (iterative)
+    while stack:
+        prefix, mod = stack.pop()
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        a = mod.attributes()
+        for name, p in (a.get("_parameters") or {}).items():
+            if isinstance(p, LazyTensor):
+                out[prefix + str(name)] = p
+        nonpersistent = a.get("_non_persistent_buffers_set")
+        skip = set(nonpersistent) if isinstance(nonpersistent, set | frozenset | list) else set()
+        for name, b in (a.get("_buffers") or {}).items():
+            if isinstance(b, LazyTensor) and name not in skip:
+                out[prefix + str(name)] = b
+        children = [(prefix + str(n) + ".", m) for n, m in (a.get("_modules") or {}).items()
+                    if isinstance(m, Placeholder)]
+        stack.extend(reversed(children))
+    return out
+
+
+class Checkpoint:
+    """A checkpoint opened by :func:`ckptfit.open`: everything it holds, no tensor bytes read.
+
+    Attributes:
+        format: the reader that recognised it (``torch-zip``, ``torch-legacy``, ``safetensors``,
+            ``hf-sharded``, ``dcp``, ``torchscript``, ``pickle``).
+        path: the file or directory.
+        tree: the nested containers as saved, tensors as :class:`LazyTensor`, unknown objects as
+            inert placeholders.
+        scans: one :class:`~ckptfit.safety.PickleScan` per pickle interpreted.
+        trusted: whether it was read with ``trust=True`` (real unpickling).
+    """
+
+    def __init__(self, *, path: str | os.PathLike[str], format: str, tree: Any,
+                 scans: tuple[PickleScan, ...] = (), metadata: dict | None = None, trusted: bool = False,
+                 candidates: list[StateDictCandidate] | None = None, size: int | None = None,
+                 closers: tuple[Callable[[], None], ...] = ()):
+        self.path = os.fspath(path)
+        self.format = format
+        self.tree = tree
+        self.scans = tuple(scans)
+        self.trusted = trusted
+        self._extra_metadata = metadata or {}
+        self._candidates = candidates
+        self._size = size
+        self._closers = closers
+        self._cached: list[StateDictCandidate] | None = None
+
+    # ------------------------------------------------------------------ context management
+    def close(self) -> None:
+        """Release file handles (tensors already loaded stay valid)."""
+        for c in self._closers:
+            c()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.path!r}, format={self.format!r}, tensors={self.num_tensors})"
+
+    # ------------------------------------------------------------------ size
+    @property
+    def size(self) -> int:
+        """Bytes on disk (all files of a directory checkpoint)."""
+        if self._size is None:
+            if os.path.isdir(self.path):
+                self._size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(self.path) for f in fs)
+            else:
+                self._size = os.path.getsize(self.path)
+        return self._size
+
+    def tensors(self) -> Iterator[tuple[str, LazyTensor]]:
+        """Every tensor in the tree with its key path (each stored tensor once)."""
+        seen: set[int] = set()
+        stack: list[tuple[str, Any]] = [("", self.tree)]
+        out: list[tuple[str, LazyTensor]] = []
+        while stack:
+            prefix, obj = stack.pop()
+            if isinstance(obj, LazyTensor):
+                if id(obj) not in seen:
+                    seen.add(id(obj))
+                    out.append((prefix, obj))
+                continue
+            if id(obj) in seen:
+                continue
+            children: list[tuple[str, Any]] = []
+            if isinstance(obj, dict):
+                seen.add(id(obj))
+                children = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in obj.items()]
+            elif isinstance(obj, list | tuple):
+                seen.add(id(obj))
+                children = [(f"{prefix}.{i}" if prefix else str(i), v) for i, v in enumerate(obj)]
+            elif isinstance(obj, Placeholder):
+                seen.add(id(obj))
+                ms = _module_state(obj)
+                items = ms.items() if ms is not None else list(obj.attributes().items()) + list(obj.dict_items.items())
+                children = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in items]
+            stack.extend(reversed(children))
+        yield from out
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(1 for _ in self.tensors())
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.nbytes for _, t in self.tensors())
+
+    # ------------------------------------------------------------------ metadata and safety
+    @property
+    def metadata(self) -> dict:
+        """Plain data saved beside the weights: epoch, global_step, versions, hyper_parameters, args ..."""
+        md: dict[str, Any] = {}
+        if isinstance(self.tree, dict):
+            cand_names = {c.name for c in self.state_dicts()}
+            for k, v in self.tree.items():
+                if not isinstance(k, str) or k in cand_names or k in _META_KEYS:
+                    continue
+                if isinstance(v, LazyTensor):
+                    continue
+                if _kind_of(k) == "optimizer" or any(w in k.lower() for w in _SCHED_WORDS):
+                    md[k] = f"<{_summary(v)}>"
+                    continue
+                if isinstance(v, dict) and v and all(isinstance(x, LazyTensor) for x in v.values()):
+                    continue
+                md[k] = to_plain(v)
+        md.update(self._extra_metadata)
+        return md
+
+    @property
+    def safety(self) -> Safety:
+        if self.trusted:
+            return Safety("trusted")
+        if not self.scans:
+            return Safety("no pickle")
+        unknown: list[str] = []
+        anomalies: list[str] = []
+        for s in self.scans:
+            for g in s.globals:
+                if g.kind == "unknown" and g.qualname not in unknown:
+                    unknown.append(g.qualname)
+            anomalies.extend(f"{s.member}: {a}" if s.member else a for a in s.anomalies)
+        return Safety("safe, with placeholders" if unknown else "safe", tuple(unknown), tuple(anomalies))
+
+    # ------------------------------------------------------------------ state dicts
+    def state_dicts(self) -> list[StateDictCandidate]:
+        """Every candidate set of model weights in the file, the default one marked.
+
+        Example:
+            >>> ckpt = ckptfit.open("model_best.pth.tar")           # doctest: +SKIP
+            >>> [(c.name, c.kind, c.default) for c in ckpt.state_dicts()]  # doctest: +SKIP
+            [('state_dict', 'model', True), ('state_dict_ema', 'ema', False)]
+        """
+        if self._cached is None:
+            found = self._candidates if self._candidates is not None else _find_candidates(self.tree)
+            self._cached = _mark_default(found)
+        return list(self._cached)
+
+    def state_dict(self, use: str | None = None) -> StateDictCandidate:
+        """The candidate chosen by ``use`` (a name, a key path, or ``"ema"``), else the default.
+
+        Raises:
+            CheckpointError: nothing matches ``use``, or the file holds no tensors at all.
+        """
+        cands = self.state_dicts()
+        if not cands:
+            raise CheckpointError("the file holds no tensors that could be model weights", path=self.path,
+                                  hint="run `ckptfit inspect` on it to see what it contains")
+        if use is None:
+            return next(c for c in cands if c.default)
+        return select_candidate(cands, use, path=self.path)
+
+
+def select_candidate(cands: list[StateDictCandidate], use: str, *, path: str | None = None) -> StateDictCandidate:
+    """Pick the candidate named by ``use``: exact key path, last segment, or a kind (``ema``, ``model``)."""
+    names = [c.name for c in cands]
+    for c in cands:
+        if c.name == use:
+            return c
+    tail = [c for c in cands if c.name.rsplit(".", 1)[-1] == use]
+    if len(tail) == 1:
+        return tail[0]
+    if use in ("ema", "model", "module", "optimizer"):
+        same = [c for c in cands if c.kind == use]
+        if len(same) == 1:
+            return same[0]
+        if len(same) > 1:
+            exact = [c for c in same if c.name.rsplit(".", 1)[-1].lower() == use]
+            if len(exact) == 1:
+                return exact[0]
+            raise CheckpointError(f"use={use!r} is ambiguous: the file has {', '.join(repr(c.name) for c in same)}",
+                                  path=path, hint="pass the exact key path, e.g. use=" + repr(same[0].name))
+    raise CheckpointError(f"use={use!r} matches no state dict in the file; it has: "
+                          f"{', '.join(repr(n) if n else repr('') + ' (top level)' for n in names)}",
+                          path=path, hint="pass one of those names as use=")
+
+
+def _summary(v: Any) -> str:
+    if isinstance(v, dict):
+        return f"dict with {len(v)} entries"
+    if isinstance(v, list | tuple):
+        return f"{type(v).__name__} of {len(v)}"
+    return type(v).__name__
+
+
+def _find_candidates(tree: Any) -> list[StateDictCandidate]:
+    """Walk the tree (iteratively, each object once) for mappings of tensors and pickled modules."""
+    found: list[StateDictCandidate] = []
+    seen: set[int] = set()
+    stack: list[tuple[str, Any]] = [("", tree)]
+    while stack:
+        path, obj = stack.pop()
+        if isinstance(obj, LazyTensor) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            tensors = [(k, v) for k, v in obj.items() if isinstance(v, LazyTensor)]
+            values = [v for k, v in obj.items() if k not in _META_KEYS and v is not None]
+            if tensors and all(isinstance(k, str) for k in obj) and len(tensors) * 2 >= len(values):
+                sd = collections.OrderedDict((k, v) for k, v in tensors)
+                found.append(StateDictCandidate(path, sd, _kind_of(path) if path else "model"))
+                continue
+            children = [(f"{path}.{k}" if path else str(k), v) for k, v in obj.items()]
+            stack.extend(reversed(children))
+        elif isinstance(obj, list | tuple):
+            stack.extend(reversed([(f"{path}.{i}" if path else str(i), v) for i, v in enumerate(obj)]))
+        elif isinstance(obj, Placeholder):
+            ms = _module_state(obj)
+            if ms:
+                kind: CandidateKind = _kind_of(path) if path else "module"
+                found.append(StateDictCandidate(path, ms, "ema" if kind == "ema" else "module"))
+                continue
+            children = [(f"{path}.{k}" if path else str(k), v) for k, v in obj.attributes().items()]
+            stack.extend(reversed(children))
+    return found
+
+
+def _rank(c: StateDictCandidate) -> tuple:
+    last = c.name.rsplit(".", 1)[-1].lower()
+    kind_rank = {"model": 0, "module": 0, "other": 1, "ema": 2, "optimizer": 3}[c.kind]
+    name_rank = _MODEL_NAMES.index(last) if last in _MODEL_NAMES else (len(_MODEL_NAMES) if c.name else -1)
+    return (kind_rank, name_rank, -c.num_tensors)
+
+
+def _mark_default(found: list[StateDictCandidate]) -> list[StateDictCandidate]:
+    if not found:
+        return []
+    best = min(found, key=_rank)
+    others = [c for c in found if c is not best]
+    if len(found) == 1:
+        why = "the only set of weights in the file"
+    elif best.kind == "ema":
+        why = "no non-EMA weights in the file"
+    else:
+        skipped = ", ".join(f"{o.name!r} ({o.kind})" for o in others)
+        why = f"the model's own weights; also in the file: {skipped}"
+    out = []
+    for c in found:
+        out.append(StateDictCandidate(c.name, c.tensors, c.kind, c is best, why if c is best else
+                                      f"not the default ({c.kind}); pick it with use={c.name!r}"))
+    return out
+

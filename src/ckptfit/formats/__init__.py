@@ -1,0 +1,150 @@
+"""Format readers behind one registry; a format is recognised by content, never by extension.
+
+Each reader module registers itself with :func:`register`: a ``sniff(path, head)`` that looks
+at the first bytes (or the directory listing) and an ``open(path, trust)`` that returns a
+:class:`~ckptfit.checkpoint.Checkpoint`. :func:`open_checkpoint` tries readers by priority
+and, when none claims the input, says what the input looks like instead.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..checkpoint import Checkpoint
+from ..errors import CheckpointError, NotACheckpoint
+
+__all__ = ["Reader", "register", "readers", "open_checkpoint", "detect"]
+
+HEAD_BYTES = 64
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One on-disk format: how to recognise it and how to open it."""
+
+    name: str
+    sniff: Callable[[str, bytes], bool]
+    open: Callable[[str, bool], Checkpoint]
+    priority: int = 0
+    directory: bool = False
+
+
+_READERS: dict[str, Reader] = {}
+
+
+def register(name: str, *, sniff: Callable[[str, bytes], bool], priority: int = 0,
+             directory: bool = False) -> Callable[[Callable[[str, bool], Checkpoint]], Callable[[str, bool], Checkpoint]]:
+    """Decorator registering ``open(path, trust) -> Checkpoint`` as the reader of ``name``."""
+
+    def deco(fn: Callable[[str, bool], Checkpoint]) -> Callable[[str, bool], Checkpoint]:
+        if name in _READERS:
+            warnings.warn(f"ckptfit format reader {name!r} registered twice; the later one wins", stacklevel=2)
+        _READERS[name] = Reader(name, sniff, fn, priority, directory)
+        return fn
+
+    return deco
+
+
+def readers() -> list[Reader]:
+    """Registered readers, highest priority first."""
+    _load_builtin()
+    return sorted(_READERS.values(), key=lambda r: -r.priority)
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(HEAD_BYTES)
+
+
+def detect(path: str | os.PathLike[str]) -> Reader:
+    """The reader for ``path``, or a :class:`NotACheckpoint` that says what the input is instead."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError("no such file or directory", path=path, hint="check the path")
+    is_dir = os.path.isdir(path)
+    head = b"" if is_dir else _head(path)
+    for r in readers():
+        if r.directory != is_dir:
+            continue
+        try:
+            if r.sniff(path, head):
+                return r
+        except OSError:
+            continue
+    if is_dir:
+        names = sorted(os.listdir(path))[:8]
+        raise NotACheckpoint(
+            f"this directory is not a checkpoint ckptfit knows: no *.index.json, model.safetensors, "
+            f"pytorch_model.bin or torch.distributed .metadata (it holds: {', '.join(names) or 'nothing'})",
+            path=path, hint="pass the checkpoint file itself, or the folder save_pretrained/dcp.save wrote")
+    raise _not_a_checkpoint(path, head)
+
+
+def _not_a_checkpoint(path: str, head: bytes) -> NotACheckpoint:
+    size = os.path.getsize(path)
+    low = head.lstrip().lower()
+    if size == 0:
+        return NotACheckpoint("the file is empty (0 bytes)", path=path,
+                              hint="the download or copy failed; fetch the file again")
+    if head.startswith(b"version https://git-lfs"):
+        return NotACheckpoint("this is a Git LFS pointer, not the checkpoint: the LFS object was never fetched",
+                              path=path, hint="run `git lfs pull` (or `git lfs fetch && git lfs checkout`) in the "
+                                              "repository, or download the file itself")
+    if low.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return NotACheckpoint("this is an HTML/XML page, not a checkpoint (a download link that returned a web "
+                              "page: a login, a quota or a 404 page)", path=path,
+                              hint="download the file itself (for Google Drive or a hub, use its direct link)")
+    if head.startswith(b"\x1f\x8b"):
+        return NotACheckpoint("this is a gzip-compressed file", path=path,
+                              hint="decompress it first (`gunzip` or `tar xzf`), then pass the checkpoint inside")
+    if head.startswith(b"7z\xbc\xaf\x27\x1c"):
+        return NotACheckpoint("this is a 7-Zip archive", path=path, hint="extract it first (`7z x`), then pass "
+                                                                         "the checkpoint inside")
+    if head.startswith((b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")):
+        return NotACheckpoint("this is a compressed archive (bzip2/xz/zstd)", path=path,
+                              hint="decompress it first, then pass the checkpoint inside")
+    if head.startswith(b"Rar!"):
+        return NotACheckpoint("this is a RAR archive", path=path, hint="extract it first")
+    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff") or head.startswith(b"GIF8"):
+        return NotACheckpoint("this is an image (PNG/JPEG/GIF), not a checkpoint", path=path,
+                              hint="check that you passed the weights file")
+    if head.startswith(b"\x89HDF"):
+        return NotACheckpoint("this is an HDF5 file (Keras/TensorFlow .h5 weights), not a PyTorch checkpoint",
+                              path=path, hint="convert it to PyTorch first")
+    if head.startswith(b"\x08") and b"onnx" in head.lower() or head[:4] == b"\x08\x07\x12\x07":
+        return NotACheckpoint("this looks like an ONNX model", path=path, hint="ONNX files are not PyTorch checkpoints")
+    if head.startswith(b"GGUF"):
+        return NotACheckpoint("this is a GGUF file (llama.cpp), not a PyTorch checkpoint", path=path)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return NotACheckpoint("this is a zip archive, but not one written by torch.save or torch.jit.save "
+                              "(no data.pkl inside)", path=path,
+                              hint="unzip it and pass the checkpoint inside, or check it is the right file")
+    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
+        return NotACheckpoint("this looks like pickle data but it is not readable as a checkpoint", path=path)
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    if head and printable == len(head):
+        return NotACheckpoint(f"this is a text file, not a checkpoint (it starts with {head[:40]!r})", path=path,
+                              hint="check that you passed the weights file")
+    return NotACheckpoint(f"unrecognised content (first bytes {head[:16].hex(' ')}): not a torch, safetensors, "
+                          f"TorchScript or Hugging Face checkpoint", path=path,
+                          hint="the file may be truncated, corrupt, or another kind of file altogether")
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Checkpoint:
+    """Recognise ``path``'s format by content and open it lazily."""
+    path = os.fspath(path)
+    reader = detect(path)
+    return reader.open(path, trust)
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import dcp, hf_dir, legacy, pickle_file, safetensors_file, torch_zip  # noqa: F401

@@ -1,0 +1,218 @@
+"""A zip reader that checks before it trusts: torch archives, and the ones embedded in DCP files.
+
+It refuses duplicate or overlapping members, absolute or ``..`` names, encrypted members and
+names that differ between the local and central headers; it checks that every member lies
+inside the file; it caps inflated sizes and compression ratios before inflating anything;
+and it verifies the CRC of every member it reads whole (pickles). Tensor data members are
+stored uncompressed by torch and are memory-mapped in place, so their CRC is checked only on
+request (:meth:`ZipArchive.verify_crc`).
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+
+from ..errors import CorruptCheckpoint, ResourceLimitExceeded, UnsupportedFormat
+
+__all__ = ["ZipArchive", "Member", "Window"]
+
+MAX_INFLATED = 4 << 30  # bytes one compressed member may inflate to
+MAX_RATIO = 200  # inflated / compressed
+MAX_MEMBERS = 5_000_000
+
+
+class Window(io.RawIOBase):
+    """A read-only file-like view of ``[base, base + length)`` of an open binary file."""
+
+    def __init__(self, f, base: int, length: int):
+        self._f = f
+        self._base = base
+        self._len = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0:
+            self._pos = offset
+        elif whence == 1:
+            self._pos += offset
+        else:
+            self._pos = self._len + offset
+        if self._pos < 0:
+            raise OSError("negative seek")
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pos >= self._len:
+            return b""
+        if n is None or n < 0 or self._pos + n > self._len:
+            n = self._len - self._pos
+        self._f.seek(self._base + self._pos)
+        data = self._f.read(n)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:  # pragma: no cover - zipfile uses read()
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One zip member: where its data starts (absolute in the file), sizes, CRC, compression."""
+
+    name: str
+    data_offset: int
+    compressed_size: int
+    size: int
+    crc: int
+    compress_type: int
+
+
+class ZipArchive:
+    """The members of a zip (or of a zip embedded at ``base`` in a larger file), validated.
+
+    Raises:
+        CorruptCheckpoint: truncated or malformed archive, overlapping/duplicate members,
+            bad names, members reaching past the end.
+        UnsupportedFormat: encrypted members.
+    """
+
+    def __init__(self, path: str, *, base: int = 0, length: int | None = None, what: str = "zip archive"):
+        self.path = path
+        self.base = base
+        file_size = os.path.getsize(path)
+        self.length = file_size - base if length is None else length
+        if base < 0 or base + self.length > file_size:
+            raise CorruptCheckpoint(f"{what} at bytes {base}..{base + self.length} lies beyond the end of the file",
+                                    path=path)
+        self._f = open(path, "rb")
+        try:
+            self.members = self._read_members(what)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def close(self) -> None:
+        self._f.close()
+
+    def _read_members(self, what: str) -> dict[str, Member]:
+        src = Window(self._f, self.base, self.length)
+        try:
+            zf = zipfile.ZipFile(io.BufferedReader(src, buffer_size=1 << 16))
+            infos = zf.infolist()
+        except zipfile.BadZipFile as e:
+            raise CorruptCheckpoint(
+                f"the {what} is truncated or damaged: its central directory cannot be read ({e}); typically the "
+                f"file was cut off by an interrupted download or copy", path=self.path,
+                hint="download or copy the file again and compare its size with the original") from e
+        except (OSError, EOFError, ValueError, struct.error, NotImplementedError) as e:
+            raise CorruptCheckpoint(f"the {what} is damaged ({e})", path=self.path,
+                                    hint="download or copy the file again") from e
+        if len(infos) > MAX_MEMBERS:
+            raise ResourceLimitExceeded(f"the {what} has {len(infos)} members", path=self.path)
+        members: dict[str, Member] = {}
+        spans: list[tuple[int, int, str]] = []
+        for info in infos:
+            name = info.filename
+            if name in members:
+                raise CorruptCheckpoint(f"the {what} has the member {name!r} twice", path=self.path,
+                                        hint="a zip with duplicate names is ambiguous; ckptfit refuses it")
+            if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or ":" in name[:3]:
+                raise CorruptCheckpoint(f"the {what} has a member with an absolute or '..' path: {name!r}",
+                                        path=self.path)
+            if info.flag_bits & 0x1:
+                raise UnsupportedFormat(f"the {what} member {name!r} is encrypted", path=self.path,
+                                        hint="torch never writes encrypted archives; decrypt it with the tool "
+                                             "that made it")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise UnsupportedFormat(f"the {what} member {name!r} uses compression method "
+                                        f"{info.compress_type}", path=self.path)
+            # local header: fixed 30 bytes, then name and extra field
+            self._f.seek(self.base + info.header_offset)
+            local = self._f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise CorruptCheckpoint(f"the {what} member {name!r} has no valid local header (the archive is "
+                                        f"truncated or damaged)", path=self.path, hint="download the file again")
+            nlen, elen = struct.unpack("<HH", local[26:30])
+            local_name = self._f.read(nlen)
+            try:
+                local_name_s = local_name.decode("utf-8" if info.flag_bits & 0x800 else "cp437")
+            except UnicodeDecodeError:
+                local_name_s = ""
+            if local_name_s != name and local_name.decode("utf-8", "replace") != name:
+                raise CorruptCheckpoint(f"the {what} member {name!r} is named {local_name_s!r} in its local header",
+                                        path=self.path, hint="the archive was tampered with or damaged")
+            data_off = info.header_offset + 30 + nlen + elen
+            end = data_off + info.compress_size
+            if end > self.length:
+                raise CorruptCheckpoint(
+                    f"the {what} member {name!r} reaches byte {end} but the archive holds only {self.length} bytes "
+                    f"(truncated)", path=self.path, hint="download or copy the file again")
+            if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+                raise CorruptCheckpoint(f"the {what} member {name!r} is stored with {info.compress_size} bytes "
+                                        f"but declares {info.file_size}", path=self.path)
+            if info.compress_type == zipfile.ZIP_DEFLATED:
+                if info.file_size > MAX_INFLATED or info.file_size > MAX_RATIO * max(info.compress_size, 1) + 4096:
+                    raise ResourceLimitExceeded(
+                        f"the {what} member {name!r} would inflate from {info.compress_size} to {info.file_size} "
+                        f"bytes (a zip bomb?)", path=self.path, hint="ckptfit refuses it; no data was inflated")
+            spans.append((info.header_offset, end, name))
+            members[name] = Member(name, self.base + data_off, info.compress_size, info.file_size, info.CRC,
+                                   info.compress_type)
+        spans.sort()
+        for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise CorruptCheckpoint(f"the {what} members {n0!r} and {n1!r} overlap", path=self.path,
+                                        hint="overlapping members are a zip trick; ckptfit refuses the file")
+        return members
+
+    def read(self, name: str, *, max_size: int = 1 << 31) -> bytes:
+        """A member's bytes, inflated if needed, CRC checked."""
+        m = self.members[name]
+        if m.size > max_size:
+            raise ResourceLimitExceeded(f"member {name!r} is {m.size} bytes, more than the {max_size} allowed",
+                                        path=self.path)
+        self._f.seek(m.data_offset)
+        raw = self._f.read(m.compressed_size)
+        if len(raw) != m.compressed_size:
+            raise CorruptCheckpoint(f"member {name!r} is truncated", path=self.path)
+        if m.compress_type == zipfile.ZIP_DEFLATED:
+            d = zlib.decompressobj(-15)
+            data = d.decompress(raw, m.size + 1)
+            if len(data) != m.size or d.unconsumed_tail:
+                raise CorruptCheckpoint(f"member {name!r} inflates to more than its declared {m.size} bytes",
+                                        path=self.path)
+        else:
+            data = raw
+        if zlib.crc32(data) != m.crc:
+            raise CorruptCheckpoint(f"member {name!r} fails its CRC check: the bytes differ from what was written",
+                                    path=self.path, hint="the file is damaged; download or copy it again")
+        return data
+
+    def verify_crc(self, name: str) -> bool:
+        """Whether a stored member's bytes match its CRC (reads the member once, in chunks)."""
+        m = self.members[name]
+        self._f.seek(m.data_offset)
+        crc = 0
+        left = m.compressed_size
+        while left:
+            chunk = self._f.read(min(left, 1 << 24))
+            if not chunk:
+                return False
+            crc = zlib.crc32(chunk, crc)
+            left -= len(chunk)
+        return crc == m.crc

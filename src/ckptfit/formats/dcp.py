@@ -1,0 +1,199 @@
+"""torch.distributed.checkpoint (DCP) directories: ``.metadata`` plus ``*.distcp`` files.
+
+``.metadata`` is a pickle of dataclasses (read as inert placeholders by the restricted
+interpreter, nothing imported): for every tensor its global size, dtype and chunks (DTensor
+shards written by several ranks), and where each chunk's bytes are (file, offset, length).
+Each chunk is itself a small ``torch.save`` archive embedded in a ``.distcp`` file; it is
+parsed when the tensor is loaded, and a tensor written as one chunk is a zero-copy view of
+the memory-mapped file.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import CorruptCheckpoint, UnsupportedFormat
+from ..lazy import LazyTensor, MappedFile
+from ..safety import Placeholder, load_pickle
+from . import register
+
+__all__ = ["open_dcp", "DcpChunk"]
+
+
+def _sniff(path: str, head: bytes) -> bool:
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+class DcpChunk:
+    """One saved piece of a tensor: its offsets/sizes in the global tensor and where its bytes are."""
+
+    __slots__ = ("offsets", "sizes", "file", "offset", "length")
+
+    def __init__(self, offsets: tuple[int, ...], sizes: tuple[int, ...], file: str, offset: int, length: int):
+        self.offsets, self.sizes, self.file, self.offset, self.length = offsets, sizes, file, offset, length
+
+
+def _attrs(obj: Any, what: str, path: str) -> dict:
+    if not isinstance(obj, Placeholder):
+        raise CorruptCheckpoint(f"DCP .metadata: {what} is not an object", path=path)
+    return obj.attributes()
+
+
+def _tuple_ints(x: Any) -> tuple[int, ...]:
+    if not isinstance(x, tuple | list) or not all(type(i) is int and i >= 0 for i in x):
+        raise CorruptCheckpoint(f"DCP .metadata: expected a tuple of sizes, got {str(x)[:60]}")
+    return tuple(x)
+
+
+def read_chunk(path: str, chunk: DcpChunk, mapped: dict[str, MappedFile], dtype: torch.dtype) -> torch.Tensor:
+    """The tensor stored for ``chunk`` (a view of the mapped file where possible)."""
+    from .torch_zip import read_torch_zip_at
+
+    fpath = os.path.join(path, chunk.file)
+    mf = mapped.get(fpath)
+    if mf is None:
+        mf = mapped[fpath] = MappedFile(fpath)
+    head = mf.read(chunk.offset, min(4, chunk.length))
+    if head == b"PK\x03\x04":
+        value, _scan, _ = read_torch_zip_at(fpath, base=chunk.offset, length=chunk.length, mapped=mf,
+                                            what="DCP chunk")
+        if not isinstance(value, LazyTensor):
+            raise CorruptCheckpoint(f"DCP chunk in {chunk.file} at {chunk.offset} does not hold a tensor", path=path)
+        t = value.load()
+    else:  # raw bytes (safetensors-style serialization)
+        numel = 1
+        for s in chunk.sizes:
+            numel *= s
+        if numel * dtype.itemsize != chunk.length:
+            raise CorruptCheckpoint(f"DCP chunk in {chunk.file} holds {chunk.length} bytes, expected "
+                                    f"{numel * dtype.itemsize}", path=path)
+        t = mf.tensor(chunk.offset, dtype, numel).view(chunk.sizes)
+    if tuple(t.shape) != chunk.sizes:
+        raise CorruptCheckpoint(f"DCP chunk has shape {list(t.shape)}, metadata says {list(chunk.sizes)}", path=path)
+    return t
+
+
+@register("dcp", sniff=_sniff, priority=6, directory=True)
+def open_dcp(path: str, trust: bool = False) -> Checkpoint:
+    """Open a torch.distributed.checkpoint directory lazily, in one process, without a process group."""
+    mpath = os.path.join(path, ".metadata")
+    with open(mpath, "rb") as f:
+        data = f.read()
+    md, scan = load_pickle(data, member=".metadata", path=path)
+    a = _attrs(md, "the metadata", path)
+    sdm = a.get("state_dict_metadata")
+    storage = a.get("storage_data")
+    planner = a.get("planner_data") or {}
+    if not isinstance(sdm, dict) or not isinstance(storage, dict):
+        raise CorruptCheckpoint("DCP .metadata lacks state_dict_metadata or storage_data", path=path)
+    locations: dict[tuple[str, tuple | None], tuple[str, int, int]] = {}
+    for idx, info in storage.items():
+        ia, fa = _attrs(idx, "a storage index", path), _attrs(info, "a storage record", path)
+        if fa.get("transform_descriptors"):
+            raise UnsupportedFormat(f"DCP item {ia.get('fqn')!r} is stored with transforms "
+                                    f"{fa.get('transform_descriptors')} (compression?)", path=path)
+        rel = fa.get("relative_path")
+        if not isinstance(rel, str) or os.path.basename(rel) != rel:
+            raise CorruptCheckpoint(f"DCP storage record names a bad file {rel!r}", path=path)
+        off, length = fa.get("offset"), fa.get("length")
+        if type(off) is not int or type(length) is not int or off < 0 or length < 0:
+            raise CorruptCheckpoint("DCP storage record has bad offsets", path=path)
+        fpath = os.path.join(path, rel)
+        if not os.path.exists(fpath):
+            raise CorruptCheckpoint(f"DCP data file {rel} is missing", path=path,
+                                    hint="copy every *.distcp file of the checkpoint")
+        if off + length > os.path.getsize(fpath):
+            raise CorruptCheckpoint(f"DCP data file {rel} is shorter than its records say (truncated)", path=path)
+        o = ia.get("offset")
+        locations[(ia.get("fqn"), tuple(o) if isinstance(o, tuple | list) else None)] = (rel, off, length)
+
+    mapped: dict[str, MappedFile] = {}
+    flat: dict[str, Any] = collections.OrderedDict()
+    for fqn, meta in sdm.items():
+        ma = _attrs(meta, f"the entry {fqn!r}", path)
+        qual = meta.qualname
+        if qual.endswith("BytesStorageMetadata"):
+            loc = locations.get((fqn, None))
+            if loc is None:
+                continue
+            rel, off, length = loc
+            from .torch_zip import read_torch_zip_at
+
+            try:
+                value, s2, _ = read_torch_zip_at(os.path.join(path, rel), base=off, length=length,
+                                                 what=f"DCP item {fqn!r}")
+                flat[fqn] = value
+            except CorruptCheckpoint:
+                flat[fqn] = "<unreadable>"
+            continue
+        pobj = ma.get("properties")
+        props = _attrs(pobj, f"the properties of {fqn!r}", path)
+        if not props and isinstance(pobj.state, tuple) and pobj.state:  # TensorProperties.__getstate__ tuple
+            st = pobj.state
+            props = {"dtype": st[0], "requires_grad": st[2] if len(st) > 2 else False}
+        dtype = props.get("dtype")
+        if not isinstance(dtype, torch.dtype):
+            raise CorruptCheckpoint(f"DCP entry {fqn!r} has no dtype", path=path)
+        size = _tuple_ints(ma.get("size"))
+        chunks = []
+        for ch in ma.get("chunks") or []:
+            ca = _attrs(ch, f"a chunk of {fqn!r}", path)
+            offs, sizes = _tuple_ints(ca.get("offsets")), _tuple_ints(ca.get("sizes"))
+            if len(offs) != len(size) or len(sizes) != len(size) or any(
+                    o + s > full for o, s, full in zip(offs, sizes, size)):
+                raise CorruptCheckpoint(f"DCP chunk of {fqn!r} lies outside the tensor's size {list(size)}", path=path)
+            loc = locations.get((fqn, offs))
+            if loc is None:
+                raise CorruptCheckpoint(f"DCP chunk of {fqn!r} at offsets {list(offs)} has no storage record",
+                                        path=path)
+            chunks.append(DcpChunk(offs, sizes, *loc))
+        covered = sum(_numel(c.sizes) for c in chunks)
+        if covered != _numel(size):
+            raise CorruptCheckpoint(f"DCP chunks of {fqn!r} cover {covered} of its {_numel(size)} elements",
+                                    path=path, hint="some ranks' files are missing")
+
+        def read(chunks=chunks, size=size, dtype=dtype):
+            if len(chunks) == 1 and chunks[0].sizes == size:
+                return read_chunk(path, chunks[0], mapped, dtype)
+            out = torch.empty(size, dtype=dtype)
+            for c in chunks:
+                piece = read_chunk(path, c, mapped, dtype)
+                out[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))].copy_(piece)
+            return out
+
+        t = LazyTensor(size, dtype, read, device="cpu", requires_grad=bool(props.get("requires_grad")))
+        flat[fqn] = t
+    tree = _nest(flat, planner)
+    return Checkpoint(path=path, format="dcp", tree=tree, scans=(scan,), closers=(mapped.clear,))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _nest(flat: dict[str, Any], planner: dict) -> Any:
+    """Rebuild the saved nesting ({'model': {...}, 'step': 5}) from the planner's key paths."""
+    root: dict = collections.OrderedDict()
+    for fqn, v in flat.items():
+        p = planner.get(fqn)
+        parts = [str(x) for x in p] if isinstance(p, tuple | list) and p else [fqn]
+        d = root
+        ok = True
+        for part in parts[:-1]:
+            nxt = d.setdefault(part, collections.OrderedDict())
+            if not isinstance(nxt, dict):
+                ok = False
+                break
+            d = nxt
+        if ok:
+            d[parts[-1]] = v
+        else:
+            root[fqn] = v
+    return root

@@ -1,0 +1,136 @@
+"""torch.save's legacy (pre-1.6, non-zip) format, and plain pickle files.
+
+A legacy file is a sequence of pickles: a magic number, the protocol version, system info,
+the object itself (storages as persistent ids), then the list of storage keys, then each
+storage's raw bytes preceded by its element count. All pickles run on the restricted
+interpreter (every one of them is scanned, not only the first); storage offsets are found by
+walking the size headers and checked against the file's size, so tensors are read lazily
+straight from a memory map.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import CorruptCheckpoint, UnsupportedFormat
+from ..lazy import MappedFile, StorageRef
+from ..safety import PlaceholderClass, StorageType, interpret, refuse_if_dangerous
+from . import register
+
+__all__ = ["open_legacy", "LEGACY_MAGIC"]
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_MAGIC_PICKLE = b"\x80\x02\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")
+
+
+def _sniff(path: str, head: bytes) -> bool:
+    return head.startswith(_MAGIC_PICKLE) or head.startswith(b"\x80\x02\x8a\x0a")
+
+
+@register("torch-legacy", sniff=_sniff, priority=9)
+def open_legacy(path: str, trust: bool = False) -> Checkpoint:
+    """Open a legacy torch.save file lazily."""
+    if trust:
+        from .torch_zip import _open_trusted
+
+        ck = _open_trusted(path)
+        ck.format = "torch-legacy"
+        return ck
+    mapped = MappedFile(path)
+    with open(path, "rb") as f:  # the pickles sit at the front, storages follow; sizes are validated below
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    data = memoryview(mm)
+    scans = []
+    pos = 0
+    header: list[Any] = []
+    for i, what in enumerate(("magic number", "protocol version", "system info")):
+        value, scan = interpret(data, start=pos, member=f"pickle #{i + 1} ({what})", path=path, allow_trailing=True)
+        scans.append(scan)
+        header.append(value)
+        pos = scan.end
+    refuse_if_dangerous(scans, path=path)
+    if header[0] != LEGACY_MAGIC:
+        raise CorruptCheckpoint("the legacy torch header has a wrong magic number", path=path)
+    if header[1] != 1001:
+        raise UnsupportedFormat(f"legacy torch protocol version {header[1]!r} is not supported", path=path)
+    if isinstance(header[2], dict) and header[2].get("little_endian") is False:
+        raise UnsupportedFormat("this checkpoint was written on a big-endian machine", path=path)
+
+    records: dict[str, tuple[torch.dtype, int, str]] = {}
+    views: list[tuple[str, str, int, int]] = []
+    refs: dict[str, StorageRef] = {}
+    offsets: dict[str, int] = {}
+
+    def persistent_load(pid: Any) -> Any:
+        if isinstance(pid, tuple) and pid and pid[0] == "module":
+            return PlaceholderClass("legacy_module_source", str(pid[1]) if len(pid) > 1 else "?")
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+            raise CorruptCheckpoint(f"unexpected persistent id {str(pid)[:80]}", path=path)
+        _, stype, key, location, numel = pid[:5]
+        view = pid[5] if len(pid) > 5 else None
+        if not isinstance(stype, StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0:
+            raise CorruptCheckpoint(f"malformed storage record {str(pid)[:80]}", path=path)
+        records.setdefault(key, (stype.dtype, numel, str(location)))
+        ref = refs.get(key)
+        if ref is None:
+            dtype = stype.dtype
+
+            def read(key=key, dtype=dtype):
+                return mapped.tensor(offsets[key], dtype, records[key][1])
+
+            ref = StorageRef(key, dtype, numel, str(location), read)
+            refs[key] = ref
+        if view is not None:
+            if not isinstance(view, tuple) or len(view) != 3:
+                raise CorruptCheckpoint("malformed storage view record", path=path)
+            view_key, off, size = view
+            if type(off) is not int or type(size) is not int or off < 0 or off + size > numel:
+                raise CorruptCheckpoint("storage view lies outside its storage", path=path)
+            base = ref
+
+            def read_view(base=base, off=off, size=size):
+                return base.read()[off:off + size]
+
+            return StorageRef(f"{view_key}", base.dtype, size, base.location, read_view)
+        return ref
+
+    value, scan = interpret(data, start=pos, persistent_load=persistent_load, member="pickle #4 (object)",
+                            path=path, allow_trailing=True)
+    scans.append(scan)
+    pos = scan.end
+    keys, scan = interpret(data, start=pos, member="pickle #5 (storage keys)", path=path, allow_trailing=True)
+    scans.append(scan)
+    refuse_if_dangerous(scans, path=path)
+    pos = scan.end
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CorruptCheckpoint("the legacy storage key list is malformed", path=path)
+    for key in keys:
+        if key not in records:
+            raise CorruptCheckpoint(f"storage {key!r} is listed but never referenced", path=path)
+        dtype, numel, _ = records[key]
+        if pos + 8 > len(data):
+            raise CorruptCheckpoint(f"the file ends before storage {key!r} (truncated)", path=path,
+                                    hint="download or copy the file again")
+        (declared,) = struct.unpack_from("<q", data, pos)
+        if declared != numel:
+            raise CorruptCheckpoint(f"storage {key!r} declares {declared} elements in the data section but "
+                                    f"{numel} in the pickle", path=path)
+        pos += 8
+        offsets[key] = pos
+        pos += numel * dtype.itemsize
+        if pos > len(data):
+            raise CorruptCheckpoint(f"storage {key!r} needs {numel * dtype.itemsize} bytes but the file ends "
+                                    f"{pos - len(data)} bytes early (truncated)", path=path,
+                                    hint="download or copy the file again")
+    missing = set(records) - set(offsets)
+    if missing:
+        raise CorruptCheckpoint(f"storages {sorted(missing)[:5]} have no data in the file", path=path)
+    if pos < len(data):
+        scans[-1].anomalies.append(f"{len(data) - pos} byte(s) of trailing data after the last storage")
+    md = {"sys_info": header[2]} if isinstance(header[2], dict) else {}
+    return Checkpoint(path=path, format="torch-legacy", tree=value, scans=tuple(scans), metadata=md,
+                      closers=(mapped.close,))

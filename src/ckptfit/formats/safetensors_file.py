@@ -1,0 +1,150 @@
+"""safetensors files: an 8-byte header size, a JSON header, then raw little-endian tensor bytes.
+
+The header is validated the way the reference implementation does before anything is
+mapped: header size within the file, offsets contiguous from 0 with no gaps or overlaps,
+the last offset equal to the data size, ``numel * itemsize`` equal to each byte range (with
+Python integers, so no overflow), no duplicate names, known dtypes. Tensors are then views of
+the memory-mapped file.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import struct
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import CorruptCheckpoint, ResourceLimitExceeded, UnsupportedFormat
+from ..lazy import LazyTensor, MappedFile
+from . import register
+
+__all__ = ["open_safetensors", "SAFETENSORS_DTYPES", "read_header"]
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "C64": torch.complex64,
+}
+for _k, _n in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
+               ("U64", "uint64")):
+    if hasattr(torch, _n):
+        SAFETENSORS_DTYPES[_k] = getattr(torch, _n)
+
+MAX_HEADER = 100_000_000  # as the reference implementation
+
+
+def _sniff(path: str, head: bytes) -> bool:
+    if len(head) < 10:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= MAX_HEADER and head[8:9] == b"{" and n + 8 <= os.path.getsize(path)
+
+
+def read_header(path: str) -> tuple[dict, dict, int]:
+    """``(tensors, metadata, data_start)`` of a safetensors file, validated."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CorruptCheckpoint("safetensors file shorter than its 8-byte header size", path=path)
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER:
+            raise ResourceLimitExceeded(f"safetensors header of {n} bytes exceeds the {MAX_HEADER}-byte limit",
+                                        path=path)
+        if 8 + n > size:
+            raise CorruptCheckpoint(f"safetensors header of {n} bytes runs past the end of the file "
+                                    f"({size} bytes): truncated", path=path, hint="download or copy the file again")
+        text = f.read(n)
+
+    def no_dupes(pairs):
+        d = collections.OrderedDict()
+        for k, v in pairs:
+            if k in d:
+                raise CorruptCheckpoint(f"safetensors header names {k!r} twice", path=path)
+            d[k] = v
+        return d
+
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=no_dupes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(f"safetensors header is not valid JSON ({e})", path=path) from e
+    if not isinstance(header, dict):
+        raise CorruptCheckpoint("safetensors header is not a JSON object", path=path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpoint("safetensors __metadata__ must map strings to strings", path=path)
+    data_start = 8 + n
+    data_size = size - data_start
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
+            raise CorruptCheckpoint(f"safetensors entry {name!r} is malformed", path=path)
+        dt = info.get("dtype")
+        if dt not in SAFETENSORS_DTYPES:
+            raise UnsupportedFormat(f"safetensors tensor {name!r} has dtype {dt!r}, which ckptfit does not know",
+                                    path=path)
+        shape = info.get("shape")
+        offs = info.get("data_offsets")
+        if (not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape)
+                or not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int and o >= 0 for o in offs)):
+            raise CorruptCheckpoint(f"safetensors entry {name!r} has a malformed shape or offsets", path=path)
+        numel = 1
+        for s in shape:
+            numel *= s
+        begin, end = offs
+        if end < begin or numel * SAFETENSORS_DTYPES[dt].itemsize != end - begin:
+            raise CorruptCheckpoint(f"safetensors tensor {name!r} of shape {shape} ({dt}) spans bytes "
+                                    f"{begin}..{end}, which does not match its size", path=path)
+        spans.append((begin, end, name))
+    spans.sort()
+    cursor = 0
+    for begin, end, name in spans:
+        if begin != cursor:
+            raise CorruptCheckpoint(f"safetensors tensor {name!r} starts at byte {begin}, expected {cursor} "
+                                    f"(offsets must be contiguous, without gaps or overlaps)", path=path)
+        cursor = end
+    if cursor != data_size:
+        raise CorruptCheckpoint(f"safetensors data section holds {data_size} bytes but the header accounts for "
+                                f"{cursor}" + (" (truncated)" if data_size < cursor else ""), path=path,
+                                hint="download or copy the file again")
+    return header, metadata, data_start
+
+
+def tensors_of(path: str, mapped: MappedFile | None = None) -> tuple[dict[str, LazyTensor], dict]:
+    """Lazy tensors and string metadata of one safetensors file."""
+    header, metadata, start = read_header(path)
+    mapped = mapped or MappedFile(path)
+    out: dict[str, LazyTensor] = collections.OrderedDict()
+    # file order (by offset), like safetensors' own iteration
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+
+        def read(off=start + begin, dtype=dtype, count=count, shape=shape):
+            return mapped.tensor(off, dtype, count).view(shape)
+
+        out[name] = LazyTensor(shape, dtype, read, device="cpu")
+    return out, metadata
+
+
+def _plain_metadata(metadata: dict) -> dict:
+    md: dict = {}
+    for k, v in metadata.items():
+        try:
+            md[k] = json.loads(v) if v[:1] in "{[" else v
+        except json.JSONDecodeError:
+            md[k] = v
+    return md
+
+
+@register("safetensors", sniff=_sniff, priority=8)
+def open_safetensors(path: str, trust: bool = False) -> Checkpoint:
+    """Open a safetensors file lazily (there is no pickle in it, so ``trust`` changes nothing)."""
+    mapped = MappedFile(path)
+    tensors, metadata = tensors_of(path, mapped)
+    return Checkpoint(path=path, format="safetensors", tree=tensors, metadata=_plain_metadata(metadata),
+                      closers=(mapped.close,))

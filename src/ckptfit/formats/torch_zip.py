@@ -1,0 +1,171 @@
+"""torch.save's zip archives (``.pt``, ``.pth``, Lightning ``.ckpt``, ``pytorch_model.bin``) and TorchScript.
+
+Both are zip archives with a ``data.pkl`` and one stored member per storage
+(``data/<key>``). The pickle runs on ckptfit's restricted interpreter; each storage becomes a
+view of the memory-mapped file at the member's data offset, so nothing is copied until a
+tensor is loaded. A TorchScript archive (``torch.jit.save``) is recognised by its ``code/``
+folder; its module tree is read as data (parameters and buffers by attribute name) and its
+code is never run.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint, StateDictCandidate
+from ..errors import CorruptCheckpoint, UnsupportedFormat
+from ..lazy import LazyTensor, MappedFile, StorageRef
+from ..safety import Placeholder, StorageType, load_pickle
+from . import register
+from ._zip import ZipArchive
+
+__all__ = ["open_torch_zip", "read_torch_zip_at"]
+
+
+def _sniff(path: str, head: bytes) -> bool:
+    return head.startswith(b"PK\x03\x04")
+
+
+def _prefix_of(archive: ZipArchive) -> tuple[str, bool]:
+    """The archive's top folder (``archive/``) and whether it is TorchScript."""
+    pkls = [n for n in archive.members if n.endswith("/data.pkl") and n.count("/") == 1]
+    if not pkls:
+        if "data.pkl" in archive.members:
+            return "", any(n.startswith("code/") for n in archive.members)
+        raise _not_torch(archive.path)
+    prefix = pkls[0][: -len("data.pkl")]
+    is_script = any(n.startswith(prefix + "code/") for n in archive.members) or (prefix + "constants.pkl") in archive.members
+    return prefix, is_script
+
+
+def _not_torch(path: str):
+    from ..errors import NotACheckpoint
+
+    return NotACheckpoint("this is a zip archive, but not one written by torch.save or torch.jit.save (no data.pkl "
+                          "inside)", path=path, hint="unzip it and pass the checkpoint inside, or check the file")
+
+
+def _persistent_loader(archive: ZipArchive, prefix: str, mapped: MappedFile, path: str):
+    storages: dict[str, StorageRef] = {}
+
+    def persistent_load(pid: Any) -> StorageRef:
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+            raise CorruptCheckpoint(f"unexpected persistent id in data.pkl: {str(pid)[:80]}", path=path)
+        _, stype, key, location, numel = pid[:5]
+        if not isinstance(stype, StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0:
+            raise CorruptCheckpoint(f"malformed storage record {str(pid)[:80]}", path=path)
+        if key in storages:
+            return storages[key]
+        name = f"{prefix}data/{key}"
+        member = archive.members.get(name)
+        if member is None:
+            raise CorruptCheckpoint(f"data.pkl refers to storage {key!r} but the archive has no {name!r} "
+                                    f"(truncated or damaged)", path=path, hint="download or copy the file again")
+        dtype = stype.dtype
+        nbytes = numel * (dtype.itemsize if stype.name != "UntypedStorage" else 1)
+        if stype.name == "UntypedStorage":
+            dtype = torch.uint8
+        if member.size < nbytes:
+            raise CorruptCheckpoint(f"storage {key!r} declares {nbytes} bytes but its record holds {member.size}",
+                                    path=path, hint="the file is damaged; download or copy it again")
+        if member.compress_type != 0:
+            raw = archive.read(name)
+
+            def read(raw=raw, dtype=dtype, count=nbytes // max(dtype.itemsize, 1)):
+                return torch.frombuffer(bytearray(raw[: count * dtype.itemsize]), dtype=dtype, count=count) \
+                    if count else torch.empty(0, dtype=dtype)
+        else:
+            offset = member.data_offset
+            count = nbytes // dtype.itemsize
+
+            def read(offset=offset, dtype=dtype, count=count):
+                return mapped.tensor(offset, dtype, count)
+        ref = StorageRef(key, dtype, nbytes // dtype.itemsize, str(location), read)
+        storages[key] = ref
+        return ref
+
+    return persistent_load
+
+
+def read_torch_zip_at(path: str, *, base: int = 0, length: int | None = None, mapped: MappedFile | None = None,
+                      what: str = "zip archive") -> tuple[Any, Any, ZipArchive]:
+    """Interpret the torch zip at ``[base, base+length)`` of ``path``: (value, scan, archive)."""
+    archive = ZipArchive(path, base=base, length=length, what=what)
+    try:
+        prefix, is_script = _prefix_of(archive)
+        bo = archive.members.get(prefix + "byteorder")
+        if bo is not None and archive.read(bo.name, max_size=16).strip() not in (b"little", b""):
+            raise UnsupportedFormat("this checkpoint was written on a big-endian machine", path=path,
+                                    hint="load it with torch.load on that kind of machine and re-save it")
+        mapped = mapped or MappedFile(path)
+        data = archive.read(prefix + "data.pkl")
+        value, scan = load_pickle(data, persistent_load=_persistent_loader(archive, prefix, mapped, path),
+                                  member=prefix + "data.pkl", path=path)
+    finally:
+        archive.close()
+    return value, scan, (archive, prefix, is_script)
+
+
+def _script_state(obj: Any) -> dict[str, LazyTensor]:
+    """Parameters and buffers of a TorchScript module tree (attributes in order, depth first)."""
+    out: dict[str, LazyTensor] = collections.OrderedDict()
+    stack: list[tuple[str, Any]] = [("", obj)]
+    seen: set[int] = set()
+    while stack:
+        prefix, o = stack.pop()
+        if id(o) in seen or not isinstance(o, Placeholder):
+            continue
+        seen.add(id(o))
+        children = []
+        for k, v in o.attributes().items():
+            if isinstance(v, LazyTensor):
+                out[prefix + str(k)] = v
+            elif isinstance(v, Placeholder) and v.qualname.startswith("__torch__."):
+                children.append((prefix + str(k) + ".", v))
+        stack.extend(reversed(children))
+    return out
+
+
+@register("torch-zip", sniff=_sniff, priority=10)
+def open_torch_zip(path: str, trust: bool = False) -> Checkpoint:
+    """Open a torch.save zip archive or a TorchScript archive lazily."""
+    if trust:
+        return _open_trusted(path)
+    mapped = MappedFile(path)
+    value, scan, (archive, prefix, is_script) = read_torch_zip_at(path, mapped=mapped, what="torch zip archive")
+    if is_script:
+        sd = _script_state(value)
+        cand = [StateDictCandidate("", sd, "module")]
+        tree = sd
+        return Checkpoint(path=path, format="torchscript", tree=tree, scans=(scan,), candidates=cand,
+                          metadata={"torchscript_class": value.qualname if isinstance(value, Placeholder) else None},
+                          closers=(mapped.close,))
+    return Checkpoint(path=path, format="torch-zip", tree=value, scans=(scan,), closers=(mapped.close,))
+
+
+def _open_trusted(path: str) -> Checkpoint:
+    """Real unpickling (``trust=True``): torch.load with weights_only=False, memory-mapped."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError as e:
+        if "jit" in str(e).lower() or "TorchScript" in str(e):
+            obj = torch.jit.load(path, map_location="cpu")
+        else:
+            raise CorruptCheckpoint(f"torch.load failed: {e}", path=path) from e
+    return Checkpoint(path=path, format="torch-zip", tree=wrap_real(obj), trusted=True)
+
+
+def wrap_real(obj: Any) -> Any:
+    """Real objects from a trusted unpickle -> a tree of LazyTensor leaves (modules as state dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return LazyTensor.of(obj)
+    if isinstance(obj, torch.nn.Module) or isinstance(obj, torch.jit.ScriptModule):
+        return collections.OrderedDict((k, LazyTensor.of(v)) for k, v in obj.state_dict().items())
+    if isinstance(obj, dict):
+        return type(obj)((k, wrap_real(v)) for k, v in obj.items()) if type(obj) in (dict, collections.OrderedDict) \
+            else {k: wrap_real(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(wrap_real(v) for v in obj) if type(obj) in (list, tuple) else [wrap_real(v) for v in obj]
+    return obj

@@ -1,0 +1,534 @@
+"""The LoadReport: what a load did, and its renderings (text, JSON-ready dict, rich table).
+
+A :class:`LoadReport` is made from the :class:`~ckptfit.plan.Plan` that was applied, plus
+where the tensors went (device, dtype) and what it cost (seconds, bytes). It is plain
+frozen data; rendering is kept apart from computing, and every rendering folds keys
+(``layer{1..4}.{0,1}.conv1.weight``) so that it stays short at any model size.
+:func:`render_plan` gives the same text for a plan that has not been applied (a dry run),
+with its problems and suggestions.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from ._fold import fold_keys, fold_pairs
+from .plan import Decision, Plan, Unused
+
+if TYPE_CHECKING:
+    from rich.console import Group
+
+__all__ = ["LoadReport", "render_plan"]
+
+_T = TypeVar("_T")
+
+_STAGE_LABELS = {
+    "exact": "by name",
+    "prefix": "by name after renaming",
+    "rule": "by rule",
+    "structural": "by structure",
+    "user": "by your mapping",
+    "tie": "through a tie",
+    "harmless": "harmless",
+    "none": "unmatched",
+}
+_STAGE_ORDER = {stage: i for i, stage in enumerate(("exact", "prefix", "user", "rule", "structural"))}
+# Loads a user wants to check one by one: the names differ in a way no simple rename explains.
+_LISTED_STAGES = ("rule", "structural")
+
+
+def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    if dtype is None:
+        return None
+    return str(dtype).removeprefix("torch.")
+
+
+def _shape_text(shape: Sequence[int] | None) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]" if shape is not None else "?"
+
+
+def _size_text(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _group(items: Iterable[_T], key: Callable[[_T], Hashable]) -> dict[Hashable, list[_T]]:
+    """Items grouped by ``key``, groups in order of first appearance."""
+    groups: dict[Hashable, list[_T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
+def _decision_dict(d: Decision) -> dict[str, Any]:
+    return {
+        "target": d.target,
+        "action": d.action,
+        "source": d.source,
+        "stage": d.stage,
+        "reason": d.reason,
+        "target_shape": list(d.target_shape),
+        "source_shape": list(d.source_shape) if d.source_shape is not None else None,
+        "target_dtype": _dtype_name(d.target_dtype),
+        "source_dtype": _dtype_name(d.source_dtype),
+        "tied_to": d.tied_to,
+    }
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One folded line of a rendering: keys (already folded), a status and a detail."""
+
+    keys: tuple[str, ...]
+    status: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class _Section:
+    title: str  # "left at init", "unused in checkpoint", ...
+    count: int
+    rows: tuple[_Row, ...]
+    detail_inline: bool = True  # False: too many distinct reasons to show; they stay in to_dict()
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What one load did: which tensors were loaded, tied, left at init or skipped, and why.
+
+    Attributes:
+        path: the checkpoint's path, when known.
+        format: the checkpoint's format (``"torch-zip"``, ``"safetensors"`` ...), when known.
+        container: the state dict inside the file that was used (``""`` = the root).
+        containers: every candidate state dict the file holds.
+        container_reason: why this container was chosen.
+        loaded: decisions that copied a checkpoint tensor into the model.
+        tied: decisions filled through a tie with another loaded tensor.
+        left_at_init: decisions left at their init (``keep``, and ``missing`` when a refused
+            plan is rendered).
+        skipped_shape: decisions whose checkpoint tensor has another shape; never loaded.
+        unused: checkpoint tensors loaded nowhere.
+        transforms: the name transforms applied, human readable.
+        warnings: things worth knowing that are not errors.
+        device: where the tensors were put, when known.
+        dtype: the dtype the tensors were cast to, when any.
+        seconds: how long the load took, when measured.
+        bytes_read: how many tensor bytes were read, when measured.
+    """
+
+    path: str | None
+    format: str | None
+    container: str | None
+    containers: tuple[str, ...]
+    container_reason: str
+    loaded: tuple[Decision, ...]
+    tied: tuple[Decision, ...]
+    left_at_init: tuple[Decision, ...]
+    skipped_shape: tuple[Decision, ...]
+    unused: tuple[Unused, ...]
+    transforms: tuple[str, ...]
+    warnings: tuple[str, ...]
+    device: str | None = None
+    dtype: str | None = None
+    seconds: float | None = None
+    bytes_read: int | None = None
+
+    @classmethod
+    def from_plan(
+        cls,
+        plan: Plan,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        seconds: float | None = None,
+        bytes_read: int | None = None,
+    ) -> LoadReport:
+        """Build the report of a plan that was applied.
+
+        Args:
+            plan: the applied plan.
+            device: where the tensors were put.
+            dtype: the dtype they were cast to, if any.
+            seconds: how long the load took.
+            bytes_read: how many tensor bytes were read.
+
+        Returns:
+            The report.
+
+        Example:
+            >>> from ckptfit.plan import Decision, Plan
+            >>> plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name"),))
+            >>> LoadReport.from_plan(plan, device="cpu").num_loaded
+            1
+        """
+        return cls(
+            path=plan.path,
+            format=plan.format,
+            container=plan.container,
+            containers=tuple(plan.containers),
+            container_reason=plan.container_reason,
+            loaded=plan.by_action("load"),
+            tied=plan.by_action("tied"),
+            left_at_init=tuple(d for d in plan.decisions if d.action in ("keep", "missing")),
+            skipped_shape=plan.by_action("skip_shape"),
+            unused=tuple(plan.unused),
+            transforms=tuple(plan.transforms),
+            warnings=tuple(plan.warnings),
+            device=str(device) if device is not None else None,
+            dtype=_dtype_name(dtype),
+            seconds=float(seconds) if seconds is not None else None,
+            bytes_read=int(bytes_read) if bytes_read is not None else None,
+        )
+
+    # ---- counts -------------------------------------------------------------------------
+
+    @property
+    def num_loaded(self) -> int:
+        """How many model tensors were filled from a checkpoint tensor."""
+        return len(self.loaded)
+
+    @property
+    def num_tied(self) -> int:
+        """How many model tensors were filled through a tie."""
+        return len(self.tied)
+
+    @property
+    def num_targets(self) -> int:
+        """How many tensors the model has (one decision each)."""
+        return len(self.loaded) + len(self.tied) + len(self.left_at_init) + len(self.skipped_shape)
+
+    @property
+    def missing(self) -> tuple[Decision, ...]:
+        """The model tensors nothing in the checkpoint fills (only in a refused plan)."""
+        return tuple(d for d in self.left_at_init if d.action == "missing")
+
+    @property
+    def ok(self) -> bool:
+        """True when no model tensor is missing: the load did what was asked."""
+        return not self.missing
+
+    @property
+    def complete(self) -> bool:
+        """True when every model tensor has checkpoint values, except harmless ones.
+
+        Harmless ones are those the matcher marked ``stage="harmless"`` (such as
+        ``num_batches_tracked``). Unused checkpoint tensors do not count against this.
+        """
+        return not self.skipped_shape and all(d.stage == "harmless" for d in self.left_at_init)
+
+    # ---- renderings ---------------------------------------------------------------------
+
+    def _sections(self) -> list[_Section]:
+        sections: list[_Section] = []
+        listed = [d for d in self.loaded if d.stage in _LISTED_STAGES and d.source != d.target]
+        for stage in _LISTED_STAGES:
+            decisions = [d for d in listed if d.stage == stage]
+            if not decisions:
+                continue
+            by_reason = _group(decisions, lambda d: d.reason)
+            show_reason = len(by_reason) <= 3
+            groups = by_reason if show_reason else {"": decisions}
+            rows = tuple(
+                _Row(tuple(fold_pairs((d.source or "?", d.target) for d in group)), "loaded",
+                     str(reason) if show_reason else _STAGE_LABELS[stage])
+                for reason, group in groups.items()
+            )
+            sections.append(_Section(_STAGE_LABELS[stage], len(decisions), rows, show_reason))
+        if self.tied:
+            rows = tuple(
+                _Row(tuple(fold_keys(d.target for d in group)), "tied",
+                     f"shares {tied_to}" if tied_to else "tied")
+                for tied_to, group in _group(self.tied, lambda d: d.tied_to).items()
+            )
+            sections.append(_Section("tied", len(self.tied), rows))
+        kept = [d for d in self.left_at_init if d.action == "keep"]
+        if kept:
+            sections.append(_Section("left at init", len(kept), _rows_by_reason(kept, "left at init")))
+        if self.skipped_shape:
+            rows = tuple(
+                _Row(tuple(fold_keys(d.target for d in group)), "shape differs",
+                     f"checkpoint {_shape_text(src)}, model {_shape_text(tgt)}")
+                for (src, tgt), group in _group(
+                    self.skipped_shape, lambda d: (d.source_shape, d.target_shape)
+                ).items()
+            )
+            sections.append(_Section("left at init, shape differs", len(self.skipped_shape), rows))
+        if self.missing:
+            sections.append(_Section("missing", len(self.missing), _rows_by_reason(self.missing, "missing")))
+        if self.unused:
+            rows = tuple(
+                _Row(tuple(fold_keys(u.source for u in group)), "unused", str(reason))
+                for reason, group in _group(self.unused, lambda u: u.reason).items()
+            )
+            sections.append(_Section("unused in checkpoint", len(self.unused), rows))
+        return sections
+
+    def _source_text(self) -> str:
+        """``from a.pth (torch-zip, container 'state_dict'; also has: optimizer)``."""
+        bits: list[str] = []
+        if self.format:
+            bits.append(self.format)
+        if self.container is not None:
+            bits.append(f"container '{self.container}'" if self.container else "state dict at the root")
+        others = [c for c in self.containers if c != self.container]
+        inner = ", ".join(bits)
+        if others:
+            inner += ("; " if inner else "") + "also has: " + ", ".join(c or "(root)" for c in others)
+        text = f" from {self.path}" if self.path else ""
+        return f"{text} ({inner})" if inner else text
+
+    def _head_lines(self, verb: str) -> list[str]:
+        """The summary line and what applies to the whole load: where, container, names, stages."""
+        lines = [f"{verb} {self.num_loaded}/{self.num_targets} tensors{self._source_text()}"]
+        where = []
+        if self.device:
+            where.append(f"on {self.device}")
+        if self.dtype:
+            where.append(f"as {self.dtype}")
+        if self.bytes_read is not None:
+            where.append(f"{_size_text(self.bytes_read)} read")
+        if self.seconds is not None:
+            where.append(f"in {self.seconds:.2f} s")
+        if where:
+            lines.append("  " + ", ".join(where))
+        if self.container_reason and len(self.containers) > 1:
+            lines.append(f"  container: {self.container_reason}")
+        if self.transforms:
+            lines.append("  names: " + "; ".join(self.transforms))
+        stages = _group(sorted(self.loaded, key=lambda d: _STAGE_ORDER.get(d.stage, 99)), lambda d: d.stage)
+        if stages and (len(stages) > 1 or "exact" not in stages):
+            counts = (f"{len(g)} {_STAGE_LABELS.get(str(s), str(s))}" for s, g in stages.items())
+            lines.append("  matched: " + ", ".join(counts))
+        return lines
+
+    def _lines(self, verb: str, max_lines: int, max_keys: int) -> list[str]:
+        lines = self._head_lines(verb)
+        for section in self._sections():
+            lines.extend(_section_lines(section, max_lines, max_keys))
+        lines.extend(_list_lines("warning", self.warnings))
+        return lines
+
+    def to_text(self, *, max_lines: int = 12, max_keys: int = 8) -> str:
+        """The human summary, with keys folded; ``str(report)`` is ``report.to_text()``.
+
+        Args:
+            max_lines: most folded lines per section before ``… N more lines``.
+            max_keys: most folded patterns on one line before ``… N more``.
+
+        Returns:
+            Text of a few lines, without a trailing newline.
+
+        Example:
+            >>> from ckptfit.plan import Decision, Plan
+            >>> plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name"),))
+            >>> print(LoadReport.from_plan(plan).to_text())
+            Loaded 1/1 tensors
+        """
+        return "\n".join(self._lines("Loaded", max_lines, max_keys))
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready data: str, int, float, bool, None, list and dict only.
+
+        Dtypes are written as ``"float32"``, shapes as lists; every decision is listed in full
+        (unfolded) under its action, and ``folded`` holds the folded key patterns.
+
+        Returns:
+            A dict that ``json.dumps`` accepts.
+
+        Example:
+            >>> from ckptfit.plan import Decision, Plan
+            >>> plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name"),))
+            >>> LoadReport.from_plan(plan).to_dict()["counts"]["loaded"]
+            1
+        """
+        return {
+            "path": self.path,
+            "format": self.format,
+            "container": self.container,
+            "containers": list(self.containers),
+            "container_reason": self.container_reason,
+            "device": self.device,
+            "dtype": self.dtype,
+            "seconds": self.seconds,
+            "bytes_read": self.bytes_read,
+            "ok": self.ok,
+            "complete": self.complete,
+            "counts": {
+                "targets": self.num_targets,
+                "loaded": self.num_loaded,
+                "tied": self.num_tied,
+                "left_at_init": len(self.left_at_init),
+                "skipped_shape": len(self.skipped_shape),
+                "unused": len(self.unused),
+            },
+            "transforms": list(self.transforms),
+            "warnings": list(self.warnings),
+            "loaded": [_decision_dict(d) for d in self.loaded],
+            "tied": [_decision_dict(d) for d in self.tied],
+            "left_at_init": [_decision_dict(d) for d in self.left_at_init],
+            "skipped_shape": [_decision_dict(d) for d in self.skipped_shape],
+            "unused": [{"source": u.source, "reason": u.reason, "shape": list(u.shape)} for u in self.unused],
+            "folded": {
+                "loaded": fold_keys(d.target for d in self.loaded),
+                "tied": fold_keys(d.target for d in self.tied),
+                "left_at_init": fold_keys(d.target for d in self.left_at_init),
+                "skipped_shape": fold_keys(d.target for d in self.skipped_shape),
+                "unused": fold_keys(u.source for u in self.unused),
+            },
+        }
+
+    def __rich__(self) -> Group:
+        """A rich renderable: the summary line and a Key | Status | Detail table, keys folded."""
+        return _rich_group(self, self._head_lines("Loaded"), ())
+
+
+def _rows_by_reason(decisions: Sequence[Decision], status: str) -> tuple[_Row, ...]:
+    return tuple(
+        _Row(tuple(fold_keys(d.target for d in group)), status, str(reason))
+        for reason, group in _group(decisions, lambda d: d.reason).items()
+    )
+
+
+def _cap(items: Sequence[str], limit: int, unit: str) -> list[str]:
+    if limit <= 0 or len(items) <= limit:
+        return list(items)
+    return [*items[: limit - 1], f"… {len(items) - limit + 1} more {unit}"]
+
+
+def _row_text(row: _Row, max_keys: int) -> str:
+    keys = ", ".join(_cap(row.keys, max_keys, "patterns"))
+    return f"{keys} — {row.detail}" if row.detail else keys
+
+
+def _section_lines(section: _Section, max_lines: int, max_keys: int) -> list[str]:
+    """``  left at init (2): fc.{weight,bias} — reason``, or a title and one line per group."""
+    title = f"  {section.title} ({section.count})"
+    rows = section.rows
+    if rows[0].status == "loaded":
+        # source -> target pairs: one per line, so that each can be checked.
+        pairs = [(pair, row.detail if section.detail_inline else "") for row in rows for pair in row.keys]
+        details = {detail for _, detail in pairs}
+        if len(pairs) == 1:
+            pair, detail = pairs[0]
+            return [f"{title}: {pair}" + (f" — {detail}" if detail else "")]
+        if len(details) == 1:
+            detail = details.pop()
+            head = f"{title} — {detail}:" if detail else f"{title}:"
+            return [head, *_cap([f"    {pair}" for pair, _ in pairs], max_lines, "lines")]
+        body = [f"    {pair} — {detail}" for pair, detail in pairs]
+        return [f"{title}:", *_cap(body, max_lines, "lines")]
+    if len(rows) == 1:
+        return [f"{title}: {_row_text(rows[0], max_keys)}"]
+    return [f"{title}:", *_cap([f"    {_row_text(row, max_keys)}" for row in rows], max_lines, "lines")]
+
+
+def _list_lines(title: str, items: Sequence[str]) -> list[str]:
+    if not items:
+        return []
+    if len(items) == 1:
+        return [f"  {title}: {items[0]}"]
+    return [f"  {title}s:", *(f"    {item}" for item in items)]
+
+
+# A dotted key inside a message: two or more name segments, not a number like 1.5.
+_KEY_IN_TEXT = re.compile(r"(?<![\w.])(?:[A-Za-z_][\w\-]*|\d+)(?:\.[\w\-]+)+(?![\w.])")
+
+
+def _fold_messages(messages: Sequence[str]) -> list[str]:
+    """Fold messages that differ only in one dotted key: ``'a.0.w' missing`` x3 -> ``'a.{0..2}.w' missing``."""
+    groups: dict[str, list[str]] = {}
+    order: list[tuple[str, str | None]] = []
+    for message in messages:
+        keys = {m.group(0) for m in _KEY_IN_TEXT.finditer(message) if not re.fullmatch(r"[\d.]+", m.group(0))}
+        if len(keys) != 1:
+            order.append((message, None))
+            continue
+        key = keys.pop()
+        template = message.replace(key, "\x00")
+        if template not in groups:
+            order.append((template, key))
+            groups[template] = []
+        groups[template].append(key)
+    out: list[str] = []
+    for text, key in order:
+        if key is None:
+            out.append(text)
+            continue
+        keys = groups[text]
+        folded = fold_keys(keys) if len(keys) > 1 else keys
+        out.append(text.replace("\x00", ", ".join(folded)))
+    return out
+
+
+def render_plan(plan: Plan, *, max_lines: int = 12, max_keys: int = 8) -> str:
+    """The human text of a plan that has not been applied: a dry run, ``ckptfit plan``.
+
+    Same layout as ``str(LoadReport)``, headed ``Would load`` (or ``Cannot load`` when the
+    plan has problems), followed by the problems (messages that differ only in one key are
+    folded into one line) and the suggestions.
+
+    Args:
+        plan: the plan to describe.
+        max_lines: most folded lines per section.
+        max_keys: most folded patterns on one line.
+
+    Returns:
+        Text of a few lines, without a trailing newline.
+
+    Example:
+        >>> from ckptfit.plan import Decision, Plan
+        >>> plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name"),))
+        >>> print(render_plan(plan))
+        Would load 1/1 tensors
+    """
+    report = LoadReport.from_plan(plan)
+    lines = report._lines("Would load", max_lines, max_keys)
+    if plan.partial:
+        lines.insert(1, "  partial=True: tensors that nothing fills stay at their init")
+    if not plan.ok:
+        n = len(plan.problems)
+        lines[0] += f" — refused, {n} problem{'s' if n != 1 else ''}"
+        lines.extend(_list_lines("problem", _fold_messages(plan.problems)))
+    lines.extend(_list_lines("suggestion", list(plan.suggestions)))
+    return "\n".join(lines)
+
+
+def _rich_group(report: LoadReport, head: Sequence[str], problems: Sequence[str]) -> Group:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    styles = {
+        "loaded": "green",
+        "tied": "cyan",
+        "left at init": "yellow",
+        "shape differs": "yellow",
+        "missing": "bold red",
+        "unused": "magenta",
+    }
+    table = Table("Key", "Status", "Detail", header_style="bold")
+    # Loads whose names need no checking are counted, not listed.
+    plain = [d for d in report.loaded if not (d.stage in _LISTED_STAGES and d.source != d.target)]
+    for stage, group in _group(plain, lambda d: d.stage).items():
+        label = _STAGE_LABELS.get(str(stage), str(stage))
+        count = f"({len(group)} tensor{'s' if len(group) != 1 else ''})"
+        table.add_row(Text(count, style="dim"), Text("loaded", style="green"), Text(label))
+    for section in report._sections():
+        for row in section.rows:
+            status = Text(row.status, style=styles.get(row.status, ""))
+            table.add_row(Text("\n".join(row.keys)), status, Text(row.detail))
+    parts: list[Any] = [Text(head[0], style="bold"), *(Text(line) for line in head[1:]), table]
+    parts.extend(Text(f"warning: {w}", style="yellow") for w in report.warnings)
+    parts.extend(Text(f"problem: {p}", style="red") for p in problems)
+    return Group(*parts)

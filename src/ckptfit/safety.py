@@ -1,0 +1,1159 @@
+"""One restricted pickle interpreter, used both to scan and to load: nothing in a file runs.
+
+:func:`interpret` executes a pickle's opcodes (protocols 0-5) on a stack machine of its own.
+Every global the pickle names is looked up in fixed tables, matched exactly as
+``(module, name)`` (a dotted name is never resolved; only the aliases ``__builtin__``,
+``copy_reg`` and ``numpy.core``/``numpy._core`` are normalised):
+
+- **tensor machinery** (``torch._utils._rebuild_tensor_v2``, storages, dtypes ...) is
+  rebuilt as :class:`~ckptfit.lazy.LazyTensor` objects: no tensor byte is read;
+- **known data** (``OrderedDict``, ``set``, numpy arrays and scalars, ``datetime`` ...) is
+  rebuilt by our own code from plain values;
+- **anything else** (``argparse.Namespace``, ``pathlib`` paths, a user's ``nn.Module``
+  subclass, OmegaConf containers) becomes an inert :class:`Placeholder` that records its
+  class path, arguments and state; no module is imported, no ``__reduce__``,
+  ``__setstate__`` or ``__getattr__`` of it ever runs;
+- **dangerous** callables (``os.system``, ``builtins.eval``, ``subprocess``, ``importlib``,
+  ``runpy``, ``pickle.loads`` ...) are never called: they are recorded, and the caller
+  refuses the file naming each of them.
+
+The same pass records every global, call and object construction with its opcode and
+position (a :class:`PickleScan`), so ``ckptfit scan`` and loading can never disagree.
+"""
+from __future__ import annotations
+
+import codecs
+import collections
+import datetime
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .errors import CorruptCheckpoint, ResourceLimitExceeded, UnsafeCheckpoint, UnsupportedFormat
+from .lazy import LazyTensor, StorageRef, strided_reader
+
+__all__ = [
+    "GlobalRef",
+    "PickleScan",
+    "Placeholder",
+    "PlaceholderClass",
+    "StorageType",
+    "interpret",
+    "load_pickle",
+    "classify",
+    "to_plain",
+]
+
+Kind = Literal["tensor", "data", "unknown", "dangerous"]
+
+MAX_PICKLE_BYTES = 1 << 31  # a model's structure pickle, never its tensor data
+MAX_MEMO = 50_000_000
+MAX_STACK = 50_000_000
+MAX_INT_BYTES = 1 << 16  # LONG/LONG1/LONG4 arguments
+
+
+# --------------------------------------------------------------------------- classification
+
+_ALIASES = {
+    "__builtin__": "builtins",
+    "copy_reg": "copyreg",
+    "numpy.core.multiarray": "numpy._core.multiarray",
+    "numpy.core.numeric": "numpy._core.numeric",
+    "numpy.core": "numpy._core",
+    "_codecs": "codecs",
+}
+
+# Modules whose every name is dangerous to call (or even to import).
+_DANGEROUS_MODULES = {
+    "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "sys", "shutil", "socket", "pty", "importlib",
+    "runpy", "pickle", "_pickle", "cPickle", "dill", "cloudpickle", "marshal", "ctypes", "code", "codeop",
+    "webbrowser", "multiprocessing", "asyncio", "types", "pdb", "bdb", "trace", "profile", "cProfile",
+    "timeit", "commands", "platform", "pip", "setuptools", "distutils", "zipimport", "pkgutil", "site",
+    "ensurepip", "tempfile", "glob", "io", "_io", "fileinput", "urllib", "http", "ftplib", "smtplib",
+    "telnetlib", "xmlrpc", "requests", "httplib", "sqlite3", "signal", "resource", "threading", "_thread",
+    "gc", "inspect", "builtins.__dict__", "operator", "functools", "joblib", "shelve", "dbm", "tarfile",
+    "zipfile", "venv", "imp", "linecache", "torch.hub", "torch.jit", "torch.package", "torch.serialization",
+    "torch.utils.cpp_extension", "torch._C", "torch.ops", "torch._dynamo", "torch._inductor",
+    "numpy.testing", "numpy.f2py", "numpy.distutils", "_posixsubprocess", "_winapi", "msvcrt", "winreg",
+    "mmap", "select", "ssl", "uuid._uuid", "atexit", "readline", "rlcompleter", "idlelib", "tkinter",
+}
+# Single dangerous names inside otherwise harmless modules.
+_DANGEROUS_NAMES = {
+    ("builtins", n) for n in (
+        "eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "__import__", "globals", "locals",
+        "vars", "input", "breakpoint", "exit", "quit", "help", "memoryview", "type", "super", "classmethod",
+        "staticmethod", "property", "object.__reduce__", "object.__getattribute__", "print", "dir", "hasattr",
+        "execfile", "file", "reload", "apply",
+    )
+} | {
+    ("torch", "load"), ("torch", "save"), ("torch", "compile"), ("torch", "from_file"), ("numpy", "load"),
+    ("numpy", "save"), ("numpy", "fromfile"), ("numpy", "memmap"), ("numpy", "loadtxt"), ("numpy", "genfromtxt"),
+    ("numpy.lib.npyio", "load"), ("torch.storage", "_load_from_bytes"), ("torch", "_load_from_bytes"),
+    ("copyreg", "add_extension"),
+}
+_DANGEROUS_WORDS = {
+    "system", "popen", "exec", "eval", "spawn", "execv", "execve", "__import__", "import_module", "run_path",
+    "run_module", "loads", "load", "getattr", "call", "check_output", "check_call", "run", "Popen", "compile",
+    "__builtins__", "__globals__", "__getattribute__", "__reduce__", "__reduce_ex__", "__subclasses__",
+    "__class__", "__bases__", "__mro__", "__code__", "__dict__", "open", "remove", "rmtree", "unlink",
+    "fork", "kill", "startfile", "write", "attrgetter", "methodcaller",
+}
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "ComplexDoubleStorage": torch.complex128, "ComplexFloatStorage": torch.complex64,
+    "QInt8Storage": torch.qint8, "QUInt8Storage": torch.quint8, "QInt32Storage": torch.qint32,
+    "UntypedStorage": torch.uint8,
+}
+for _n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "uint16", "uint32", "uint64"):
+    if hasattr(torch, _n):
+        _STORAGE_DTYPES[f"{_n}Storage"] = getattr(torch, _n)
+
+
+def _normalise(module: str, name: str) -> tuple[str, str]:
+    module = _ALIASES.get(module, module)
+    if module.startswith("numpy.core."):
+        module = "numpy._core." + module[len("numpy.core."):]
+    return module, name
+
+
+def _is_dangerous(module: str, name: str) -> bool:
+    if (module, name) in _DANGEROUS_NAMES:
+        return True
+    top = module.split(".")
+    for i in range(len(top), 0, -1):
+        if ".".join(top[:i]) in _DANGEROUS_MODULES:
+            return True
+    if "." in name:  # dotted names are never resolved; one that spells an attack is dangerous
+        parts = name.split(".")
+        if any(p in _DANGEROUS_WORDS or p in _DANGEROUS_MODULES for p in parts):
+            return True
+    if name.startswith("__") and name.endswith("__") and name not in ("__newobj__", "__newobj_ex__"):
+        return True
+    return False
+
+
+@dataclass(frozen=True)
+class GlobalRef:
+    """One global a pickle references, and what the pickle did with it.
+
+    Attributes:
+        module, name: exactly as in the pickle (after alias normalisation).
+        kind: ``tensor`` (torch's own rebuild machinery), ``data`` (rebuilt as plain data),
+            ``unknown`` (kept as an inert placeholder) or ``dangerous`` (would run code).
+        opcode: the opcode that named it (``GLOBAL``, ``STACK_GLOBAL``, ``INST``).
+        position: byte offset of that opcode in the pickle.
+        called: whether the pickle went on to call or instantiate it (REDUCE, NEWOBJ, OBJ, INST).
+        member: which pickle of the file (zip member name, or ``pickle #2`` of a legacy file).
+    """
+
+    module: str
+    name: str
+    kind: Kind
+    opcode: str
+    position: int
+    called: bool = False
+    member: str = ""
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+@dataclass
+class PickleScan:
+    """What one pickle references: every global with its use, plus anomalies found on the way."""
+
+    member: str = ""
+    globals: list[GlobalRef] = field(default_factory=list)
+    anomalies: list[str] = field(default_factory=list)
+    end: int = 0  # offset just past STOP
+    protocol: int = 0
+
+    @property
+    def dangerous(self) -> list[GlobalRef]:
+        return [g for g in self.globals if g.kind == "dangerous"]
+
+
+# --------------------------------------------------------------------------- placeholders
+
+class PlaceholderClass:
+    """An inert stand-in for a class or function the pickle names but ckptfit does not rebuild."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str):
+        self.module = module
+        self.name = name
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    def __repr__(self) -> str:
+        return f"<placeholder {self.qualname}>"
+
+    def __reduce__(self):
+        raise TypeError("a ckptfit placeholder cannot be pickled: it stands for a class that was never imported")
+
+
+class Placeholder:
+    """An inert object standing for ``cls(*args)`` plus its pickled state; nothing of it ever ran.
+
+    Attributes:
+        cls: the :class:`PlaceholderClass` it was made from.
+        args: the arguments the pickle passed.
+        state: what BUILD gave it (a dict, usually ``__dict__``), or None.
+        items: list items (APPEND/APPENDS) and dict items (SETITEM/SETITEMS) it received.
+    """
+
+    __slots__ = ("cls", "args", "kwargs", "state", "list_items", "dict_items")
+
+    def __init__(self, cls: PlaceholderClass, args: tuple = (), kwargs: dict | None = None):
+        self.cls = cls
+        self.args = args
+        self.kwargs = kwargs or {}
+        self.state: Any = None
+        self.list_items: list = []
+        self.dict_items: dict = {}
+
+    @property
+    def qualname(self) -> str:
+        return self.cls.qualname
+
+    def attributes(self) -> dict:
+        """The object's pickled ``__dict__`` (from its state), or an empty dict."""
+        st = self.state
+        if isinstance(st, tuple) and len(st) == 2 and isinstance(st[0], dict | type(None)):
+            st = {**(st[0] or {}), **(st[1] or {})} if isinstance(st[1], dict) else st[0]
+        return st if isinstance(st, dict) else {}
+
+    def __repr__(self) -> str:
+        return f"<placeholder {self.qualname} instance>"
+
+    def __reduce__(self):
+        raise TypeError("a ckptfit placeholder cannot be pickled: it stands for an object that was never built")
+
+
+class StorageType:
+    """``torch.FloatStorage`` and friends as they appear in persistent ids: just a dtype."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name = name
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return f"<storage type {self.name}>"
+
+
+class _Dangerous:
+    """A dangerous callable as the pickle named it. Calling it records the call and returns a placeholder."""
+
+    __slots__ = ("ref_index", "module", "name")
+
+    def __init__(self, module: str, name: str, ref_index: int):
+        self.module = module
+        self.name = name
+        self.ref_index = ref_index
+
+    def __reduce__(self):
+        raise TypeError("a ckptfit placeholder cannot be pickled")
+
+
+class _Handler:
+    """A known global rebuilt by our own code: ``fn`` takes the pickle's arguments."""
+
+    __slots__ = ("module", "name", "fn", "kind", "value")
+
+    def __init__(self, module: str, name: str, fn: Callable | None, kind: Kind, value: Any = None):
+        self.module = module
+        self.name = name
+        self.fn = fn
+        self.kind = kind
+        self.value = value
+
+
+# --------------------------------------------------------------------------- rebuild handlers
+
+def _ints(x: Any, what: str) -> tuple[int, ...]:
+    if isinstance(x, torch.Size):
+        x = tuple(x)
+    if not isinstance(x, tuple | list) or not all(type(i) is int for i in x):
+        raise CorruptCheckpoint(f"tensor {what} is not a tuple of integers: {type(x).__name__}")
+    return tuple(x)
+
+
+def _check_view(storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
+    if type(offset) is not int or offset < 0:
+        raise CorruptCheckpoint(f"tensor storage offset {offset!r} is invalid")
+    if len(size) != len(stride):
+        raise CorruptCheckpoint(f"tensor has {len(size)} sizes but {len(stride)} strides")
+    if any(s < 0 for s in size) or any(s < 0 for s in stride):
+        raise CorruptCheckpoint(f"tensor view has a negative size or stride: size {list(size)}, stride {list(stride)}")
+    if 0 in size:
+        return
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # Python ints: no overflow
+    if last >= storage.numel:
+        raise CorruptCheckpoint(
+            f"tensor view (offset {offset}, size {list(size)}, stride {list(stride)}) reaches element {last} "
+            f"of storage {storage.key!r}, which holds only {storage.numel} elements")
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                    metadata=None, *, dtype: torch.dtype | None = None) -> LazyTensor:
+    if not isinstance(storage, StorageRef):
+        raise CorruptCheckpoint(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
+    size_t, stride_t = _ints(size, "size"), _ints(stride, "stride")
+    if dtype is not None and dtype != storage.dtype:
+        # untyped storage (v3): re-express element counts in the tensor's dtype
+        itemsize = dtype.itemsize
+        if storage.nbytes % itemsize:
+            raise CorruptCheckpoint(f"storage {storage.key!r} of {storage.nbytes} bytes is not a whole number "
+                                    f"of {dtype} elements")
+        base = storage
+
+        def read_cast():
+            return base.read().view(dtype)
+
+        storage = StorageRef(base.key, dtype, base.nbytes // itemsize, base.location,
+                             read_cast if base.read is not None else None)
+    _check_view(storage, storage_offset, size_t, stride_t)
+    return LazyTensor(size_t, storage.dtype, strided_reader(storage, storage_offset, size_t, stride_t),
+                      device=storage.location, requires_grad=bool(requires_grad), storage_key=storage.key,
+                      storage_offset=storage_offset, stride=stride_t)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
+                       metadata=None):
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptCheckpoint("tensor dtype is not a torch dtype")
+    return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata,
+                           dtype=dtype)
+
+
+def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None):
+    if not isinstance(data, LazyTensor):
+        raise CorruptCheckpoint(f"parameter rebuilt from a {type(data).__name__}, not a tensor")
+    data.requires_grad = bool(requires_grad)
+    data.is_parameter = True
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    if not isinstance(func, _Handler) or func.fn is None or func.kind != "tensor":
+        raise CorruptCheckpoint("tensor subclass rebuilt by something that is not torch's tensor machinery")
+    if not isinstance(args, tuple):
+        raise CorruptCheckpoint("tensor rebuild arguments are not a tuple")
+    t = func.fn(*args)
+    if isinstance(new_type, _Handler) and new_type.name == "Parameter":
+        t.is_parameter = True
+    return t
+
+
+def _rebuild_meta(dtype, size, stride, requires_grad=False):
+    return LazyTensor(_ints(size, "size"), dtype, None, device="meta", requires_grad=bool(requires_grad))
+
+
+def _unsupported(what: str) -> Callable:
+    def fn(*args, **kwargs):
+        raise UnsupportedFormat(f"the checkpoint holds a {what}, which ckptfit cannot rebuild yet",
+                                hint="convert it to dense tensors with the code that wrote it")
+    return fn
+
+
+def _ordered_dict(items=()):
+    d = collections.OrderedDict()
+    if items:
+        for kv in items:
+            if not isinstance(kv, tuple | list) or len(kv) != 2:
+                raise CorruptCheckpoint("OrderedDict built from something that is not key/value pairs")
+            d[kv[0]] = kv[1]
+    return d
+
+
+def _plain_ctor(typ: type) -> Callable:
+    def fn(*args):
+        for a in args:
+            if isinstance(a, Placeholder | PlaceholderClass | _Dangerous | _Handler):
+                raise CorruptCheckpoint(f"{typ.__name__}() applied to a {type(a).__name__}")
+        return typ(*args)
+    return fn
+
+
+def _codecs_encode(obj, encoding="utf-8", errors="strict"):
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise CorruptCheckpoint(f"_codecs.encode called with unexpected arguments ({encoding!r})")
+    return codecs.encode(obj, encoding, errors)
+
+
+def _torch_size(*args):
+    return torch.Size(_ints(args[0] if args else (), "size"))
+
+
+def _torch_device(*args):
+    if not args or not all(isinstance(a, str | int) for a in args):
+        raise CorruptCheckpoint("torch.device called with unexpected arguments")
+    return str(torch.device(*args))
+
+
+def _reconstructor(cls, base, state=None):
+    if isinstance(cls, PlaceholderClass):
+        return Placeholder(cls, ())
+    if isinstance(cls, _Handler) and cls.fn is not None and cls.kind == "data":
+        return cls.fn()
+    raise CorruptCheckpoint("copyreg._reconstructor on something that is not a class")
+
+
+def _newobj(cls, *args):
+    if isinstance(cls, PlaceholderClass):
+        return Placeholder(cls, args)
+    if isinstance(cls, _Handler) and cls.fn is not None:
+        return cls.fn(*args)
+    raise CorruptCheckpoint("__newobj__ on something that is not a class")
+
+
+# numpy -------------------------------------------------------------------------
+
+class _NumpyDtype:
+    __slots__ = ("spec", "order")
+
+    def __init__(self, spec, align=False, copy=False):
+        if not isinstance(spec, str):
+            raise CorruptCheckpoint("numpy dtype spec is not a string")
+        self.spec = spec
+        self.order = "|"
+
+    def build(self, state):
+        if isinstance(state, tuple) and len(state) >= 2 and isinstance(state[1], str):
+            self.order = state[1]
+
+    def resolve(self):
+        import numpy as np
+
+        spec = self.spec
+        if self.order in "<>" and spec[:1] not in "<>|=":
+            spec = self.order + spec
+        try:
+            dt = np.dtype(spec)
+        except TypeError as e:
+            raise CorruptCheckpoint(f"unknown numpy dtype {self.spec!r}") from e
+        return dt
+
+
+class _NumpyArray:
+    __slots__ = ("value",)
+
+    def __init__(self, *args):
+        self.value = None
+
+    def build(self, state):
+        import numpy as np
+
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise CorruptCheckpoint("numpy array state is malformed")
+        _, shape, dtype, fortran, raw = state
+        shape = _ints(shape, "numpy shape")
+        dt = dtype.resolve() if isinstance(dtype, _NumpyDtype) else None
+        if dt is None:
+            raise CorruptCheckpoint("numpy array without a dtype")
+        n = 1
+        for s in shape:
+            n *= s
+        if dt.hasobject:
+            arr = np.empty(shape, dtype=object)
+            if not isinstance(raw, list) or len(raw) != n:
+                raise CorruptCheckpoint("numpy object array state is malformed")
+            for i, v in enumerate(raw):
+                arr.flat[i] = v
+        else:
+            if isinstance(raw, str):
+                raw = raw.encode("latin1")
+            if not isinstance(raw, bytes | bytearray) or len(raw) != n * dt.itemsize:
+                raise CorruptCheckpoint(f"numpy array of shape {list(shape)} and dtype {dt} "
+                                        f"has {len(raw) if hasattr(raw, '__len__') else '?'} bytes of data")
+            arr = np.frombuffer(bytes(raw), dtype=dt).reshape(shape, order="F" if fortran else "C").copy()
+        self.value = arr
+
+
+def _numpy_scalar(dtype, data=None):
+    import numpy as np
+
+    if not isinstance(dtype, _NumpyDtype):
+        raise CorruptCheckpoint("numpy scalar without a dtype")
+    dt = dtype.resolve()
+    if isinstance(data, str):
+        data = data.encode("latin1")
+    if dt.hasobject or not isinstance(data, bytes) or len(data) != dt.itemsize:
+        raise CorruptCheckpoint("numpy scalar data is malformed")
+    return np.frombuffer(data, dtype=dt)[0]
+
+
+def _numpy_frombuffer(buf, dtype, shape, order):
+    import numpy as np
+
+    dt = dtype.resolve() if isinstance(dtype, _NumpyDtype) else None
+    if dt is None or dt.hasobject or not isinstance(buf, bytes | bytearray):
+        raise CorruptCheckpoint("numpy buffer is malformed")
+    shape = _ints(shape, "numpy shape")
+    n = 1
+    for s in shape:
+        n *= s
+    if len(buf) != n * dt.itemsize:
+        raise CorruptCheckpoint("numpy buffer size does not match its shape")
+    return np.frombuffer(bytes(buf), dtype=dt).reshape(shape, order=order if order in ("C", "F") else "C").copy()
+
+
+def _tensor_handlers() -> dict[tuple[str, str], tuple[Callable | None, Any]]:
+    h: dict[tuple[str, str], tuple[Callable | None, Any]] = {
+        ("torch._utils", "_rebuild_tensor"): (_rebuild_tensor, None),
+        ("torch._utils", "_rebuild_tensor_v2"): (_rebuild_tensor, None),
+        ("torch._utils", "_rebuild_tensor_v3"): (_rebuild_tensor_v3, None),
+        ("torch._utils", "_rebuild_parameter"): (_rebuild_parameter, None),
+        ("torch._utils", "_rebuild_parameter_with_state"): (_rebuild_parameter, None),
+        ("torch._tensor", "_rebuild_from_type_v2"): (_rebuild_from_type_v2, None),
+        ("torch._tensor", "_rebuild_from_type"): (lambda func, t, args, d=None: _rebuild_from_type_v2(func, t, args, d), None),
+        ("torch._utils", "_rebuild_meta_tensor_no_storage"): (_rebuild_meta, None),
+        ("torch._utils", "_rebuild_qtensor"): (_unsupported("quantized tensor"), None),
+        ("torch._utils", "_rebuild_sparse_tensor"): (_unsupported("sparse tensor"), None),
+        ("torch._utils", "_rebuild_nested_tensor"): (_unsupported("nested tensor"), None),
+        ("torch._utils", "_rebuild_wrapper_subclass"): (_unsupported("tensor subclass"), None),
+        ("torch._utils", "_rebuild_device_tensor_from_numpy"): (_unsupported("device tensor from numpy"), None),
+        ("torch._utils", "_rebuild_xla_tensor"): (_unsupported("XLA tensor"), None),
+        ("torch", "Size"): (_torch_size, None),
+        ("torch", "device"): (_torch_device, None),
+        ("torch", "Tensor"): (None, "Tensor"),
+        ("torch.nn.parameter", "Parameter"): (None, "Parameter"),
+        ("torch.nn.parameter", "Buffer"): (None, "Buffer"),
+        ("torch.serialization", "_get_layout"): (lambda name: name, None),
+    }
+    for name, dt in _STORAGE_DTYPES.items():
+        h[("torch", name)] = (None, StorageType(name, dt))
+        h[("torch.cuda", name)] = (None, StorageType(name, dt))
+    h[("torch.storage", "UntypedStorage")] = (None, StorageType("UntypedStorage", torch.uint8))
+    h[("torch.storage", "TypedStorage")] = (None, StorageType("TypedStorage", torch.uint8))
+    return h
+
+
+_TENSOR = _tensor_handlers()
+
+_DATA: dict[tuple[str, str], tuple[Callable | None, Any]] = {
+    ("collections", "OrderedDict"): (_ordered_dict, None),
+    ("collections", "defaultdict"): (lambda *a: {}, None),
+    ("collections", "Counter"): (lambda *a: collections.Counter(*[x for x in a if isinstance(x, dict)]), None),
+    ("builtins", "set"): (_plain_ctor(set), None),
+    ("builtins", "frozenset"): (_plain_ctor(frozenset), None),
+    ("builtins", "list"): (_plain_ctor(list), None),
+    ("builtins", "tuple"): (_plain_ctor(tuple), None),
+    ("builtins", "dict"): (_plain_ctor(dict), None),
+    ("builtins", "slice"): (_plain_ctor(slice), None),
+    ("builtins", "complex"): (_plain_ctor(complex), None),
+    ("builtins", "range"): (_plain_ctor(range), None),
+    ("builtins", "bytearray"): (_plain_ctor(bytearray), None),
+    ("builtins", "bytes"): (_plain_ctor(bytes), None),
+    ("builtins", "int"): (_plain_ctor(int), None),
+    ("builtins", "float"): (_plain_ctor(float), None),
+    ("builtins", "str"): (_plain_ctor(str), None),
+    ("builtins", "bool"): (_plain_ctor(bool), None),
+    ("builtins", "object"): (None, "object"),
+    ("builtins", "NoneType"): (None, "NoneType"),
+    ("copyreg", "_reconstructor"): (_reconstructor, None),
+    ("copyreg", "__newobj__"): (_newobj, None),
+    ("codecs", "encode"): (_codecs_encode, None),
+    ("datetime", "datetime"): (_plain_ctor(datetime.datetime), None),
+    ("datetime", "date"): (_plain_ctor(datetime.date), None),
+    ("datetime", "time"): (_plain_ctor(datetime.time), None),
+    ("datetime", "timedelta"): (_plain_ctor(datetime.timedelta), None),
+    ("numpy._core.multiarray", "_reconstruct"): (lambda cls, shape, dtype: _NumpyArray(), None),
+    ("numpy._core.multiarray", "scalar"): (_numpy_scalar, None),
+    ("numpy._core.numeric", "_frombuffer"): (_numpy_frombuffer, None),
+    ("numpy", "dtype"): (_NumpyDtype, None),
+    ("numpy", "ndarray"): (None, "ndarray"),
+}
+for _dtname in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool_",
+                "Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+    _DATA[("numpy", _dtname)] = (None, _dtname)
+    _DATA[("numpy.dtypes", _dtname)] = (None, _dtname)
+
+
+def classify(module: str, name: str) -> Kind:
+    """How ckptfit treats the global ``module.name`` (after alias normalisation)."""
+    module, name = _normalise(module, name)
+    if (module, name) in _TENSOR:
+        return "tensor"
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype | torch.layout | torch.memory_format):
+        return "tensor"
+    if (module, name) in _DATA:
+        return "data"
+    if _is_dangerous(module, name):
+        return "dangerous"
+    return "unknown"
+
+
+# --------------------------------------------------------------------------- the interpreter
+
+class _Mark:
+    __slots__ = ()
+
+
+_MARK = _Mark()
+
+
+class _Frame:
+    __slots__ = ("end",)
+
+
+def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any] | None = None,
+              start: int = 0, member: str = "", path: str | None = None,
+              allow_trailing: bool = False) -> tuple[Any, PickleScan]:
+    """Run one pickle in ``data`` (from ``start``) on ckptfit's restricted stack machine.
+
+    Args:
+        data: the bytes holding the pickle.
+        persistent_load: called with each persistent id (torch's storage references); its
+            result is pushed. Without it a persistent id is an error.
+        start: where the pickle starts in ``data``.
+        member: a name for messages and the scan (zip member, ``pickle #2``).
+        path: the file, for messages.
+        allow_trailing: whether bytes after STOP are expected (legacy files hold several
+            pickles); otherwise they are recorded as an anomaly.
+
+    Returns:
+        ``(value, scan)``: the rebuilt object (tensors as :class:`LazyTensor`, unknown
+        objects as :class:`Placeholder`) and the :class:`PickleScan` of everything referenced.
+        Dangerous globals are *not* raised here; see :func:`load_pickle`.
+
+    Raises:
+        CorruptCheckpoint: malformed or truncated pickle (never a raw pickle/struct error).
+        ResourceLimitExceeded: memo, stack or sizes beyond sane limits.
+    """
+    mv = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    n = len(mv)
+    scan = PickleScan(member=member)
+    stack: list[Any] = []
+    metastack: list[list[Any]] = []
+    memo: dict[int, Any] = {}
+    pos = start
+    frame_end = -1  # -1: not inside a frame
+    globals_idx: dict[int, int] = {}  # id(handle) -> index in scan.globals
+    unpack = struct.unpack_from
+
+    def fail(msg: str) -> CorruptCheckpoint:
+        where = f" (in {member})" if member else ""
+        return CorruptCheckpoint(f"damaged pickle data at byte {pos}{where}: {msg}", path=path,
+                                 hint="the file is truncated or corrupt; download or copy it again")
+
+    def need(k: int) -> None:
+        if pos + k > n:
+            raise fail("the data ends in the middle of an opcode")
+        if frame_end >= 0 and pos + k > frame_end:
+            raise fail("an opcode crosses the end of its FRAME")
+
+    def pop_mark() -> list:
+        nonlocal stack
+        if not metastack:
+            raise fail("MARK expected on the stack")
+        items = stack
+        stack = metastack.pop()
+        return items
+
+    def find(module: str, name: str, opcode: str, at: int) -> Any:
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise fail("global name is not a string")
+        module, name = _normalise(module, name)
+        kind = classify(module, name)
+        idx = len(scan.globals)
+        scan.globals.append(GlobalRef(module, name, kind, opcode, at, member=member))
+        if kind == "tensor":
+            if (module, name) in _TENSOR:
+                fn, value = _TENSOR[(module, name)]
+                if fn is None and isinstance(value, StorageType):
+                    obj: Any = value
+                else:
+                    obj = _Handler(module, name, fn, kind, value)
+            else:
+                obj = getattr(torch, name)  # a dtype / layout / memory format constant
+        elif kind == "data":
+            fn, value = _DATA[(module, name)]
+            obj = _Handler(module, name, fn, kind, value)
+        elif kind == "dangerous":
+            obj = _Dangerous(module, name, idx)
+        else:
+            obj = PlaceholderClass(module, name)
+        globals_idx[id(obj)] = idx
+        return obj
+
+    def mark_called(obj: Any) -> None:
+        idx = globals_idx.get(id(obj))
+        if idx is not None and not scan.globals[idx].called:
+            g = scan.globals[idx]
+            scan.globals[idx] = GlobalRef(g.module, g.name, g.kind, g.opcode, g.position, True, g.member)
+
+    def call(fn: Any, args: Any, kwargs: dict | None = None) -> Any:
+        if not isinstance(args, tuple):
+            if isinstance(args, list):
+                args = tuple(args)
+            else:
+                raise fail("call arguments are not a tuple")
+        mark_called(fn)
+        if isinstance(fn, _Dangerous):
+            return Placeholder(PlaceholderClass(fn.module, fn.name), args)
+        if isinstance(fn, PlaceholderClass):
+            return Placeholder(fn, args, kwargs)
+        if isinstance(fn, _Handler):
+            if fn.fn is None:
+                if fn.value in ("Tensor", "Parameter", "Buffer") and not args:
+                    return Placeholder(PlaceholderClass(fn.module, fn.name), args)
+                return Placeholder(PlaceholderClass(fn.module, fn.name), args, kwargs)
+            try:
+                return fn.fn(*args, **(kwargs or {}))
+            except (CorruptCheckpoint, UnsupportedFormat):
+                raise
+            except (TypeError, ValueError, OverflowError, KeyError, IndexError, AttributeError,
+                    RuntimeError) as e:
+                raise fail(f"{fn.module}.{fn.name} got unexpected arguments ({e})") from e
+        if isinstance(fn, StorageType):
+            return Placeholder(PlaceholderClass("torch", fn.name), args)
+        if isinstance(fn, Placeholder):  # calling an object built by the pickle
+            return Placeholder(fn.cls, args, kwargs)
+        raise fail(f"the pickle calls a {type(fn).__name__}, which is not callable")
+
+    def build(obj: Any, state: Any) -> None:
+        if isinstance(obj, Placeholder):
+            obj.state = state
+        elif isinstance(obj, _NumpyArray | _NumpyDtype):
+            obj.build(state)
+        elif isinstance(obj, LazyTensor):
+            pass  # tensor python state (e.g. an attribute set on it): ignored
+        elif isinstance(obj, dict) and isinstance(state, dict):
+            # torch's state dicts carry `_metadata` as an attribute of the OrderedDict
+            if isinstance(obj, collections.OrderedDict):
+                for k, v in state.items():
+                    if k == "_metadata":
+                        try:
+                            obj._metadata = v  # type: ignore[attr-defined]
+                        except AttributeError:
+                            pass
+        elif isinstance(obj, collections.Counter | set | list | tuple | str | bytes | int | float | type(None)):
+            pass
+        else:
+            raise fail(f"BUILD applied to a {type(obj).__name__}")
+
+    def setitems(target: Any, items: list) -> None:
+        if len(items) % 2:
+            raise fail("SETITEMS with an odd number of items")
+        if isinstance(target, dict):
+            try:
+                for i in range(0, len(items), 2):
+                    target[items[i]] = items[i + 1]
+            except TypeError as e:
+                raise fail(f"unhashable dict key ({e})") from e
+        elif isinstance(target, Placeholder):
+            for i in range(0, len(items), 2):
+                k = items[i]
+                try:
+                    target.dict_items[k] = items[i + 1]
+                except TypeError:
+                    target.dict_items[repr(k)] = items[i + 1]
+        else:
+            raise fail(f"SETITEM on a {type(target).__name__}")
+
+    def appends(target: Any, items: list) -> None:
+        if isinstance(target, list):
+            target.extend(items)
+        elif isinstance(target, Placeholder):
+            target.list_items.extend(items)
+        elif isinstance(target, set):
+            try:
+                target.update(items)
+            except TypeError as e:
+                raise fail(f"unhashable set item ({e})") from e
+        else:
+            raise fail(f"APPEND on a {type(target).__name__}")
+
+    def text_line() -> bytes:
+        nonlocal pos
+        if isinstance(data, bytes):
+            end = data.find(b"\n", pos, pos + 65536)
+            line = data[pos:end] if end >= 0 else b""
+        else:
+            window = bytes(mv[pos:pos + 65536])
+            k = window.find(b"\n")
+            end = pos + k if k >= 0 else -1
+            line = window[:k] if k >= 0 else b""
+        if end < 0:
+            raise fail("unterminated text argument")
+        if frame_end >= 0 and end + 1 > frame_end:
+            raise fail("an opcode crosses the end of its FRAME")
+        pos = end + 1
+        return line
+
+    def memo_put(idx: int) -> None:
+        if not stack:
+            raise fail("memo store on an empty stack")
+        if idx < 0 or len(memo) >= MAX_MEMO:
+            raise ResourceLimitExceeded(f"pickle memo exceeds {MAX_MEMO} entries or has a bad index", path=path)
+        memo[idx] = stack[-1]
+
+    def memo_get(idx: int) -> None:
+        if idx not in memo:
+            raise fail(f"memo entry {idx} is used before it is defined")
+        stack.append(memo[idx])
+
+    if n - start > MAX_PICKLE_BYTES:
+        raise ResourceLimitExceeded(f"pickle of {n - start} bytes exceeds the {MAX_PICKLE_BYTES}-byte limit",
+                                    path=path)
+    try:
+        while True:
+            if frame_end >= 0 and pos == frame_end:
+                frame_end = -1
+            if pos >= n:
+                raise fail("the pickle ends before its STOP opcode")
+            at = pos
+            op = mv[pos]
+            pos += 1
+            if len(stack) > MAX_STACK:
+                raise ResourceLimitExceeded("pickle stack exceeds its limit", path=path)
+            # ---- most frequent opcodes first
+            if op == 0x71:  # BINPUT
+                need(1); memo_put(mv[pos]); pos += 1
+            elif op == 0x68:  # BINGET
+                need(1); memo_get(mv[pos]); pos += 1
+            elif op == 0x94:  # MEMOIZE
+                memo_put(len(memo))
+            elif op == 0x58:  # BINUNICODE
+                need(4); (k,) = unpack("<I", mv, pos); pos += 4; need(k)
+                stack.append(str(mv[pos:pos + k], "utf-8", "surrogatepass")); pos += k
+            elif op == 0x8C:  # SHORT_BINUNICODE
+                need(1); k = mv[pos]; pos += 1; need(k)
+                stack.append(str(mv[pos:pos + k], "utf-8", "surrogatepass")); pos += k
+            elif op == 0x4B:  # BININT1
+                need(1); stack.append(mv[pos]); pos += 1
+            elif op == 0x4D:  # BININT2
+                need(2); stack.append(unpack("<H", mv, pos)[0]); pos += 2
+            elif op == 0x4A:  # BININT
+                need(4); stack.append(unpack("<i", mv, pos)[0]); pos += 4
+            elif op == 0x28:  # MARK
+                metastack.append(stack); stack = []
+            elif op == 0x74:  # TUPLE
+                stack_items = pop_mark(); stack.append(tuple(stack_items))
+            elif op == 0x29:  # EMPTY_TUPLE
+                stack.append(())
+            elif op == 0x85:  # TUPLE1
+                if not stack: raise fail("TUPLE1 on an empty stack")
+                stack[-1] = (stack[-1],)
+            elif op == 0x86:  # TUPLE2
+                if len(stack) < 2: raise fail("TUPLE2 needs two items")
+                b = stack.pop(); stack[-1] = (stack[-1], b)
+            elif op == 0x87:  # TUPLE3
+                if len(stack) < 3: raise fail("TUPLE3 needs three items")
+                c = stack.pop(); b = stack.pop(); stack[-1] = (stack[-1], b, c)
+            elif op == 0x52:  # REDUCE
+                if len(stack) < 2: raise fail("REDUCE needs a callable and arguments")
+                args = stack.pop(); fn = stack[-1]; stack[-1] = call(fn, args)
+            elif op == 0x51:  # BINPERSID
+                if not stack: raise fail("BINPERSID on an empty stack")
+                pid = stack.pop()
+                if persistent_load is None:
+                    raise fail("persistent id found, but this kind of file has no storage records")
+                stack.append(persistent_load(pid))
+            elif op == 0x88:  # NEWTRUE
+                stack.append(True)
+            elif op == 0x89:  # NEWFALSE
+                stack.append(False)
+            elif op == 0x4E:  # NONE
+                stack.append(None)
+            elif op == 0x7D:  # EMPTY_DICT
+                stack.append({})
+            elif op == 0x5D:  # EMPTY_LIST
+                stack.append([])
+            elif op == 0x75:  # SETITEMS
+                items = pop_mark()
+                if not stack: raise fail("SETITEMS without a dict")
+                setitems(stack[-1], items)
+            elif op == 0x73:  # SETITEM
+                if len(stack) < 3: raise fail("SETITEM needs a dict, a key and a value")
+                v = stack.pop(); k = stack.pop(); setitems(stack[-1], [k, v])
+            elif op == 0x65:  # APPENDS
+                items = pop_mark()
+                if not stack: raise fail("APPENDS without a list")
+                appends(stack[-1], items)
+            elif op == 0x61:  # APPEND
+                if len(stack) < 2: raise fail("APPEND needs a list and an item")
+                v = stack.pop(); appends(stack[-1], [v])
+            elif op == 0x62:  # BUILD
+                if len(stack) < 2: raise fail("BUILD needs an object and a state")
+                state = stack.pop(); build(stack[-1], state)
+            elif op == 0x63:  # GLOBAL
+                mod = text_line().decode("utf-8", "replace"); name = text_line().decode("utf-8", "replace")
+                stack.append(find(mod, name, "GLOBAL", at))
+            elif op == 0x93:  # STACK_GLOBAL
+                if len(stack) < 2: raise fail("STACK_GLOBAL needs a module and a name")
+                name = stack.pop(); mod = stack.pop()
+                stack.append(find(mod, name, "STACK_GLOBAL", at))
+            elif op == 0x81:  # NEWOBJ
+                if len(stack) < 2: raise fail("NEWOBJ needs a class and arguments")
+                args = stack.pop(); cls = stack[-1]; stack[-1] = call(cls, args)
+            elif op == 0x92:  # NEWOBJ_EX
+                if len(stack) < 3: raise fail("NEWOBJ_EX needs a class, arguments and keywords")
+                kwargs = stack.pop(); args = stack.pop(); cls = stack[-1]
+                if not isinstance(kwargs, dict): raise fail("NEWOBJ_EX keywords are not a dict")
+                stack[-1] = call(cls, args, kwargs)
+            elif op == 0x80:  # PROTO
+                need(1); scan.protocol = mv[pos]; pos += 1
+                if scan.protocol > 5:
+                    raise fail(f"unsupported pickle protocol {scan.protocol}")
+            elif op == 0x95:  # FRAME
+                need(8); (k,) = unpack("<Q", mv, pos); pos += 8
+                if frame_end >= 0:
+                    raise fail("a new FRAME begins before the end of the current one")
+                if pos + k > n:
+                    raise fail(f"FRAME of {k} bytes runs past the end of the data")
+                frame_end = pos + k if k else -1
+            elif op == 0x2E:  # STOP
+                if metastack:
+                    scan.anomalies.append(f"{len(metastack)} unclosed MARK(s) at STOP")
+                if len(stack) != 1:
+                    if not stack:
+                        raise fail("STOP on an empty stack")
+                    scan.anomalies.append(f"{len(stack) - 1} extra item(s) left on the stack at STOP")
+                if frame_end >= 0 and pos != frame_end:
+                    raise fail("STOP before the end of its FRAME")
+                scan.end = pos
+                if pos < n and not allow_trailing:
+                    scan.anomalies.append(f"{n - pos} byte(s) of trailing data after STOP")
+                return stack[-1], scan
+            elif op == 0x6A:  # LONG_BINGET
+                need(4); memo_get(unpack("<I", mv, pos)[0]); pos += 4
+            elif op == 0x72:  # LONG_BINPUT
+                need(4); memo_put(unpack("<I", mv, pos)[0]); pos += 4
+            elif op == 0x47:  # BINFLOAT
+                need(8); stack.append(unpack(">d", mv, pos)[0]); pos += 8
+            elif op == 0x8A:  # LONG1
+                need(1); k = mv[pos]; pos += 1; need(k)
+                stack.append(int.from_bytes(mv[pos:pos + k], "little", signed=True)); pos += k
+            elif op == 0x8B:  # LONG4
+                need(4); (k,) = unpack("<i", mv, pos); pos += 4
+                if k < 0 or k > MAX_INT_BYTES:
+                    raise ResourceLimitExceeded(f"LONG4 integer of {k} bytes", path=path)
+                need(k); stack.append(int.from_bytes(mv[pos:pos + k], "little", signed=True)); pos += k
+            elif op == 0x43:  # SHORT_BINBYTES
+                need(1); k = mv[pos]; pos += 1; need(k); stack.append(bytes(mv[pos:pos + k])); pos += k
+            elif op == 0x42:  # BINBYTES
+                need(4); (k,) = unpack("<I", mv, pos); pos += 4; need(k)
+                stack.append(bytes(mv[pos:pos + k])); pos += k
+            elif op == 0x8E:  # BINBYTES8
+                need(8); (k,) = unpack("<Q", mv, pos); pos += 8; need(k)
+                stack.append(bytes(mv[pos:pos + k])); pos += k
+            elif op == 0x96:  # BYTEARRAY8
+                need(8); (k,) = unpack("<Q", mv, pos); pos += 8; need(k)
+                stack.append(bytearray(mv[pos:pos + k])); pos += k
+            elif op == 0x8D:  # BINUNICODE8
+                need(8); (k,) = unpack("<Q", mv, pos); pos += 8; need(k)
+                stack.append(str(mv[pos:pos + k], "utf-8", "surrogatepass")); pos += k
+            elif op == 0x54:  # BINSTRING
+                need(4); (k,) = unpack("<i", mv, pos); pos += 4
+                if k < 0: raise fail("negative BINSTRING length")
+                need(k); stack.append(bytes(mv[pos:pos + k]).decode("latin1")); pos += k
+            elif op == 0x55:  # SHORT_BINSTRING
+                need(1); k = mv[pos]; pos += 1; need(k)
+                stack.append(bytes(mv[pos:pos + k]).decode("latin1")); pos += k
+            elif op == 0x8F:  # EMPTY_SET
+                stack.append(set())
+            elif op == 0x90:  # ADDITEMS
+                items = pop_mark()
+                if not stack or not isinstance(stack[-1], set): raise fail("ADDITEMS without a set")
+                appends(stack[-1], items)
+            elif op == 0x91:  # FROZENSET
+                items = pop_mark()
+                try:
+                    stack.append(frozenset(items))
+                except TypeError as e:
+                    raise fail(f"unhashable frozenset item ({e})") from e
+            elif op == 0x30:  # POP
+                if stack:
+                    stack.pop()
+                else:
+                    pop_mark()
+            elif op == 0x31:  # POP_MARK
+                pop_mark()
+            elif op == 0x32:  # DUP
+                if not stack: raise fail("DUP on an empty stack")
+                stack.append(stack[-1])
+            elif op == 0x64:  # DICT
+                items = pop_mark(); d: dict = {}; setitems(d, items); stack.append(d)
+            elif op == 0x6C:  # LIST
+                items = pop_mark(); stack.append(list(items))
+            elif op == 0x69:  # INST
+                mod = text_line().decode("utf-8", "replace"); name = text_line().decode("utf-8", "replace")
+                cls = find(mod, name, "INST", at)
+                args = tuple(pop_mark())
+                stack.append(call(cls, args))
+            elif op == 0x6F:  # OBJ
+                items = pop_mark()
+                if not items: raise fail("OBJ without a class")
+                stack.append(call(items[0], tuple(items[1:])))
+            elif op == 0x50:  # PERSID
+                pid = text_line().decode("ascii", "replace")
+                if persistent_load is None:
+                    raise fail("persistent id found, but this kind of file has no storage records")
+                stack.append(persistent_load(pid))
+            elif op == 0x49:  # INT
+                line = text_line()
+                if line == b"00":
+                    stack.append(False)
+                elif line == b"01":
+                    stack.append(True)
+                else:
+                    if len(line) > 4300:
+                        raise ResourceLimitExceeded("INT literal too long", path=path)
+                    stack.append(int(line))
+            elif op == 0x4C:  # LONG
+                line = text_line()
+                if len(line) > 4300:
+                    raise ResourceLimitExceeded("LONG literal too long", path=path)
+                stack.append(int(line.rstrip(b"L")))
+            elif op == 0x46:  # FLOAT
+                stack.append(float(text_line()))
+            elif op == 0x53:  # STRING
+                line = text_line()
+                if len(line) < 2 or line[:1] != line[-1:] or line[:1] not in (b"'", b'"'):
+                    raise fail("STRING argument is not quoted")
+                stack.append(codecs.escape_decode(line[1:-1])[0].decode("latin1"))
+            elif op == 0x56:  # UNICODE
+                stack.append(str(text_line(), "raw-unicode-escape"))
+            elif op == 0x67:  # GET
+                memo_get(int(text_line()))
+            elif op == 0x70:  # PUT
+                memo_put(int(text_line()))
+            elif op in (0x82, 0x83, 0x84):  # EXT1/2/4
+                raise UnsafeCheckpoint("the pickle uses the copyreg extension registry (EXT opcodes), "
+                                       "which can name any callable", path=path,
+                                       hint="ckptfit refuses such files; no automatic unsafe fallback is performed")
+            elif op == 0x97:  # NEXT_BUFFER
+                raise fail("out-of-band buffers (NEXT_BUFFER) are not part of any checkpoint format")
+            elif op == 0x98:  # READONLY_BUFFER
+                pass
+            else:
+                raise fail(f"unknown opcode 0x{op:02x}")
+    except (CorruptCheckpoint, UnsupportedFormat, UnsafeCheckpoint):
+        raise
+    except RecursionError as e:  # pragma: no cover - the machine is iterative
+        raise ResourceLimitExceeded("pickle nesting too deep", path=path) from e
+    except MemoryError as e:
+        raise ResourceLimitExceeded("pickle needs more memory than allowed", path=path) from e
+    except (ValueError, UnicodeDecodeError, OverflowError, struct.error, IndexError, TypeError) as e:
+        raise fail(str(e)) from e
+
+
+def refuse_if_dangerous(scans: Iterable[PickleScan], *, path: str | None) -> None:
+    """Raise :class:`UnsafeCheckpoint` naming every dangerous global in ``scans``."""
+    bad: list[str] = []
+    for scan in scans:
+        for g in scan.dangerous:
+            label = g.qualname + (" (called)" if g.called else "")
+            if label not in bad:
+                bad.append(label)
+    if bad:
+        raise UnsafeCheckpoint(
+            f"refusing to load: its pickled data references code that would run on load: {', '.join(bad)}",
+            path=path, globals=[b.removesuffix(" (called)") for b in bad],
+            hint="nothing was executed. Do not load this file unless you wrote it yourself; `ckptfit scan` "
+                 "lists every reference. No automatic unsafe fallback is performed.")
+
+
+def load_pickle(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any] | None = None,
+                start: int = 0, member: str = "", path: str | None = None,
+                allow_trailing: bool = False) -> tuple[Any, PickleScan]:
+    """:func:`interpret`, then refuse the file if anything dangerous was referenced."""
+    value, scan = interpret(data, persistent_load=persistent_load, start=start, member=member, path=path,
+                            allow_trailing=allow_trailing)
+    refuse_if_dangerous([scan], path=path)
+    return value, scan
+
+
+# --------------------------------------------------------------------------- plain rendering
+
+def to_plain(obj: Any, *, max_items: int = 200, max_depth: int = 6, max_nodes: int = 5000) -> Any:
+    """Render a rebuilt pickle value as JSON-ready plain data (for metadata and reports).
+
+    Tensors become ``"<tensor float32 [3, 4]>"``, placeholders ``{"__class__": "argparse.Namespace", ...}``
+    with their attributes, numpy values lists/numbers; output is bounded in size and depth, and
+    shared references are rendered at most once per path (no exponential walk).
+    """
+    budget = [max_nodes]
+
+    def rec(o: Any, depth: int, seen: frozenset) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return "..."
+        if o is None or isinstance(o, bool | int | float | str):
+            if isinstance(o, str) and len(o) > 500:
+                return o[:500] + "..."
+            return o
+        if isinstance(o, LazyTensor):
+            return f"<tensor {str(o.dtype).removeprefix('torch.')} {list(o.shape)}>"
+        if isinstance(o, torch.dtype):
+            return str(o)
+        if isinstance(o, bytes | bytearray):
+            return f"<{len(o)} bytes>"
+        if id(o) in seen:
+            return "<cycle>"
+        if depth >= max_depth:
+            return "..."
+        seen = seen | {id(o)}
+        try:
+            import numpy as np
+
+            if isinstance(o, np.ndarray):
+                return o.tolist() if o.size <= max_items and not o.dtype.hasobject else f"<ndarray {o.dtype} {list(o.shape)}>"
+            if isinstance(o, np.generic):
+                return o.item()
+        except ImportError:  # pragma: no cover
+            pass
+        if isinstance(o, dict):
+            out = {}
+            for i, (k, v) in enumerate(o.items()):
+                if i >= max_items:
+                    out["..."] = f"{len(o) - max_items} more"
+                    break
+                out[k if isinstance(k, str) else repr(k) if not isinstance(k, int) else str(k)] = rec(v, depth + 1, seen)
+            return out
+        if isinstance(o, list | tuple | set | frozenset):
+            seq = list(o)
+            out_l = [rec(v, depth + 1, seen) for v in seq[:max_items]]
+            if len(seq) > max_items:
+                out_l.append(f"... {len(seq) - max_items} more")
+            return out_l
+        if isinstance(o, Placeholder):
+            q = o.qualname
+            if q.startswith("pathlib.") and o.args and all(isinstance(a, str) for a in o.args):
+                return "/".join(o.args) if q.endswith(("PosixPath", "Path")) else "\\".join(o.args)
+            d: dict[str, Any] = {"__class__": q}
+            if o.args:
+                d["args"] = rec(list(o.args), depth + 1, seen)
+            attrs = o.attributes()
+            if attrs:
+                d.update({str(k): rec(v, depth + 1, seen) for k, v in list(attrs.items())[:max_items]})
+            elif o.state is not None:
+                d["state"] = rec(o.state, depth + 1, seen)
+            if o.dict_items:
+                d["items"] = rec(o.dict_items, depth + 1, seen)
+            if o.list_items:
+                d["list"] = rec(o.list_items, depth + 1, seen)
+            return d
+        if isinstance(o, PlaceholderClass):
+            return f"<class {o.qualname}>"
+        if isinstance(o, _NumpyArray):
+            return rec(o.value, depth, seen)
+        if isinstance(o, datetime.date | datetime.time | datetime.timedelta):
+            return str(o)
+        return f"<{type(o).__name__}>"
+
+    return rec(obj, 0, frozenset())
