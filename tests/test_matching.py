@@ -237,7 +237,7 @@ def test_fp16_checkpoint_is_cast():
 
 def test_float_to_integer_is_a_problem_not_a_cast():
     plan = match([spec("w", 4)], [spec("w", 4, dtype=torch.int8)])
-    assert plan.problems == ("w: checkpoint has int8 (as 'w'), model has fp32; a int -> float change is not a cast",)
+    assert plan.problems == ("w: checkpoint has int8 (as 'w'), model has fp32; int to float is not a cast",)
     assert decision(plan, "w").action == "missing"
     assert match([spec("w", 4)], [spec("w", 4, dtype=torch.int8)], partial=True).ok
 

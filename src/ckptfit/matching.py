@@ -161,6 +161,10 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
 
 
+def _numbers(name: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", name)]
+
+
 def _fold(names: Sequence[str]) -> str:
     shown = ", ".join(f"'{n}'" for n in names[:_MAX_LISTED])
     return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
@@ -350,6 +354,8 @@ class _Matcher:
                     splits.append((prefix, work[pos + 1:]))
                     under[prefix].append(si)
                     pos = work.find(".", pos + 1)
+                if not self.s_shape[si] or _leaf(work) == _NBT:
+                    continue  # a scalar has the shape of every other scalar: no evidence
                 # Only the longest suffix this key shares with some model key is evidence.
                 for a, rest in splits:
                     cands = by_suffix.get(rest)
@@ -373,9 +379,13 @@ class _Matcher:
                     break
             if not support:
                 return
-            # Equal shapes are the evidence; a strip/add whose names all hit but whose shapes
-            # all differ (a checkpoint holding only a resized head) still explains the names.
             ranked = sorted(support.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[1][2]))
+            if ranked[0][1][0] == 0:
+                # Equal shapes are the evidence. Without any, a strip/add still explains the
+                # names when every key under it hits (a checkpoint holding only a resized head).
+                ranked = [(c, v) for c, v in ranked if v[1] >= 2 and self._covers(c, under, free_t)]
+                if not ranked:
+                    return
             top = tuple(ranked[0][1][:2])
             group = [c for c, (n, m, _) in ranked if (n, m) == top][:_MAX_TIED_CANDIDATES]
             maps = {c: self._prefix_pairs(c, under, free_t) for c in group}
@@ -406,6 +416,13 @@ class _Matcher:
                 if ti is not None and self.t2s[ti] is None:
                     pairs.append((si, ti))
         return pairs
+
+    def _covers(self, c: tuple[str, str], under: Mapping[str, list[int]], free_t: Mapping[str, int]) -> bool:
+        """Whether transform ``c`` names a free model key for every checkpoint key under it."""
+        keys = [si for si in under.get(c[0], ())
+                if self.s2t[si] is None and si not in self.locked_s and _leaf(self.work[si]) != _NBT]
+        hit = {si for si, _ in self._prefix_pairs(c, under, free_t)}
+        return bool(keys) and all(si in hit for si in keys)
 
     @staticmethod
     def _conflicting(group: list[tuple[str, str]], maps: Mapping[tuple[str, str], list[Pair]]) -> set:
@@ -496,9 +513,12 @@ class _Matcher:
 
         positional_ok = True
         if self.source_sorted:
-            # the file's order is alphabetical, not the module order: compare like with like
+            # The file's order is alphabetical, not the module order ("10" before "2"). Natural
+            # order recovers it only for numbered modules, so both sides must be in natural order
+            # and every pair must carry the same numbers ("layers.3.fc" with "blocks.3.proj").
             s_list.sort(key=_natural_key)
-            positional_ok = t_list == sorted(t_list, key=_natural_key)
+            positional_ok = (t_list == sorted(t_list, key=_natural_key) and len(s_list) == len(t_list)
+                             and all(_numbers(a) == _numbers(b) for a, b in zip(s_list, t_list)))
         if positional_ok and [s_sig[m] for m in s_list] == [t_sig[m] for m in t_list]:
             pairs = list(zip(s_list, t_list))
             label = "by order"
@@ -551,12 +571,15 @@ class _Matcher:
                 by_sig[sig].append(tm)
         found = []
         for sm, members in s_mods.items():
+            if all(si in self.locked_s for si in members.values()):
+                continue  # already explained by an ambiguous prefix suggestion
             fits = by_sig.get(self._signature(members, self.s_shape, self.s_dtype))
             if sm and fits:
                 found.append((sm, fits))
         for sm, fits in found[:_MAX_LISTED]:
             self.suggestions.append(
-                f"checkpoint module '{sm}' has the roles and shapes of model module {_fold(fits)} but could "
+                f"checkpoint module '{sm}' has the roles and shapes of model "
+                f"module{'s' if len(fits) > 1 else ''} {_fold(fits)} but could "
                 f"not be aligned without guessing; if it is '{fits[0]}', pass "
                 f"rename=[(r'^{re.escape(sm)}\\.', '{fits[0]}.')]")
         if len(found) > _MAX_LISTED:
@@ -646,7 +669,7 @@ class _Matcher:
             if _kind(tdt) != _kind(sdt):
                 unused_reason[si] = f"dtype differs from '{t}' ({_dtype_name(sdt)} vs {_dtype_name(tdt)})"
                 diff = (f"{how}, but checkpoint has {_dtype_name(sdt)}, model has {_dtype_name(tdt)} "
-                        f"({_kind(sdt)} vs {_kind(tdt)} is not a cast)")
+                        f"({_kind(sdt)} to {_kind(tdt)} is not a cast)")
                 kind = harmless(ti)
                 if kind or self.partial:
                     self.warnings.append(f"{t}: checkpoint '{s}' is {_dtype_name(sdt)}, model has "
@@ -658,7 +681,7 @@ class _Matcher:
                 else:
                     decide(ti, "missing", stage, f"{diff}; not loaded", si)
                     problems.append(f"{t}: checkpoint has {_dtype_name(sdt)} (as '{s}'), model has "
-                                    f"{_dtype_name(tdt)}; a {_kind(sdt)} -> {_kind(tdt)} change is not a cast")
+                                    f"{_dtype_name(tdt)}; {_kind(sdt)} to {_kind(tdt)} is not a cast")
                 continue
             reason = "same name and shape" if stage == "exact" else f"{how}; same shape"
             if tdt != sdt:

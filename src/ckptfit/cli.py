@@ -1,0 +1,312 @@
+"""The ``ckptfit`` command: thin commands over the library.
+
+Results go to stdout (human text, or one JSON object with ``--json``); errors are one line
+on stderr with exit code 1 (``--debug`` shows the traceback); warnings go to stderr so they
+never pollute parsed output.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .errors import CheckpointError
+
+__all__ = ["main"]
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16", "fp64": "float64", "float64": "float64"}
+
+
+def parse_dtype(name: str | None):
+    """``"bf16"`` -> ``torch.bfloat16`` (None stays None)."""
+    if name is None:
+        return None
+    import torch
+
+    key = name.lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise click.BadParameter(f"unknown dtype {name!r}; use one of fp32, fp16, bf16")
+    return getattr(torch, DTYPES[key])
+
+
+def _stderr(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one message on stderr and exit code 1 (traceback with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.pop("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except CheckpointError as e:
+            if debug:
+                raise
+            _stderr(f"error: {e}")
+            if "\n" not in str(e):
+                _stderr("(run with --debug for the full traceback)")
+            sys.exit(1)
+        except (OSError, ValueError, TypeError, ImportError, RuntimeError) as e:
+            if debug:
+                raise
+            _stderr(f"error: {type(e).__name__}: {e}")
+            _stderr("(run with --debug for the full traceback)")
+            sys.exit(1)
+
+    wrapper = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
+    return wrapper
+
+
+def _console():
+    from rich.console import Console
+
+    import shutil
+
+    width = None if sys.stdout.isatty() else max(140, shutil.get_terminal_size((140, 24)).columns)
+    return Console(highlight=False, soft_wrap=False, width=width)
+
+
+EPILOG = """\b
+Examples:
+  ckptfit inspect resnet18.pth
+  ckptfit load model_best.pth.tar --model timm:resnet18 --model-arg num_classes=10
+  ckptfit plan dp_model.pth --model mypkg.models:SimpleCNN
+  ckptfit diff old.pth new.safetensors
+"""
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="ckptfit")
+def main() -> None:
+    """Put any PyTorch checkpoint into a model: correctly, safely, fast, with a report."""
+
+
+# ------------------------------------------------------------------------------------ inspect
+
+@main.command(epilog="""\b
+Examples:
+  ckptfit inspect resnet18.pth
+  ckptfit inspect ./tiny-bert --json
+""")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--all", "show_all", is_flag=True, help="List every tensor instead of folded groups.")
+@click.option("--trust", is_flag=True, help="Allow real unpickling (runs code from the file). Default: off.")
+@handle_errors
+def inspect(path: str, as_json: bool, show_all: bool, trust: bool) -> None:
+    """Show what a checkpoint holds, without reading tensor data.
+
+    Format, size, safety verdict, metadata, the candidate state dicts, and the tensors grouped
+    by module with shapes, dtypes, parameter counts and bytes (repeated layers folded).
+    """
+    from .inspection import inspect_checkpoint
+
+    info = inspect_checkpoint(path, trust=trust)
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), indent=2, default=str))
+    else:
+        info.print(_console(), show_all=show_all)
+
+
+# ------------------------------------------------------------------------------------ load / plan
+
+def _load_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--model", "model_spec", metavar="SPEC",
+                     help="torchvision:NAME, timm:NAME, hf:CONFIG_DIR or package.module:factory."),
+        click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
+                     help="Constructor argument for the model (repeatable), e.g. num_classes=10."),
+        click.option("--partial", is_flag=True, help="Allow model tensors to stay at init (new head)."),
+        click.option("--use", metavar="NAME", help="Which state dict in the file: 'ema' or a key path."),
+        click.option("--rename", "renames", multiple=True, metavar="'REGEX=>REPL'",
+                     help="Rename checkpoint keys before matching (repeatable)."),
+        click.option("--include", "include", multiple=True, metavar="GLOB", help="Load only matching tensors."),
+        click.option("--exclude", "exclude", multiple=True, metavar="GLOB", help="Do not load matching tensors."),
+        click.option("--trust", is_flag=True, help="Allow real unpickling (runs code from the file). Default: off."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _rename_rules(renames: tuple[str, ...]) -> list[tuple[str, str]] | None:
+    rules = []
+    for r in renames:
+        if "=>" not in r:
+            raise click.BadParameter(f"{r!r}: write rename rules as 'REGEX=>REPLACEMENT'", param_hint="--rename")
+        a, b = r.split("=>", 1)
+        rules.append((a, b))
+    return rules or None
+
+
+def _common(partial, use, renames, include, exclude, trust) -> dict[str, Any]:
+    return dict(partial=partial, use=use, rename=_rename_rules(renames), include=list(include) or None,
+                exclude=list(exclude) or None, trust=trust)
+
+
+def _factory(model_spec: str | None, model_args: tuple[str, ...]):
+    from .specs import model_factory, parse_model_args
+
+    if not model_spec:
+        raise click.UsageError("pass --model SPEC (e.g. torchvision:resnet18, timm:resnet50, mypkg.mod:factory)")
+    return model_factory(model_spec, parse_model_args(model_args))
+
+
+@main.command(epilog="""\b
+Examples:
+  ckptfit load resnet18_imagenet.pth --model torchvision:resnet18 --model-arg num_classes=10 --partial
+  ckptfit load model_best.pth.tar --model timm:resnet18 --use ema --verify --save fixed.safetensors
+""")
+@click.argument("ckpt", type=click.Path(exists=True))
+@_load_options
+@click.option("--device", default=None, help="Load onto this device (default: cpu).")
+@click.option("--dtype", default=None, help="Cast floating tensors: fp32, fp16 or bf16 (default: keep).")
+@click.option("--verify", "do_verify", is_flag=True, help="Run one forward pass and check for NaN/Inf.")
+@click.option("--save", "save_path", type=click.Path(), default=None,
+              help="Write the loaded model's state dict here (.safetensors, else torch.save).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
+         renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
+         device: str | None, dtype: str | None, do_verify: bool, save_path: str | None, as_json: bool) -> None:
+    """Load a checkpoint into a model and print the report.
+
+    The model is built from --model SPEC without random init, then filled from the checkpoint.
+    Without --model, ckptfit builds the model the checkpoint records or identifies.
+    """
+    from .loading import build
+
+    opts = _common(partial, use, renames, include, exclude, trust)
+    opts.update(device=device, dtype=parse_dtype(dtype))
+    if model_spec:
+        model, report = build(_factory(model_spec, model_args), ckpt, **opts)
+        chosen = None
+    else:
+        try:
+            from .auto import from_checkpoint
+        except ImportError:
+            raise click.UsageError("pass --model SPEC (e.g. torchvision:resnet18)") from None
+        model, report = from_checkpoint(ckpt, **opts)
+        chosen = getattr(report, "architecture", None)
+    result: dict[str, Any] = {"report": report.to_dict()}
+    if chosen and not as_json:
+        click.echo(f"model: {chosen}")
+    if as_json:
+        pass
+    else:
+        _console().print(report)
+    if do_verify:
+        from .verify import verify
+
+        v = verify(model)
+        result["verify"] = {"ok": v.ok, "input_shape": v.input_shape, "output_shapes": v.output_shapes,
+                            "nonfinite": v.nonfinite, "error": v.error}
+        if not as_json:
+            click.echo(str(v))
+    if save_path:
+        _save_state_dict(model, save_path)
+        result["saved"] = save_path
+        if not as_json:
+            click.echo(f"saved {save_path}")
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+
+
+def _save_state_dict(model, path: str) -> None:
+    import torch
+
+    from ._atomic import atomic_write
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save
+
+        seen: dict[int, str] = {}
+        unique = {}
+        for k, v in sd.items():  # safetensors refuses shared tensors: keep the first of each tie
+            ptr = v.untyped_storage().data_ptr()
+            if ptr in seen and v.numel():
+                continue
+            seen[ptr] = k
+            unique[k] = v
+        data = save(unique)
+        with atomic_write(path) as f:
+            f.write(data)
+    else:
+        with atomic_write(path) as f:
+            torch.save(sd, f)
+
+
+@main.command(epilog="""\b
+Examples:
+  ckptfit plan dp_model.pth --model mypkg.models:SimpleCNN
+  ckptfit plan resnet18_imagenet.pth --model torchvision:resnet18 --model-arg num_classes=10 --partial
+""")
+@click.argument("ckpt", type=click.Path(exists=True))
+@_load_options
+@click.option("--json", "as_json", is_flag=True, help="Print every decision as JSON.")
+@handle_errors
+def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
+         renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
+         as_json: bool) -> None:
+    """Show what would be loaded where, and why, without loading (exit 1 if it would fail)."""
+    from .loading import _parameters_on_meta, plan as make_plan
+    from .report import LoadReport, render_plan
+
+    factory = _factory(model_spec, model_args)
+    with _parameters_on_meta():
+        model = factory()
+    p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust))
+    if as_json:
+        d = LoadReport.from_plan(p).to_dict()
+        d.update(ok=p.ok, problems=list(p.problems), suggestions=list(p.suggestions))
+        click.echo(json.dumps(d, indent=2, default=str))
+    else:
+        click.echo(render_plan(p, max_lines=40))
+    if not p.ok:
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------ diff
+
+@main.command(epilog="""\b
+Examples:
+  ckptfit diff epoch10.pth epoch20.pth
+  ckptfit diff resnet18.pth torchvision:resnet18 --model-arg num_classes=10
+""")
+@click.argument("a")
+@click.argument("b")
+@click.option("--model-arg", "model_args", multiple=True, metavar="K=V", help="Constructor argument when B is a SPEC.")
+@click.option("--no-values", is_flag=True, help="Compare names, shapes and dtypes only (read no tensor data).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--trust", is_flag=True, help="Allow real unpickling (runs code from the files). Default: off.")
+@handle_errors
+def diff(a: str, b: str, model_args: tuple[str, ...], no_values: bool, as_json: bool, trust: bool) -> None:
+    """Compare two checkpoints, or a checkpoint and a model SPEC.
+
+    Lists added, removed and renamed tensors, shape and dtype changes, and for tensors in both
+    the largest absolute difference; keys are grouped and folded.
+    """
+    from .diffing import diff_sources
+
+    result = diff_sources(a, b, model_args=model_args, values=not no_values, trust=trust)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        click.echo(str(result))
+
+
+# ------------------------------------------------------------------------------------ commands from other modules
+# (each module defines one click command; registered here)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,151 @@
+"""``ckptfit diff``: what differs between two checkpoints, or between a checkpoint and a model.
+
+Names are reconciled with the same matcher as :func:`ckptfit.load`, so a ``module.`` prefix
+or a renamed layer shows up as a rename, not as everything removed and added.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._fold import fold_keys, fold_pairs
+from .lazy import LazyTensor, dtype_name
+from .matching import match
+from .plan import TensorSpec
+
+__all__ = ["Diff", "diff_sources"]
+
+
+@dataclass(frozen=True)
+class Diff:
+    """Result of :func:`diff_sources`.
+
+    Attributes:
+        a, b: what was compared (paths or a model SPEC).
+        added: names only in B.  removed: names only in A.
+        renamed: ``(name in A, name in B)`` pairs the matcher reconciled.
+        shape_changed: ``(name, shape in A, shape in B)``.  dtype_changed: ``(name, dtype A, dtype B)``.
+        max_abs_diff: for tensors in both with equal shapes, ``name -> max |a - b|`` (when values compared).
+        equal: names whose values are identical.
+    """
+
+    a: str
+    b: str
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    renamed: tuple[tuple[str, str], ...]
+    shape_changed: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
+    dtype_changed: tuple[tuple[str, str, str], ...]
+    max_abs_diff: dict[str, float]
+    common: int
+    values_compared: bool
+
+    @property
+    def identical(self) -> bool:
+        return not (self.added or self.removed or self.renamed or self.shape_changed or self.dtype_changed) and \
+            (not self.values_compared or all(v == 0 for v in self.max_abs_diff.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "a": self.a, "b": self.b, "identical": self.identical, "common": self.common,
+            "added": list(self.added), "removed": list(self.removed),
+            "renamed": [{"a": x, "b": y} for x, y in self.renamed],
+            "shape_changed": [{"name": n, "a": list(x), "b": list(y)} for n, x, y in self.shape_changed],
+            "dtype_changed": [{"name": n, "a": x, "b": y} for n, x, y in self.dtype_changed],
+            "max_abs_diff": self.max_abs_diff if self.values_compared else None,
+            "folded": {"added": fold_keys(self.added), "removed": fold_keys(self.removed),
+                       "renamed": fold_pairs(self.renamed) if self.renamed else []},
+        }
+
+    def __str__(self) -> str:
+        lines = [f"diff {self.a} -> {self.b}: {self.common} tensors in both"]
+        if self.identical:
+            lines.append("  identical" + ("" if self.values_compared else " (names, shapes and dtypes)"))
+            return "\n".join(lines)
+        if self.removed:
+            lines.append(f"  removed ({len(self.removed)}): " + ", ".join(fold_keys(self.removed)))
+        if self.added:
+            lines.append(f"  added ({len(self.added)}): " + ", ".join(fold_keys(self.added)))
+        if self.renamed:
+            lines.append(f"  renamed ({len(self.renamed)}):")
+            lines.extend(f"    {p}" for p in fold_pairs(self.renamed)[:20])
+        for n, x, y in self.shape_changed:
+            lines.append(f"  shape {n}: {list(x)} -> {list(y)}")
+        if self.dtype_changed:
+            by: dict[tuple[str, str], list[str]] = {}
+            for n, x, y in self.dtype_changed:
+                by.setdefault((x, y), []).append(n)
+            for (x, y), names in by.items():
+                lines.append(f"  dtype {x} -> {y} ({len(names)}): " + ", ".join(fold_keys(names)))
+        if self.values_compared:
+            changed = {k: v for k, v in self.max_abs_diff.items() if v != 0}
+            same = len(self.max_abs_diff) - len(changed)
+            lines.append(f"  values: {same} equal, {len(changed)} differ")
+            top = sorted(changed.items(), key=lambda kv: -kv[1])[:10]
+            lines.extend(f"    {k}: max |a-b| = {v:.3g}" for k, v in top)
+        return "\n".join(lines)
+
+
+def _side(src: str, model_args: Sequence[str], trust: bool) -> tuple[dict[str, Any], bool]:
+    """``({name: LazyTensor or meta tensor}, has_values)``."""
+    if os.path.exists(src):
+        from .loading import open as open_checkpoint
+
+        ckpt = open_checkpoint(src, trust=trust)
+        return dict(ckpt.state_dict().tensors), True
+    if ":" in src:
+        from .loading import _parameters_on_meta
+        from .specs import model_factory, parse_model_args
+
+        with _parameters_on_meta():
+            model = model_factory(src, parse_model_args(list(model_args)))()
+        return dict(model.state_dict()), False
+    from .errors import CheckpointError
+
+    raise CheckpointError(f"{src!r} is neither an existing path nor a model SPEC (like torchvision:resnet18)")
+
+
+def _spec(name: str, t: Any) -> TensorSpec:
+    return TensorSpec(name, tuple(t.shape), t.dtype)
+
+
+def _values(t: Any) -> torch.Tensor:
+    return t.load() if isinstance(t, LazyTensor) else t
+
+
+def diff_sources(a: str, b: str, *, model_args: Sequence[str] = (), values: bool = True,
+                 trust: bool = False) -> Diff:
+    """Compare ``a`` and ``b`` (checkpoint paths, or ``b`` a model SPEC).
+
+    Example:
+        >>> print(diff_sources("epoch10.pth", "epoch20.pth"))   # doctest: +SKIP
+    """
+    ta, va = _side(a, (), trust)
+    tb, vb = _side(b, model_args, trust)
+    p = match([_spec(k, v) for k, v in tb.items()], [_spec(k, v) for k, v in ta.items()], partial=True)
+    mapping = {d.source: d.target for d in p.decisions if d.action == "load" and d.source is not None}
+    shape_pairs = {d.source: d.target for d in p.decisions if d.action == "skip_shape" and d.source is not None}
+    renamed = tuple((s, t) for s, t in mapping.items() if s != t)
+    shape_changed = tuple((t, tuple(ta[s].shape), tuple(tb[t].shape)) for s, t in shape_pairs.items())
+    matched_a = set(mapping) | set(shape_pairs)
+    matched_b = set(mapping.values()) | set(shape_pairs.values())
+    tied_b = {d.target for d in p.decisions if d.action == "tied"}
+    removed = tuple(k for k in ta if k not in matched_a)
+    added = tuple(k for k in tb if k not in matched_b and k not in tied_b)
+    dtype_changed = tuple((t, dtype_name(ta[s].dtype), dtype_name(tb[t].dtype))
+                          for s, t in mapping.items() if ta[s].dtype != tb[t].dtype)
+    diffs: dict[str, float] = {}
+    compare = values and va and vb
+    if compare:
+        for s, t in mapping.items():
+            x, y = _values(ta[s]), _values(tb[t])
+            if x.is_floating_point() or y.is_floating_point() or x.is_complex():
+                d = (x.to(torch.float64) - y.to(torch.float64)).abs()
+                diffs[t] = float(d.max()) if d.numel() else 0.0
+            else:
+                diffs[t] = 0.0 if torch.equal(x, y.to(x.dtype)) else float((x.long() - y.long()).abs().max())
+    return Diff(a, b, added, removed, renamed, shape_changed, dtype_changed, diffs, len(mapping), bool(compare))
