@@ -1,7 +1,6 @@
 """Key folding: short patterns a person reads, and never a key that was not given."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -140,16 +139,14 @@ def test_expand_pattern_errors():
         expand_pattern("a.{3..1}")
 
 
-def test_twenty_thousand_keys_fast():
+def test_twenty_thousand_keys():
     keys = [
         f"model.layers.{i}.{m}.{p}.weight"
         for i in range(1000)
         for m in ("self_attn", "mlp")
         for p in "qkvoabcdef"
     ]
-    start = time.perf_counter()
-    patterns = fold_keys(keys)
-    assert time.perf_counter() - start < 1.0
+    patterns = fold_keys(keys)  # ~0.2 s here; timings live in bench/, never in tests
     assert patterns == ["model.layers.{0..999}.{self_attn,mlp}.{q,k,v,o,a,b,c,d,e,f}.weight"]
 
 

@@ -7,6 +7,7 @@ Example:
 """
 from __future__ import annotations
 
+from .auto import from_checkpoint as from_checkpoint
 from .checkpoint import Checkpoint as Checkpoint
 from .checkpoint import StateDictCandidate as StateDictCandidate
 from .errors import CheckpointError as CheckpointError
@@ -35,6 +36,7 @@ __all__ = [
     "load",
     "plan",
     "build",
+    "from_checkpoint",
     "verify",
     "Checkpoint",
     "StateDictCandidate",

@@ -83,8 +83,9 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *, source: str 
     except OSError:
         perms = _creation_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".partial", dir=directory)
+    os.close(fd)  # reopened by name, so ``f.name`` is the temporary file's path
     try:
-        with os.fdopen(fd, mode, **open_kwargs) as f:
+        with open(tmp, mode, **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

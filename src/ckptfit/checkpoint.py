@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ResourceLimitExceeded
 from .lazy import LazyTensor
 from .safety import PickleScan, Placeholder, to_plain
 
@@ -82,28 +82,48 @@ class Safety:
 
 
 def _kind_of(name: str) -> CandidateKind:
-    last = name.rsplit(".", 1)[-1].lower()
-    if any(w in last for w in _EMA_WORDS):
+    """``ema`` or ``optimizer`` when any segment of the key path says so (``model_ema.module``), else ``model``."""
+    parts = [p.lower() for p in name.split(".")]
+    if any(w in p for p in parts for w in _EMA_WORDS):
         return "ema"
-    if any(w in last for w in _OPT_WORDS):
+    if any(w in p for p in parts for w in _OPT_WORDS):
         return "optimizer"
     return "model"
 
 
+def _is_optimizer_state(obj: dict) -> bool:
+    """``Optimizer.state_dict()``: ``{"state": {...}, "param_groups": [...]}``; its tensors are not weights."""
+    return "state" in obj and isinstance(obj.get("param_groups"), list)
+
+
+# Entries one pickled module tree may expand to when submodules are shared (a malicious file could
+# share one submodule along a long chain and ask for an exponential walk).
+_MAX_MODULE_ENTRIES = 200_000
+
+
 def _module_state(obj: Placeholder) -> dict[str, LazyTensor] | None:
-    """Parameters and persistent buffers of a pickled ``nn.Module`` (a placeholder), or None."""
+    """Parameters and persistent buffers of a pickled ``nn.Module`` (a placeholder), or None.
+
+    Like ``nn.Module.state_dict``, a submodule registered under two names (``self.b = self.a``)
+    contributes its tensors under both; a module that contains itself is walked once.
+    """
     attrs = obj.attributes()
     if not isinstance(attrs.get("_modules"), dict) or not isinstance(attrs.get("_parameters"), dict):
         return None
     out: dict[str, LazyTensor] = collections.OrderedDict()
-    stack: list[tuple[str, Placeholder]] = [("", obj)]
-    seen: set[int] = set()
-    # depth-first in registration order, like nn.Module.state_dict (iterative)
+    # depth-first in registration order, like nn.Module.state_dict (iterative); each entry carries the
+    # ids of its ancestors so that a cycle ends the walk without dropping shared submodules
+    stack: list[tuple[str, Placeholder, frozenset[int]]] = [("", obj, frozenset())]
+    visited = 0
     while stack:
-        prefix, mod = stack.pop()
-        if id(mod) in seen:
+        prefix, mod, ancestors = stack.pop()
+        if id(mod) in ancestors:
             continue
-        seen.add(id(mod))
+        visited += 1
+        if visited > _MAX_MODULE_ENTRIES:
+            raise ResourceLimitExceeded(f"the pickled module tree expands to more than {_MAX_MODULE_ENTRIES} "
+                                        f"submodules (shared submodules nested without end)",
+                                        hint="no real model is this deep; the file is damaged or hostile")
         a = mod.attributes()
         for name, p in (a.get("_parameters") or {}).items():
             if isinstance(p, LazyTensor):
@@ -113,7 +133,8 @@ def _module_state(obj: Placeholder) -> dict[str, LazyTensor] | None:
         for name, b in (a.get("_buffers") or {}).items():
             if isinstance(b, LazyTensor) and name not in skip:
                 out[prefix + str(name)] = b
-        children = [(prefix + str(n) + ".", m) for n, m in (a.get("_modules") or {}).items()
+        inner = ancestors | {id(mod)}
+        children = [(prefix + str(n) + ".", m, inner) for n, m in (a.get("_modules") or {}).items()
                     if isinstance(m, Placeholder)]
         stack.extend(reversed(children))
     return out
@@ -222,8 +243,9 @@ class Checkpoint:
                     continue
                 if isinstance(v, LazyTensor):
                     continue
-                if _kind_of(k) == "optimizer" or any(w in k.lower() for w in _SCHED_WORDS):
-                    md[k] = f"<{_summary(v)}>"
+                if (_kind_of(k) == "optimizer" or any(w in k.lower() for w in _SCHED_WORDS)) and \
+                        isinstance(v, dict | list | tuple):
+                    md[k] = f"<{_summary(v)}>"  # optimizer and scheduler states: their size, not their contents
                     continue
                 if isinstance(v, dict) and v and all(isinstance(x, LazyTensor) for x in v.values()):
                     continue
@@ -308,21 +330,36 @@ def _summary(v: Any) -> str:
 
 
 def _find_candidates(tree: Any) -> list[StateDictCandidate]:
-    """Walk the tree (iteratively, each object once) for mappings of tensors and pickled modules."""
+    """Walk the tree (iteratively, each object once) for mappings of tensors and pickled modules.
+
+    Optimizer states are skipped (their momentum buffers are not model weights); a mapping saved
+    under two keys (``{"state_dict": sd, "state_dict_ema": sd}``) is offered under both names.
+    """
     found: list[StateDictCandidate] = []
-    seen: set[int] = set()
+    seen: dict[int, StateDictCandidate | None] = {}
     stack: list[tuple[str, Any]] = [("", tree)]
     while stack:
         path, obj = stack.pop()
-        if isinstance(obj, LazyTensor) or id(obj) in seen:
+        if isinstance(obj, LazyTensor):
             continue
-        seen.add(id(obj))
+        if id(obj) in seen:
+            first = seen[id(obj)]
+            if first is not None and path:
+                kind = _kind_of(path)
+                if first.kind == "module" and kind != "ema":
+                    kind = "module"
+                found.append(StateDictCandidate(path, first.tensors, kind))
+            continue
+        seen[id(obj)] = None
         if isinstance(obj, dict):
+            if _is_optimizer_state(obj):
+                continue
             tensors = [(k, v) for k, v in obj.items() if isinstance(v, LazyTensor)]
             values = [v for k, v in obj.items() if k not in _META_KEYS and v is not None]
             if tensors and all(isinstance(k, str) for k in obj) and len(tensors) * 2 >= len(values):
                 sd = collections.OrderedDict((k, v) for k, v in tensors)
                 found.append(StateDictCandidate(path, sd, _kind_of(path) if path else "model"))
+                seen[id(obj)] = found[-1]
                 continue
             children = [(f"{path}.{k}" if path else str(k), v) for k, v in obj.items()]
             stack.extend(reversed(children))
@@ -333,6 +370,7 @@ def _find_candidates(tree: Any) -> list[StateDictCandidate]:
             if ms:
                 kind: CandidateKind = _kind_of(path) if path else "module"
                 found.append(StateDictCandidate(path, ms, "ema" if kind == "ema" else "module"))
+                seen[id(obj)] = found[-1]
                 continue
             children = [(f"{path}.{k}" if path else str(k), v) for k, v in obj.attributes().items()]
             stack.extend(reversed(children))

@@ -76,6 +76,7 @@ def _console():
 
 EPILOG = """\b
 Examples:
+  ckptfit demo
   ckptfit inspect resnet18.pth
   ckptfit load model_best.pth.tar --model timm:resnet18 --model-arg num_classes=10
   ckptfit plan dp_model.pth --model mypkg.models:SimpleCNN
@@ -167,8 +168,9 @@ Examples:
 """)
 @click.argument("ckpt", type=click.Path(exists=True))
 @_load_options
-@click.option("--device", default=None, help="Load onto this device (default: cpu).")
-@click.option("--dtype", default=None, help="Cast floating tensors: fp32, fp16 or bf16 (default: keep).")
+@click.option("--device", default=None, metavar="DEVICE", help="Load onto this device, e.g. cuda:0 (default: cpu).")
+@click.option("--dtype", default=None, metavar="DTYPE",
+              help="Cast floating tensors: fp32, fp16 or bf16 (default: keep the model's).")
 @click.option("--verify", "do_verify", is_flag=True, help="Run one forward pass and check for NaN/Inf.")
 @click.option("--save", "save_path", type=click.Path(), default=None,
               help="Write the loaded model's state dict here (.safetensors, else torch.save).")
@@ -195,7 +197,7 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
         except ImportError:
             raise click.UsageError("pass --model SPEC (e.g. torchvision:resnet18)") from None
         model, report = from_checkpoint(ckpt, **opts)
-        chosen = getattr(report, "architecture", None)
+        chosen = None  # the report says which model was built (report.model), in text and JSON
     result: dict[str, Any] = {"report": report.to_dict()}
     if chosen and not as_json:
         click.echo(f"model: {chosen}")
@@ -257,7 +259,11 @@ Examples:
 def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
          as_json: bool) -> None:
-    """Show what would be loaded where, and why, without loading (exit 1 if it would fail)."""
+    """Show what would be loaded where, and why, without loading.
+
+    A dry run of `load`: decides from names, shapes and dtypes only, reads no tensor data,
+    and exits 1 if the load would be refused (the problems and suggestions are printed).
+    """
     from .loading import _parameters_on_meta, plan as make_plan
     from .report import LoadReport, render_plan
 
@@ -306,6 +312,10 @@ def diff(a: str, b: str, model_args: tuple[str, ...], no_values: bool, as_json: 
 
 # ------------------------------------------------------------------------------------ commands from other modules
 # (each module defines one click command; registered here)
+from ._cli_demo import demo as _demo; main.add_command(_demo)  # noqa: E402,E702
+from ._cli_scan import scan_command; main.add_command(scan_command)  # noqa: E402,E702
+from ._cli_more import identify_command; main.add_command(identify_command)  # noqa: E402,E702
+from ._cli_more import convert_command; main.add_command(convert_command)  # noqa: E402,E702
 
 
 if __name__ == "__main__":  # pragma: no cover

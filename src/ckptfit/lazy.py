@@ -6,9 +6,12 @@ private memory map of the file (no copy until a cast or a device move needs one)
 """
 from __future__ import annotations
 
+import bisect
+import ctypes
 import mmap
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +19,7 @@ import torch
 
 from .errors import CorruptCheckpoint
 
-__all__ = ["LazyTensor", "MappedFile", "StorageRef", "dtype_name", "strided_reader"]
+__all__ = ["LazyTensor", "MappedFile", "StorageRef", "dtype_name", "strided_reader", "locate", "buffer_of"]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -28,16 +31,42 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size() if dtype.is_complex else dtype.itemsize
 
 
+# Live mappings by address: (start, end, weakref to the mmap, MappedFile), sorted by start.
+# A tensor viewing one of them can then be read again straight from the file (``pread``)
+# instead of through the mapping, which keeps the mapping's pages out of the process's
+# resident memory. The weak reference to the mmap object ties an entry to the mapping's
+# lifetime: while the mmap object lives its address range cannot be reused.
+_MAPPINGS: list[tuple[int, int, weakref.ref, "MappedFile"]] = []
+_MAPPINGS_LOCK = threading.Lock()
+
+# One pread asks for at most this much (Linux returns at most 2 GiB - 4 KiB per call).
+_MAX_READ = 1 << 30
+
+
+def buffer_of(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (any dtype, bf16 included)."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("buffer_of needs a contiguous CPU tensor")
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray(0))
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
 class MappedFile:
     """A file mapped privately (copy-on-write) on first use, shared by all its tensors.
 
     The source file is never written: the mapping is ``ACCESS_COPY``, so a tensor that is
-    later modified in place gets private pages and the file on disk stays as it was.
+    later modified in place gets private pages and the file on disk stays as it was. Bytes can
+    also be read straight into a caller's buffer (:meth:`readinto`) without going through the
+    mapping, which is how tensors are copied into an existing model without the mapping's
+    pages piling up in resident memory.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
         self._mm: mmap.mmap | None = None
+        self._fd: int | None = None
         self._lock = threading.Lock()
         self.size = os.path.getsize(self.path)
 
@@ -48,7 +77,11 @@ class MappedFile:
                     with open(self.path, "rb") as f:
                         if self.size == 0:
                             raise CorruptCheckpoint("file is empty", path=self.path)
-                        self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                        if self._fd is None:
+                            self._fd = os.dup(f.fileno())  # the same file as mapped, even if renamed later
+                    _register(mm, self)
+                    self._mm = mm
         return self._mm
 
     def tensor(self, offset: int, dtype: torch.dtype, count: int) -> torch.Tensor:
@@ -71,9 +104,94 @@ class MappedFile:
         mm = self._map()
         return mm[offset:offset + nbytes]
 
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the file's bytes from ``offset`` (``pread``: no mapping, no seek, thread-safe).
+
+        Raises:
+            CorruptCheckpoint: the range lies outside the file, or the file got shorter.
+        """
+        n = len(buf)
+        if offset < 0 or offset + n > self.size:
+            raise CorruptCheckpoint(f"read of bytes {offset}..{offset + n} beyond the end of the file "
+                                    f"({self.size} bytes)", path=self.path)
+        fd = self._fd
+        if fd is None:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                fd = self._fd
+        done = 0
+        while done < n:
+            got = os.preadv(fd, [buf[done:done + _MAX_READ]], offset + done)
+            if got <= 0:
+                raise CorruptCheckpoint(f"the file ended at byte {offset + done} while reading up to byte "
+                                        f"{offset + n}; it was truncated after it was opened", path=self.path,
+                                        hint="do not modify a checkpoint while it is being loaded")
+            done += got
+
     def close(self) -> None:
         """Drop this object's reference to the mapping (tensors still using it keep it alive)."""
         self._mm = None
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _register(mm: mmap.mmap, owner: MappedFile) -> None:
+    anchor = ctypes.c_char.from_buffer(mm)  # a buffer export, only long enough to read the address
+    start = ctypes.addressof(anchor)
+    del anchor
+    with _MAPPINGS_LOCK:
+        _MAPPINGS[:] = [m for m in _MAPPINGS if m[2]() is not None]
+        bisect.insort(_MAPPINGS, (start, start + len(mm), weakref.ref(mm), owner), key=_start)
+
+
+def locate(t: torch.Tensor) -> tuple[MappedFile, int, int] | None:
+    """Where a CPU tensor's bytes lie in a file mapped by a :class:`MappedFile`, if they do.
+
+    Returns:
+        ``(file, offset, span)``: the byte offset in the file of the tensor's first element
+        and the number of bytes from there to the end of its last element; ``None`` for a
+        tensor that owns its memory (or views anything but a live mapping).
+    """
+    if not _MAPPINGS or t.device.type != "cpu":
+        return None
+    n = t.numel()
+    if n == 0:
+        return None
+    ptr = t.data_ptr()
+    with _MAPPINGS_LOCK:
+        i = bisect.bisect_right(_MAPPINGS, ptr, key=_start) - 1
+        if i < 0:
+            return None
+        start, end, ref, owner = _MAPPINGS[i]
+        if ref() is None or ptr >= end:
+            return None
+    if t.is_contiguous():
+        span = n * t.element_size()
+    else:
+        last = 0
+        for size, step in zip(t.shape, t.stride()):
+            if step < 0:
+                return None
+            last += (size - 1) * step
+        span = (last + 1) * t.element_size()
+    if ptr + span > end:
+        return None
+    return owner, ptr - start, span
+
+
+def _start(m: tuple) -> int:
+    return m[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,6 +265,49 @@ class LazyTensor:
         t = self._reader()
         if tuple(t.shape) != self.shape:
             raise CorruptCheckpoint(f"tensor data has shape {list(t.shape)}, expected {list(self.shape)}")
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype=dtype)
+        if device is not None and t.device != torch.device(device):
+            t = t.to(device=device)
+        return t
+
+    def load_slice(self, index: tuple[slice, ...], device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read only the block ``tensor[index]``, as ``dtype`` on ``device`` (for sharded loading).
+
+        ``index`` holds one ``slice`` (step 1) per leading dimension; dimensions it leaves out
+        are taken whole. A reader may carry a ``read_slice(index)`` attribute that reads just
+        that block (DCP reads only the chunks that overlap it); otherwise the block is a view
+        of the memory-mapped file, so only its pages are touched. Without a cast or a device
+        move the result may be such a view (no copy).
+
+        Example:
+            >>> lt = LazyTensor.of(torch.arange(12.).view(4, 3))
+            >>> lt.load_slice((slice(2, 4),)).tolist()
+            [[6.0, 7.0, 8.0], [9.0, 10.0, 11.0]]
+        """
+        if self._reader is None:
+            raise CorruptCheckpoint("this tensor was saved without data (a meta tensor)",
+                                    hint="the checkpoint holds only shapes for it; it cannot be loaded")
+        if len(index) > len(self.shape):
+            raise IndexError(f"{len(index)} slices for a tensor of shape {list(self.shape)}")
+        block: list[slice] = []
+        for i, size in enumerate(self.shape):
+            start, stop, step = (index[i] if i < len(index) else slice(None)).indices(size)
+            if step != 1:
+                raise ValueError(f"load_slice takes slices with step 1, got step {step} in dimension {i}")
+            block.append(slice(start, max(start, stop)))
+        want = tuple(s.stop - s.start for s in block)
+        read_slice = getattr(self._reader, "read_slice", None)
+        if read_slice is not None:
+            t = read_slice(tuple(block))
+        else:
+            full = self._reader()
+            if tuple(full.shape) != self.shape:
+                raise CorruptCheckpoint(f"tensor data has shape {list(full.shape)}, expected {list(self.shape)}")
+            t = full[tuple(block)]
+        if tuple(t.shape) != want:
+            raise CorruptCheckpoint(f"slice of tensor data has shape {list(t.shape)}, expected {list(want)}")
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype=dtype)
         if device is not None and t.device != torch.device(device):

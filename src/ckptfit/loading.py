@@ -21,7 +21,8 @@ from torch import nn
 from .checkpoint import Checkpoint, StateDictCandidate, select_candidate
 from .errors import CheckpointError, LoadError
 from .formats import open_checkpoint
-from .lazy import LazyTensor
+from ._progress import progress
+from .lazy import LazyTensor, MappedFile, buffer_of, locate
 from .matching import match
 from .plan import Plan, TensorSpec
 from .report import LoadReport
@@ -217,6 +218,11 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         Loaded 120/122 tensors from resnet18_imagenet.pth (torch-zip, container 'state_dict')
           left at init, shape differs (2): fc.{weight,bias} ...
     """
+    from .distributed import is_sharded, load_sharded
+
+    if is_sharded(model):  # FSDP2 / DTensor / DDP in a process group: each rank reads its shards only
+        return load_sharded(model, source, partial=partial, use=use, rename=rename, include=include,
+                            exclude=exclude, device=device, dtype=dtype, trust=trust)
     start = time.perf_counter()
     ckpt, opened = _as_checkpoint(source, trust)
     try:
@@ -245,13 +251,37 @@ def _device_of(model: nn.Module) -> str | None:
 
 
 def _move_model(model: nn.Module, device: Any, dtype: torch.dtype | None) -> None:
+    """Move and cast the model's real tensors for ``load(device=, dtype=)``.
+
+    Parameters keep their identity (``param.data`` is replaced, as ``Module.to`` does), so an
+    optimizer made before the load still holds them. In a model built on the meta device
+    (:func:`build`) only the real tensors (buffers computed in ``__init__``) move here; meta
+    tensors are placed on ``device`` as they are assigned.
+    """
+    if device is None and dtype is None:
+        return
     has_meta = any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
-    if has_meta:
-        return  # built on meta: tensors are placed as they are assigned
-    if device is not None:
-        model.to(device=device)
-    if dtype is not None:
-        model.to(dtype=dtype)
+    if not has_meta:
+        model.to(device=device, dtype=dtype)
+        return
+    dev = torch.device(device) if device is not None else None
+    moved: dict[int, torch.Tensor] = {}  # tied buffers stay tied
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is None or t.is_meta:
+                    continue
+                if id(t) in moved:
+                    store[name] = moved[id(t)]
+                    continue
+                want = dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype
+                new = t.data.to(device=dev if dev is not None else t.device, dtype=want)
+                if new is t.data:
+                    continue
+                if isinstance(t, nn.Parameter):
+                    t.data = new
+                else:
+                    store[name] = moved[id(t)] = new
 
 
 def _load_error(p: Plan, model: nn.Module) -> LoadError:
@@ -270,93 +300,307 @@ def _no_grad() -> Iterator[None]:
         yield
 
 
+# ---------------------------------------------------------------------------------- apply
+
+# Bytes per piece when a tensor is streamed through a staging buffer (a cast, a GPU).
+_CHUNK_BYTES = 64 << 20
+
+
+class _Streamer:
+    """Copies checkpoint tensors into model tensors, reading the file itself where it can.
+
+    A source that views a memory-mapped file is not copied through the mapping (that would
+    leave the mapping's pages resident: twice the model in RAM) but read with ``pread``:
+    straight into the destination's memory when dtype and layout match, otherwise in pieces
+    of :data:`_CHUNK_BYTES` through one staging buffer that is cast-copied into place. For a
+    CUDA destination the staging buffers are pinned, two of them alternate, and the host to
+    device copies run on a side stream, so reading the next piece overlaps sending the last.
+    Call :meth:`finish` before using the destinations.
+    """
+
+    def __init__(self) -> None:
+        self._stage: torch.Tensor | None = None
+        self._cuda: dict[torch.device, tuple[Any, list[torch.Tensor], list[Any]]] = {}
+        self._turn = 0
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, loc: tuple[MappedFile, int, int] | None = None) -> None:
+        """``dst.copy_(src)`` (with the same dtype conversion), reading ``src``'s bytes from its file.
+
+        ``loc`` is ``locate(src)`` when the caller has it already.
+        """
+        if loc is None:
+            loc = locate(src)
+        if loc is None or dst.is_conj() or dst.is_neg() or src.is_conj() or src.is_neg():
+            dst.copy_(src)  # already in memory (a state dict, a DCP tensor gathered from chunks): one copy
+            return
+        mfile, offset, span = loc
+        if not src.is_contiguous() or not dst.is_contiguous() or dst.numel() != src.numel():
+            # a strided view of a stored tensor: read the bytes it spans, then one strided copy
+            raw = torch.empty(span, dtype=torch.uint8)
+            mfile.readinto(offset, buffer_of(raw))
+            dst.copy_(torch.as_strided(raw.view(src.dtype), tuple(src.shape), tuple(src.stride())))
+        elif dst.device.type == "cpu" and dst.dtype == src.dtype:
+            mfile.readinto(offset, buffer_of(dst))  # straight into the model's memory
+        else:
+            self._pieces(dst.view(-1), mfile, offset, src.dtype)
+
+    def _pieces(self, flat: torch.Tensor, mfile: MappedFile, offset: int, src_dtype: torch.dtype) -> None:
+        size = torch.empty((), dtype=src_dtype).element_size()
+        per = max(_CHUNK_BYTES // size, 1)
+        n = flat.numel()
+        cuda = flat.device.type == "cuda"
+        if cuda:
+            stream, bufs, events = self._cuda_state(flat.device, per * size)
+            stream.wait_stream(torch.cuda.current_stream(flat.device))  # flat was made on the current stream
+            ctx: Any = torch.cuda.stream(stream)
+        else:
+            if self._stage is None or self._stage.numel() < per * size:
+                self._stage = torch.empty(per * size, dtype=torch.uint8)
+            ctx = contextlib.nullcontext()
+        with ctx:
+            for start in range(0, n, per):
+                k = min(per, n - start)
+                if cuda:
+                    j = self._turn % len(bufs)
+                    self._turn += 1
+                    if events[j] is not None:
+                        events[j].synchronize()  # the copy out of this buffer has finished
+                    buf = bufs[j][: k * size]
+                else:
+                    buf = self._stage[: k * size]
+                mfile.readinto(offset + start * size, buffer_of(buf))
+                flat[start:start + k].copy_(buf.view(src_dtype), non_blocking=cuda)
+                if cuda:
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                    events[j] = ev
+
+    def _cuda_state(self, device: torch.device, nbytes: int) -> tuple[Any, list[torch.Tensor], list[Any]]:
+        state = self._cuda.get(device)
+        if state is None or state[1][0].numel() < nbytes:
+            if state is not None:
+                state[0].synchronize()
+            stream = torch.cuda.Stream(device=device)
+            bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            state = self._cuda[device] = (stream, bufs, [None, None])
+        return state
+
+    def finish(self) -> None:
+        """Wait for every copy in flight and release the staging buffers."""
+        for stream, _bufs, _events in self._cuda.values():
+            stream.synchronize()
+        self._cuda.clear()
+        self._stage = None
+
+
+def _holders(target: _Target) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+    """``id(tensor) -> every (module, name, is_parameter) holding it`` (ties: several)."""
+    out: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    for k, (mod, name, is_param) in target.owner.items():
+        t = target.tensors.get(k)
+        if t is not None:
+            out.setdefault(id(t), []).append((mod, name, is_param))
+    return out
+
+
+def _file_order(item: tuple) -> tuple:
+    loc = item[3]
+    return (0, loc[0].path, loc[1]) if loc is not None else (1, "", 0)
+
+
 def _apply(target: _Target, cand: StateDictCandidate, p: Plan, *, device: Any = None,
            dtype: torch.dtype | None = None) -> int:
-    """Copy or assign every planned tensor. Returns bytes read from the checkpoint."""
-    loads = [(d.target, d.source, cand.tensors[d.source]) for d in p.loads if d.source is not None]
-    # Phase 1: obtain every source as a CPU view (mmap, no copy) so a read failure changes nothing.
-    views: list[tuple[str, torch.Tensor]] = [(t, lazy.load()) for t, _s, lazy in loads]
-    nbytes = sum(lazy.nbytes for _t, _s, lazy in loads)
-    meta_params = {k for k, v in target.tensors.items() if v.is_meta}
-    if meta_params:
-        _materialize_unloaded(target, {t for t, _ in views})
-    replaced: dict[int, nn.Parameter | torch.Tensor] = {}
-    with _no_grad():
-        for key, src in views:
-            dst = target.tensors[key]
-            if dst.is_meta:
-                _assign(target, key, dst, src, replaced, device, dtype)
-            else:
-                if src.dtype.is_floating_point != dst.dtype.is_floating_point and not dst.dtype.is_floating_point:
-                    dst.copy_(src.to(dst.dtype))
+    """Copy or assign every planned tensor. Returns bytes read from the checkpoint.
+
+    First every source is read once (so a damaged file fails before the model changes): a
+    view of a memory-mapped file costs no memory and is kept; a tensor a reader had to build
+    in memory (a DCP tensor gathered from chunks, an inflated zip member) is dropped and read
+    again in its turn, so at most one of those exists at a time. Then, in file order, each
+    source is copied into its model tensor (:class:`_Streamer`) or, for a model tensor on
+    the meta device, assigned (:func:`_assign`: zero-copy where dtype and device match).
+    """
+    work: list[tuple[str, LazyTensor, torch.Tensor | None, tuple[MappedFile, int, int] | None]] = []
+    nbytes = 0
+    for d in p.loads:
+        if d.source is None:
+            continue
+        lazy = cand.tensors[d.source]
+        t = lazy.load()
+        loc = locate(t)
+        work.append((d.target, lazy, t if loc is not None else None, loc))
+        nbytes += lazy.nbytes
+    dev = _device(device)
+    holders: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    if any(v.is_meta for v in target.tensors.values()):
+        _materialize_unloaded(target, {w[0] for w in work}, device, dtype)
+        holders = _holders(target)
+    work.sort(key=_file_order)  # sequential reads; stable, so ties keep the plan's order
+    streamer = _Streamer()
+    shared: dict[int, int] = {}  # data_ptr of a source assigned zero-copy -> id of the model tensor
+    where = os.path.basename(p.path) if p.path else "checkpoint"
+    try:
+        with _no_grad(), progress(nbytes, f"loading {where}") as bar:
+            for key, lazy, src, loc in work:
+                if src is None:
+                    src = lazy.load()
+                dst = target.tensors[key]
+                if dst.is_meta:
+                    _assign(target, key, dst, src, loc, holders, streamer, shared, dev, dtype)
                 else:
-                    dst.copy_(src)
+                    streamer.copy(dst, src, loc)
+                bar.advance(src.numel() * src.element_size())
+    finally:
+        streamer.finish()
     return nbytes
 
 
-def _assign(target: _Target, key: str, dst: torch.Tensor, src: torch.Tensor, replaced: dict, device: Any,
-            dtype: torch.dtype | None) -> None:
-    """Replace a meta tensor by the loaded one (zero-copy when dtype and device already match)."""
-    mod, name, is_param = target.owner[key]
-    want = dtype if dtype is not None and dst.is_floating_point() else dst.dtype
-    value = src.to(device=device if device is not None else "cpu", dtype=want)
-    new: torch.Tensor = nn.Parameter(value, requires_grad=dst.requires_grad) if is_param else value
-    if is_param and type(dst) is not nn.Parameter and isinstance(dst, nn.Parameter):
-        new = type(dst)(value, requires_grad=dst.requires_grad)
-    replaced[id(dst)] = new
-    # every module holding this very tensor (ties) gets the new one
-    for k, (m, n, isp) in target.owner.items():
-        if target.tensors.get(k) is dst:
-            (m._parameters if isp else m._buffers)[n] = new
+def _device(device: Any) -> torch.device:
+    """Where meta tensors are materialised: ``device``, else the CPU (a bare ``cuda`` gets its index)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
-def _materialize_unloaded(target: _Target, loaded: Collection[str]) -> None:
-    """Give meta tensors that nothing loads real memory and their modules' own init."""
+def _zero_copy_ok(src: torch.Tensor) -> bool:
+    """A tensor a parameter may alias: no element is stored twice (an expanded view is not)."""
+    if src.is_contiguous():
+        return True
+    for n, st in zip(src.shape, src.stride()):
+        if st == 0 and n > 1:
+            return False
+    return True
+
+
+def _assign(target: _Target, key: str, dst: torch.Tensor, src: torch.Tensor, loc: tuple[MappedFile, int, int] | None,
+            holders: Mapping[int, list[tuple[nn.Module, str, bool]]], streamer: _Streamer, shared: dict[int, int],
+            dev: torch.device, dtype: torch.dtype | None) -> None:
+    """Replace a meta tensor by the loaded one, in every module holding it (ties stay tied).
+
+    Where dtype and device already match, the new tensor *is* the source: a view of the
+    memory-mapped file (copy-on-write: the file is never written), or, for a state dict in
+    memory, the caller's tensor (as ``load_state_dict(assign=True)``). Otherwise one new
+    tensor of the model's dtype (or ``dtype``) is made on ``device`` and streamed into.
+    """
+    _mod, _name, is_param = target.owner[key]
+    want = dtype if dtype is not None and (dst.is_floating_point() or dst.is_complex()) else dst.dtype
+    reuse = (src.device == dev and src.dtype == want and _zero_copy_ok(src)
+             and shared.get(src.data_ptr(), id(dst)) == id(dst))  # two untied tensors never share memory
+    if reuse:
+        value = src
+        if src.numel():
+            shared[src.data_ptr()] = id(dst)
+    else:
+        value = torch.empty(tuple(dst.shape), dtype=want, device=dev)
+        streamer.copy(value, src, loc)
+    if is_param:
+        cls = type(dst) if isinstance(dst, nn.Parameter) else nn.Parameter
+        new: torch.Tensor = cls(value, requires_grad=dst.requires_grad)
+    else:
+        new = value
+    for mod, name, isp in holders.get(id(dst)) or [target.owner[key]]:
+        (mod._parameters if isp else mod._buffers)[name] = new
+
+
+def _materialize_unloaded(target: _Target, loaded: Collection[str], device: Any = None,
+                          dtype: torch.dtype | None = None) -> None:
+    """Give meta tensors that nothing loads real memory and their modules' own init.
+
+    Every meta tensor of a module that holds an unloaded one is made real (on ``device``, in
+    the model's dtype or ``dtype``) in every module holding it, so ties stay tied; then the
+    module is initialised as its authors wrote it: ``reset_parameters`` (or
+    ``_reset_parameters``), else the model's ``_init_weights(module)`` (Hugging Face), else
+    the value ``__init__`` gave a small parameter (kept by :func:`_parameters_on_meta`), else
+    zeros. Tensors of those modules that the checkpoint does fill are then copied into.
+    """
     loaded_ids = {id(target.tensors[k]) for k in loaded}
-    for k in list(target.tied):
-        if id(target.tensors[k]) in loaded_ids:
-            loaded_ids.add(id(target.tensors[k]))
-    modules: dict[int, nn.Module] = {}
-    for key, t in target.tensors.items():
-        if t.is_meta and id(t) not in loaded_ids:
-            mod, name, is_param = target.owner[key]
-            modules[id(mod)] = mod
-    for mod in modules.values():
+    pending = {id(t) for t in target.tensors.values() if t.is_meta and id(t) not in loaded_ids}
+    if not pending:
+        return
+    model = target.model
+    all_modules = list(model.modules())
+    modules = [m for m in all_modules
+               if any(t is not None and id(t) in pending for t in (*m._parameters.values(), *m._buffers.values()))]
+    if not modules:
+        return
+    dev = _device(device)
+    made: dict[int, torch.Tensor] = {}
+    inits: dict[int, torch.Tensor] = {}
+    for mod in modules:
         for store in (mod._parameters, mod._buffers):
-            for n, t in list(store.items()):
-                if t is not None and t.is_meta:
-                    new = torch.empty_like(t, device="cpu")
-                    store[n] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
-        reset = getattr(mod, "reset_parameters", None)
-        if callable(reset):
-            reset()
-        else:
-            for store in (mod._parameters, mod._buffers):
-                for t in store.values():
-                    if t is not None and t.is_floating_point():
-                        with torch.no_grad():
+            for t in store.values():
+                if t is None or not t.is_meta or id(t) in made:
+                    continue
+                want = dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype
+                data = torch.empty(tuple(t.shape), dtype=want, device=dev)
+                made[id(t)] = type(t)(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+                init = getattr(t, _INIT_ATTR, None)
+                if init is not None:
+                    inits[id(made[id(t)])] = init
+    for mod in all_modules:  # every holder, including modules that only share a tied tensor
+        for store in (mod._parameters, mod._buffers):
+            for name, t in list(store.items()):
+                if t is not None and id(t) in made:
+                    store[name] = made[id(t)]
+    made_ids = {id(v) for v in made.values()}
+    with _no_grad():
+        for mod in modules:
+            reset = getattr(mod, "reset_parameters", None)
+            if not callable(reset):
+                reset = getattr(mod, "_reset_parameters", None)
+            init_weights = getattr(model, "_init_weights", None)
+            if callable(reset):
+                reset()
+            elif callable(init_weights) and mod is not model:
+                init_weights(mod)
+            else:
+                for store in (mod._parameters, mod._buffers):
+                    for t in store.values():
+                        if t is None or id(t) not in made_ids:
+                            continue
+                        init = inits.get(id(t))
+                        if init is not None:
+                            t.copy_(init)
+                        elif t.is_floating_point() or t.is_complex():
                             t.zero_()
-    # refresh views of the model for the assignment pass
-    fresh = _Target(target.model)
+    # refresh the targets that were meta so the copy pass sees the real tensors
+    fresh = _Target(model)
     target.tensors.update({k: v for k, v in fresh.tensors.items() if k in target.tensors and target.tensors[k].is_meta})
 
 
 # ---------------------------------------------------------------------------------- build
+
+# The value ``__init__`` gave a small parameter before it was moved to the meta device is kept
+# on the meta parameter (attribute below), for modules without ``reset_parameters`` (a custom
+# norm's ``ones``) that a partial load leaves at init. Large ones are not kept: they would cost
+# the memory build() saves.
+_INIT_ATTR = "_ckptfit_init_value"
+_INIT_MAX_NUMEL = 1 << 16
+_INIT_MAX_TOTAL = 1 << 24  # elements kept per build, at most
+
 
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Create every parameter on the meta device (no memory, no random init); buffers stay real.
 
     Buffers are often computed in ``__init__`` (position ids, rotary frequencies) and are not
-    always in a checkpoint, so they are built for real; they are small.
+    always in a checkpoint, so they are built for real; they are small. Small parameters keep
+    the value ``__init__`` gave them on the side, for a partial load to fall back on.
     """
     original = nn.Module.register_parameter
+    kept = [0]  # elements kept so far
 
     def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None and not param.is_meta:
-            param = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad) \
-                if type(param) is not nn.Parameter else nn.Parameter(param.detach().to("meta"),
-                                                                      requires_grad=param.requires_grad)
+            cls = type(param) if isinstance(param, nn.Parameter) else nn.Parameter
+            meta = cls(param.detach().to("meta"), requires_grad=param.requires_grad)
+            n = param.numel()
+            if (n <= _INIT_MAX_NUMEL and kept[0] + n <= _INIT_MAX_TOTAL and param.device.type == "cpu"
+                    and not callable(getattr(self, "reset_parameters", None))
+                    and not callable(getattr(self, "_reset_parameters", None))):
+                setattr(meta, _INIT_ATTR, param.detach().clone())
+                kept[0] += n
+            param = meta
         original(self, name, param)
 
     nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
@@ -369,9 +613,12 @@ def _parameters_on_meta() -> Iterator[None]:
 def build(factory: Callable[[], nn.Module] | str, source: Any, **load_options: Any) -> tuple[nn.Module, LoadReport]:
     """Construct a model without random init and fill it straight from the checkpoint.
 
-    The model is built with its parameters on the meta device (no memory, no init), then each
-    parameter is materialised from the checkpoint: zero-copy from the memory map where dtype
-    and device already match, one copy where they do not. Parameters the checkpoint lacks
+    The model is built with its parameters on the meta device (no memory, no init; buffers
+    computed in ``__init__`` are real), then each parameter is materialised from the
+    checkpoint: zero-copy from the memory map where dtype and device already match
+    (safetensors, torch zip, sharded folders, DCP: the parameter *is* a copy-on-write view
+    of the file, so building costs no time and no memory until the weights are used), one
+    streamed copy where they do not (a cast, a GPU). Parameters the checkpoint lacks
     (``partial=True``) get their module's own ``reset_parameters`` init.
 
     Args:
@@ -383,8 +630,12 @@ def build(factory: Callable[[], nn.Module] | str, source: Any, **load_options: A
     Returns:
         ``(model, report)``.
 
+    Raises:
+        LoadError: the checkpoint does not fill the model (nothing is returned half-built).
+
     Example:
         >>> model, report = ckptfit.build(lambda: torchvision.models.resnet50(), "r50.safetensors")  # doctest: +SKIP
+        >>> model, report = ckptfit.build("torchvision:resnet50", "r50.pth", device="cuda")  # doctest: +SKIP
     """
     if isinstance(factory, str):
         from .specs import model_factory
@@ -392,10 +643,9 @@ def build(factory: Callable[[], nn.Module] | str, source: Any, **load_options: A
         factory = model_factory(factory)
     with _parameters_on_meta():
         model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"build's factory must return an nn.Module, not {type(model).__name__}")
     report = load(model, source, **load_options)
-    device = load_options.get("device")
-    if device is not None:
-        model.to(device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise LoadError(f"after loading, {len(leftover)} tensor(s) are still on the meta device: "

@@ -122,6 +122,8 @@ class LoadReport:
         dtype: the dtype the tensors were cast to, when any.
         seconds: how long the load took, when measured.
         bytes_read: how many tensor bytes were read, when measured.
+        model: the architecture that was built, and why, when ckptfit chose it
+            (:func:`ckptfit.auto.from_checkpoint`).
     """
 
     path: str | None
@@ -140,6 +142,7 @@ class LoadReport:
     dtype: str | None = None
     seconds: float | None = None
     bytes_read: int | None = None
+    model: str | None = None
 
     @classmethod
     def from_plan(
@@ -288,6 +291,8 @@ class LoadReport:
     def _head_lines(self, verb: str) -> list[str]:
         """The summary line and what applies to the whole load: where, container, names, stages."""
         lines = [f"{verb} {self.num_loaded}/{self.num_targets} tensors{self._source_text()}"]
+        if self.model:
+            lines.append(f"  model: {self.model}")
         where = []
         if self.device:
             where.append(f"on {self.device}")
@@ -362,6 +367,7 @@ class LoadReport:
             "dtype": self.dtype,
             "seconds": self.seconds,
             "bytes_read": self.bytes_read,
+            "model": self.model,
             "ok": self.ok,
             "complete": self.complete,
             "counts": {

@@ -22,6 +22,7 @@ position (a :class:`PickleScan`), so ``ckptfit scan`` and loading can never disa
 """
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import collections
 import datetime
@@ -45,6 +46,11 @@ __all__ = [
     "load_pickle",
     "classify",
     "to_plain",
+    "scan_trailing",
+    "merge_extra",
+    "short_repr",
+    "check_depth",
+    "refuse_if_dangerous",
 ]
 
 Kind = Literal["tensor", "data", "unknown", "dangerous"]
@@ -53,6 +59,12 @@ MAX_PICKLE_BYTES = 1 << 31  # a model's structure pickle, never its tensor data
 MAX_MEMO = 50_000_000
 MAX_STACK = 50_000_000
 MAX_INT_BYTES = 1 << 16  # LONG/LONG1/LONG4 arguments
+# Python objects one pickle may build, in estimated bytes (pointers, containers, memo entries; not
+# the bytes/str payloads, which are bounded by the file itself). One opcode byte can allocate a
+# 232-byte set, so without this a 5 MB pickle could take 1 GB. A torch state dict costs about
+# 2 KB per tensor here (20,000 tensors: 40 MB), so the limit allows ~390,000 tensors in one pickle.
+MAX_OBJECT_BYTES = 768 << 20
+MAX_EXTRA_PICKLES = 16  # pickles after STOP that a scan interprets before giving up
 
 
 # --------------------------------------------------------------------------- classification
@@ -69,37 +81,51 @@ _ALIASES = {
 # Modules whose every name is dangerous to call (or even to import).
 _DANGEROUS_MODULES = {
     "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "sys", "shutil", "socket", "pty", "importlib",
-    "runpy", "pickle", "_pickle", "cPickle", "dill", "cloudpickle", "marshal", "ctypes", "code", "codeop",
-    "webbrowser", "multiprocessing", "asyncio", "types", "pdb", "bdb", "trace", "profile", "cProfile",
-    "timeit", "commands", "platform", "pip", "setuptools", "distutils", "zipimport", "pkgutil", "site",
-    "ensurepip", "tempfile", "glob", "io", "_io", "fileinput", "urllib", "http", "ftplib", "smtplib",
-    "telnetlib", "xmlrpc", "requests", "httplib", "sqlite3", "signal", "resource", "threading", "_thread",
-    "gc", "inspect", "builtins.__dict__", "operator", "functools", "joblib", "shelve", "dbm", "tarfile",
-    "zipfile", "venv", "imp", "linecache", "torch.hub", "torch.jit", "torch.package", "torch.serialization",
-    "torch.utils.cpp_extension", "torch._C", "torch.ops", "torch._dynamo", "torch._inductor",
-    "numpy.testing", "numpy.f2py", "numpy.distutils", "_posixsubprocess", "_winapi", "msvcrt", "winreg",
-    "mmap", "select", "ssl", "uuid._uuid", "atexit", "readline", "rlcompleter", "idlelib", "tkinter",
+    "runpy", "pickle", "_pickle", "cPickle", "dill", "cloudpickle", "marshal", "ctypes", "_ctypes", "cffi",
+    "code", "codeop", "webbrowser", "antigravity", "multiprocessing", "asyncio", "types", "pdb", "bdb", "trace",
+    "profile", "cProfile", "timeit", "commands", "platform", "pip", "setuptools", "distutils", "zipimport",
+    "pkgutil", "pydoc", "site", "ensurepip", "tempfile", "glob", "io", "_io", "fileinput", "urllib", "http",
+    "ftplib", "smtplib", "telnetlib", "xmlrpc", "requests", "httplib", "sqlite3", "signal", "resource",
+    "threading", "_thread", "gc", "inspect", "operator", "_operator", "functools", "_functools", "joblib",
+    "shelve", "dbm", "tarfile", "zipfile", "venv", "imp", "linecache", "doctest", "unittest", "logging.config",
+    "yaml", "pandas.io.pickle", "fcntl", "termios", "builtins.__dict__", "torch.hub", "torch.jit",
+    "torch.package", "torch.serialization", "torch.utils.cpp_extension", "torch._C", "torch.ops", "torch._ops",
+    "torch._dynamo", "torch._inductor", "torch.fx", "torch.multiprocessing", "torch.distributed.rpc",
+    "torch.utils._import_utils", "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib",
+    "_posixsubprocess", "_winapi", "msvcrt", "winreg", "mmap", "select", "ssl", "uuid._uuid", "atexit",
+    "readline", "rlcompleter", "idlelib", "tkinter", "transformers.dynamic_module_utils", "huggingface_hub",
 }
+# Harmless names inside otherwise dangerous modules: building them runs nothing by itself
+# (``functools.partial(f, ...)`` only calls ``f``, itself a global that is classified on its own).
+_SAFE_IN_DANGEROUS = {("functools", "partial")}
 # Single dangerous names inside otherwise harmless modules.
 _DANGEROUS_NAMES = {
     ("builtins", n) for n in (
         "eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "__import__", "globals", "locals",
         "vars", "input", "breakpoint", "exit", "quit", "help", "memoryview", "type", "super", "classmethod",
-        "staticmethod", "property", "object.__reduce__", "object.__getattribute__", "print", "dir", "hasattr",
-        "execfile", "file", "reload", "apply",
+        "staticmethod", "property", "print", "dir", "hasattr", "execfile", "file", "reload", "apply",
     )
 } | {
     ("torch", "load"), ("torch", "save"), ("torch", "compile"), ("torch", "from_file"), ("numpy", "load"),
     ("numpy", "save"), ("numpy", "fromfile"), ("numpy", "memmap"), ("numpy", "loadtxt"), ("numpy", "genfromtxt"),
     ("numpy.lib.npyio", "load"), ("torch.storage", "_load_from_bytes"), ("torch", "_load_from_bytes"),
-    ("copyreg", "add_extension"),
+    ("copyreg", "add_extension"), ("torch._utils", "_import_dotted_name"), ("pandas", "read_pickle"),
+    ("numpy", "frompyfunc"), ("numpy", "vectorize"),
 }
-_DANGEROUS_WORDS = {
-    "system", "popen", "exec", "eval", "spawn", "execv", "execve", "__import__", "import_module", "run_path",
-    "run_module", "loads", "load", "getattr", "call", "check_output", "check_call", "run", "Popen", "compile",
-    "__builtins__", "__globals__", "__getattribute__", "__reduce__", "__reduce_ex__", "__subclasses__",
-    "__class__", "__bases__", "__mro__", "__code__", "__dict__", "open", "remove", "rmtree", "unlink",
-    "fork", "kill", "startfile", "write", "attrgetter", "methodcaller",
+# Names that mean "run code" whatever module they come from (a re-export of os.system is os.system).
+_DANGEROUS_BARE = {
+    "system", "popen", "popen2", "popen3", "popen4", "execv", "execve", "execl", "execle", "execlp", "execvp",
+    "execvpe", "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnvp", "posix_spawn", "posix_spawnp",
+    "startfile", "getoutput", "getstatusoutput", "check_output", "check_call", "Popen", "run_path",
+    "run_module", "import_module", "__import__", "eval", "exec", "execfile", "unsafe_load", "full_load",
+    "get_class_from_dynamic_module", "_import_dotted_name", "locate", "resolve_name",
+}
+_DANGEROUS_WORDS = _DANGEROUS_BARE | {
+    "loads", "load", "getattr", "call", "run", "compile", "__builtins__", "__globals__", "__getattribute__",
+    "__reduce__", "__reduce_ex__", "__subclasses__", "__class__", "__bases__", "__mro__", "__code__",
+    "__dict__", "__init__", "__new__", "__call__", "__setstate__", "__getattr__", "open", "remove", "rmtree",
+    "unlink", "fork", "kill", "write", "write_text", "write_bytes", "attrgetter", "methodcaller", "setattr",
+    "delattr", "exit",
 }
 
 _STORAGE_DTYPES = {
@@ -115,7 +141,15 @@ for _n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
         _STORAGE_DTYPES[f"{_n}Storage"] = getattr(torch, _n)
 
 
+_DUNDER_MODULES = {"__main__", "__mp_main__", "__torch__"}
+
+
 def _normalise(module: str, name: str) -> tuple[str, str]:
+    """Known aliases only: Python 2 names (as ``pickle`` maps them) and ``numpy.core`` -> ``numpy._core``."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
     module = _ALIASES.get(module, module)
     if module.startswith("numpy.core."):
         module = "numpy._core." + module[len("numpy.core."):]
@@ -123,15 +157,19 @@ def _normalise(module: str, name: str) -> tuple[str, str]:
 
 
 def _is_dangerous(module: str, name: str) -> bool:
-    if (module, name) in _DANGEROUS_NAMES:
+    if (module, name) in _DANGEROUS_NAMES or name in _DANGEROUS_BARE:
         return True
-    top = module.split(".")
-    for i in range(len(top), 0, -1):
-        if ".".join(top[:i]) in _DANGEROUS_MODULES:
-            return True
+    if (module, name) not in _SAFE_IN_DANGEROUS:
+        top = module.split(".")
+        for i in range(len(top), 0, -1):
+            if ".".join(top[:i]) in _DANGEROUS_MODULES:
+                return True
+    if any(p.startswith("__") and p.endswith("__") and p not in _DUNDER_MODULES for p in module.split(".")):
+        return True  # ``__builtins__``, ``x.__dict__`` ...
     if "." in name:  # dotted names are never resolved; one that spells an attack is dangerous
         parts = name.split(".")
-        if any(p in _DANGEROUS_WORDS or p in _DANGEROUS_MODULES for p in parts):
+        if any(p in _DANGEROUS_WORDS or p in _DANGEROUS_MODULES or (p.startswith("__") and p.endswith("__"))
+               for p in parts):
             return True
     if name.startswith("__") and name.endswith("__") and name not in ("__newobj__", "__newobj_ex__"):
         return True
@@ -174,6 +212,11 @@ class PickleScan:
     anomalies: list[str] = field(default_factory=list)
     end: int = 0  # offset just past STOP
     protocol: int = 0
+    calls: dict[int, int] = field(default_factory=dict)  # index in globals -> times called
+
+    def calls_of(self, index: int) -> int:
+        """How many times ``globals[index]`` was called or instantiated (a memoised global can be many)."""
+        return self.calls.get(index, 0)
 
     @property
     def dangerous(self) -> list[GlobalRef]:
@@ -270,6 +313,10 @@ class _Dangerous:
 class _Handler:
     """A known global rebuilt by our own code: ``fn`` takes the pickle's arguments."""
 
+    def __reduce__(self):
+        raise TypeError("a ckptfit placeholder cannot be pickled")
+
+
     __slots__ = ("module", "name", "fn", "kind", "value")
 
     def __init__(self, module: str, name: str, fn: Callable | None, kind: Kind, value: Any = None):
@@ -290,6 +337,9 @@ def _ints(x: Any, what: str) -> tuple[int, ...]:
     return tuple(x)
 
 
+_MAX_DIM = 1 << 62
+
+
 def _check_view(storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
     if type(offset) is not int or offset < 0:
         raise CorruptCheckpoint(f"tensor storage offset {offset!r} is invalid")
@@ -297,6 +347,9 @@ def _check_view(storage: StorageRef, offset: int, size: tuple[int, ...], stride:
         raise CorruptCheckpoint(f"tensor has {len(size)} sizes but {len(stride)} strides")
     if any(s < 0 for s in size) or any(s < 0 for s in stride):
         raise CorruptCheckpoint(f"tensor view has a negative size or stride: size {list(size)}, stride {list(stride)}")
+    if len(size) > 64 or any(s >= _MAX_DIM for s in size) or any(s >= _MAX_DIM for s in stride) or offset >= _MAX_DIM:
+        raise CorruptCheckpoint(f"tensor view (offset {offset}, size {list(size)[:8]}, stride {list(stride)[:8]}) "
+                                f"is beyond what any tensor can have")
     if 0 in size:
         return
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # Python ints: no overflow
@@ -358,7 +411,10 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 
 
 def _rebuild_meta(dtype, size, stride, requires_grad=False):
-    return LazyTensor(_ints(size, "size"), dtype, None, device="meta", requires_grad=bool(requires_grad))
+    size_t = _ints(size, "size")
+    if not isinstance(dtype, torch.dtype) or len(size_t) > 64 or any(not 0 <= s < _MAX_DIM for s in size_t):
+        raise CorruptCheckpoint(f"meta tensor with an invalid dtype or size {list(size_t)[:8]}")
+    return LazyTensor(size_t, dtype, None, device="meta", requires_grad=bool(requires_grad))
 
 
 def _unsupported(what: str) -> Callable:
@@ -374,17 +430,66 @@ def _ordered_dict(items=()):
         for kv in items:
             if not isinstance(kv, tuple | list) or len(kv) != 2:
                 raise CorruptCheckpoint("OrderedDict built from something that is not key/value pairs")
+            _check_key(kv[0])
             d[kv[0]] = kv[1]
     return d
 
 
-def _plain_ctor(typ: type) -> Callable:
+_PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray)
+_PLAIN_CONTAINERS = (tuple, list, dict, set, frozenset)
+MAX_CTOR_INT = 1 << 24  # bytes(n) / bytearray(n): n bytes at once
+
+
+def _plain_ctor(typ: type, module: str = "builtins") -> Callable:
+    """``typ(*args)`` for plain arguments only, so nothing a pickle builds can allocate unboundedly
+    (``bytes(10**12)``, ``list(range(10**12))``), hash or format exponentially, or run a method of an
+    unknown object; an argument that is itself a placeholder gives a placeholder."""
+
     def fn(*args):
         for a in args:
             if isinstance(a, Placeholder | PlaceholderClass | _Dangerous | _Handler):
-                raise CorruptCheckpoint(f"{typ.__name__}() applied to a {type(a).__name__}")
+                return Placeholder(PlaceholderClass(module, typ.__name__), args)
+            if not isinstance(a, _PLAIN_LEAVES + _PLAIN_CONTAINERS) and not (typ is slice or typ is range):
+                if not (module == "datetime" and isinstance(a, datetime.tzinfo)):
+                    raise CorruptCheckpoint(f"{typ.__name__}() applied to a {type(a).__name__}")
+            if typ in (bytes, bytearray) and type(a) is int and not 0 <= a <= MAX_CTOR_INT:
+                raise ResourceLimitExceeded(f"{typ.__name__}({a}) would allocate {a} bytes at once")
+            if typ is str and isinstance(a, _PLAIN_CONTAINERS):
+                raise CorruptCheckpoint("str() of a container")  # repr of a shared structure is exponential
+            if typ in (set, frozenset) and isinstance(a, list | tuple):
+                for item in a:
+                    _check_key(item)
+            if typ is dict and isinstance(a, list | tuple):
+                for item in a:
+                    _check_key(item[0] if isinstance(item, tuple | list) and item else item)
         return typ(*args)
     return fn
+
+
+MAX_KEY_NODES = 10_000
+
+
+def _check_key(key: Any) -> None:
+    """Refuse a dict key / set item whose hashing would be exponential or recurse without bound.
+
+    ``hash((t, t))`` hashes ``t`` twice, so a tuple nested 100 deep through the memo takes 2**100
+    steps, and a tuple nested 10**6 deep overflows the C stack. Keys are walked iteratively, counting
+    every visit, so such a key is rejected in bounded time.
+    """
+    if type(key) in (str, int, bytes, float, bool, type(None)):
+        return
+    budget = MAX_KEY_NODES
+    stack = [key]
+    while stack:
+        k = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ResourceLimitExceeded(f"a dict key or set item nests more than {MAX_KEY_NODES} values "
+                                        f"(a hashing bomb?)")
+        if isinstance(k, tuple | frozenset):
+            stack.extend(k)
+        elif isinstance(k, list | dict | set | bytearray):
+            raise CorruptCheckpoint(f"unhashable dict key or set item ({type(k).__name__})")
 
 
 def _codecs_encode(obj, encoding="utf-8", errors="strict"):
@@ -467,9 +572,9 @@ class _NumpyArray:
         for s in shape:
             n *= s
         if dt.hasobject:
-            arr = np.empty(shape, dtype=object)
-            if not isinstance(raw, list) or len(raw) != n:
+            if not isinstance(raw, list) or len(raw) != n:  # before allocating: n comes from the pickle
                 raise CorruptCheckpoint("numpy object array state is malformed")
+            arr = np.empty(shape, dtype=object)
             for i, v in enumerate(raw):
                 arr.flat[i] = v
         else:
@@ -546,7 +651,7 @@ _TENSOR = _tensor_handlers()
 _DATA: dict[tuple[str, str], tuple[Callable | None, Any]] = {
     ("collections", "OrderedDict"): (_ordered_dict, None),
     ("collections", "defaultdict"): (lambda *a: {}, None),
-    ("collections", "Counter"): (lambda *a: collections.Counter(*[x for x in a if isinstance(x, dict)]), None),
+    ("collections", "Counter"): (lambda *a: collections.Counter(*[x for x in a if type(x) is dict][:1]), None),
     ("builtins", "set"): (_plain_ctor(set), None),
     ("builtins", "frozenset"): (_plain_ctor(frozenset), None),
     ("builtins", "list"): (_plain_ctor(list), None),
@@ -566,16 +671,20 @@ _DATA: dict[tuple[str, str], tuple[Callable | None, Any]] = {
     ("copyreg", "_reconstructor"): (_reconstructor, None),
     ("copyreg", "__newobj__"): (_newobj, None),
     ("codecs", "encode"): (_codecs_encode, None),
-    ("datetime", "datetime"): (_plain_ctor(datetime.datetime), None),
-    ("datetime", "date"): (_plain_ctor(datetime.date), None),
-    ("datetime", "time"): (_plain_ctor(datetime.time), None),
-    ("datetime", "timedelta"): (_plain_ctor(datetime.timedelta), None),
+    ("datetime", "datetime"): (_plain_ctor(datetime.datetime, "datetime"), None),
+    ("datetime", "date"): (_plain_ctor(datetime.date, "datetime"), None),
+    ("datetime", "time"): (_plain_ctor(datetime.time, "datetime"), None),
+    ("datetime", "timedelta"): (_plain_ctor(datetime.timedelta, "datetime"), None),
     ("numpy._core.multiarray", "_reconstruct"): (lambda cls, shape, dtype: _NumpyArray(), None),
     ("numpy._core.multiarray", "scalar"): (_numpy_scalar, None),
     ("numpy._core.numeric", "_frombuffer"): (_numpy_frombuffer, None),
     ("numpy", "dtype"): (_NumpyDtype, None),
     ("numpy", "ndarray"): (None, "ndarray"),
+    # TorchScript's pickles (``constants.pkl``, ``*.debug_pkl``) tag typed lists with these helpers
+    ("torch.jit._pickle", "restore_type_tag"): (lambda value, type_str=None: value, None),
 }
+for _n in ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "build_complexlist"):
+    _DATA[("torch.jit._pickle", _n)] = (lambda data=(): list(data) if isinstance(data, list | tuple) else [], None)
 for _dtname in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool_",
                 "Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
     _DATA[("numpy", _dtname)] = (None, _dtname)
@@ -584,16 +693,22 @@ for _dtname in ("float64", "float32", "float16", "int64", "int32", "int16", "int
 
 def classify(module: str, name: str) -> Kind:
     """How ckptfit treats the global ``module.name`` (after alias normalisation)."""
+    raw = (module, name)
     module, name = _normalise(module, name)
-    if (module, name) in _TENSOR:
-        return "tensor"
-    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype | torch.layout | torch.memory_format):
+    if (module, name) in _TENSOR or (module == "torch" and _torch_constant(name) is not None):
         return "tensor"
     if (module, name) in _DATA:
         return "data"
-    if _is_dangerous(module, name):
+    if _is_dangerous(module, name) or _is_dangerous(*raw):
         return "dangerous"
     return "unknown"
+
+
+def _torch_constant(name: str) -> Any:
+    """``torch.float32``, ``torch.strided``, ``torch.channels_last`` ... looked up without ``getattr``
+    (``torch.__getattr__`` imports submodules lazily; a pickle must never trigger an import)."""
+    v = vars(torch).get(name)
+    return v if isinstance(v, torch.dtype | torch.layout | torch.memory_format) else None
 
 
 # --------------------------------------------------------------------------- the interpreter
@@ -643,6 +758,7 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
     frame_end = -1  # -1: not inside a frame
     globals_idx: dict[int, int] = {}  # id(handle) -> index in scan.globals
     unpack = struct.unpack_from
+    alloc = 0  # estimated bytes of Python objects built so far (see MAX_OBJECT_BYTES)
 
     def fail(msg: str) -> CorruptCheckpoint:
         where = f" (in {member})" if member else ""
@@ -678,7 +794,7 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 else:
                     obj = _Handler(module, name, fn, kind, value)
             else:
-                obj = getattr(torch, name)  # a dtype / layout / memory format constant
+                obj = _torch_constant(name)  # a dtype / layout / memory format constant
         elif kind == "data":
             fn, value = _DATA[(module, name)]
             obj = _Handler(module, name, fn, kind, value)
@@ -691,11 +807,16 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
 
     def mark_called(obj: Any) -> None:
         idx = globals_idx.get(id(obj))
-        if idx is not None and not scan.globals[idx].called:
+        if idx is None:
+            return
+        scan.calls[idx] = scan.calls.get(idx, 0) + 1
+        if not scan.globals[idx].called:
             g = scan.globals[idx]
             scan.globals[idx] = GlobalRef(g.module, g.name, g.kind, g.opcode, g.position, True, g.member)
 
     def call(fn: Any, args: Any, kwargs: dict | None = None) -> Any:
+        nonlocal alloc
+        alloc += 160
         if not isinstance(args, tuple):
             if isinstance(args, list):
                 args = tuple(args)
@@ -748,19 +869,25 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
     def setitems(target: Any, items: list) -> None:
         if len(items) % 2:
             raise fail("SETITEMS with an odd number of items")
+        nonlocal alloc
+        alloc += 40 * len(items)
         if isinstance(target, dict):
             try:
                 for i in range(0, len(items), 2):
-                    target[items[i]] = items[i + 1]
+                    k = items[i]
+                    if type(k) is not str:
+                        _check_key(k)
+                    target[k] = items[i + 1]
             except TypeError as e:
                 raise fail(f"unhashable dict key ({e})") from e
         elif isinstance(target, Placeholder):
             for i in range(0, len(items), 2):
                 k = items[i]
                 try:
+                    _check_key(k)
                     target.dict_items[k] = items[i + 1]
-                except TypeError:
-                    target.dict_items[repr(k)] = items[i + 1]
+                except (TypeError, CorruptCheckpoint):
+                    target.dict_items[f"<unhashable key #{len(target.dict_items)}>"] = items[i + 1]
         else:
             raise fail(f"SETITEM on a {type(target).__name__}")
 
@@ -771,6 +898,8 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
             target.list_items.extend(items)
         elif isinstance(target, set):
             try:
+                for item in items:
+                    _check_key(item)
                 target.update(items)
             except TypeError as e:
                 raise fail(f"unhashable set item ({e})") from e
@@ -797,8 +926,10 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
     def memo_put(idx: int) -> None:
         if not stack:
             raise fail("memo store on an empty stack")
+        nonlocal alloc
         if idx < 0 or len(memo) >= MAX_MEMO:
             raise ResourceLimitExceeded(f"pickle memo exceeds {MAX_MEMO} entries or has a bad index", path=path)
+        alloc += 100
         memo[idx] = stack[-1]
 
     def memo_get(idx: int) -> None:
@@ -818,8 +949,15 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
             at = pos
             op = mv[pos]
             pos += 1
-            if len(stack) > MAX_STACK:
-                raise ResourceLimitExceeded("pickle stack exceeds its limit", path=path)
+            alloc += 8
+            if alloc > MAX_OBJECT_BYTES or len(stack) > MAX_STACK:
+                where = f" ({member})" if member else ""
+                raise ResourceLimitExceeded(
+                    f"the pickle{where} builds more than {MAX_OBJECT_BYTES >> 20} MiB of Python objects by byte "
+                    f"{at} (a memory bomb?); ckptfit stopped before allocating more", path=path,
+                    hint="no checkpoint's structure needs that much; nothing was executed. If this is a genuine "
+                         "checkpoint with a huge pickle, raise ckptfit.safety.MAX_OBJECT_BYTES, or save the weights "
+                         "with safetensors")
             # ---- most frequent opcodes first
             if op == 0x71:  # BINPUT
                 need(1); memo_put(mv[pos]); pos += 1
@@ -836,24 +974,24 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
             elif op == 0x4B:  # BININT1
                 need(1); stack.append(mv[pos]); pos += 1
             elif op == 0x4D:  # BININT2
-                need(2); stack.append(unpack("<H", mv, pos)[0]); pos += 2
+                need(2); stack.append(unpack("<H", mv, pos)[0]); pos += 2; alloc += 32
             elif op == 0x4A:  # BININT
-                need(4); stack.append(unpack("<i", mv, pos)[0]); pos += 4
+                need(4); stack.append(unpack("<i", mv, pos)[0]); pos += 4; alloc += 32
             elif op == 0x28:  # MARK
-                metastack.append(stack); stack = []
+                metastack.append(stack); stack = []; alloc += 64
             elif op == 0x74:  # TUPLE
-                stack_items = pop_mark(); stack.append(tuple(stack_items))
+                stack_items = pop_mark(); stack.append(tuple(stack_items)); alloc += 48 + 8 * len(stack_items)
             elif op == 0x29:  # EMPTY_TUPLE
                 stack.append(())
             elif op == 0x85:  # TUPLE1
                 if not stack: raise fail("TUPLE1 on an empty stack")
-                stack[-1] = (stack[-1],)
+                stack[-1] = (stack[-1],); alloc += 56
             elif op == 0x86:  # TUPLE2
                 if len(stack) < 2: raise fail("TUPLE2 needs two items")
-                b = stack.pop(); stack[-1] = (stack[-1], b)
+                b = stack.pop(); stack[-1] = (stack[-1], b); alloc += 64
             elif op == 0x87:  # TUPLE3
                 if len(stack) < 3: raise fail("TUPLE3 needs three items")
-                c = stack.pop(); b = stack.pop(); stack[-1] = (stack[-1], b, c)
+                c = stack.pop(); b = stack.pop(); stack[-1] = (stack[-1], b, c); alloc += 72
             elif op == 0x52:  # REDUCE
                 if len(stack) < 2: raise fail("REDUCE needs a callable and arguments")
                 args = stack.pop(); fn = stack[-1]; stack[-1] = call(fn, args)
@@ -870,9 +1008,9 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
             elif op == 0x4E:  # NONE
                 stack.append(None)
             elif op == 0x7D:  # EMPTY_DICT
-                stack.append({})
+                stack.append({}); alloc += 256
             elif op == 0x5D:  # EMPTY_LIST
-                stack.append([])
+                stack.append([]); alloc += 64
             elif op == 0x75:  # SETITEMS
                 items = pop_mark()
                 if not stack: raise fail("SETITEMS without a dict")
@@ -928,13 +1066,14 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 scan.end = pos
                 if pos < n and not allow_trailing:
                     scan.anomalies.append(f"{n - pos} byte(s) of trailing data after STOP")
+                    merge_extra(scan, scan_trailing(data, pos, member=member, path=path))
                 return stack[-1], scan
             elif op == 0x6A:  # LONG_BINGET
                 need(4); memo_get(unpack("<I", mv, pos)[0]); pos += 4
             elif op == 0x72:  # LONG_BINPUT
                 need(4); memo_put(unpack("<I", mv, pos)[0]); pos += 4
             elif op == 0x47:  # BINFLOAT
-                need(8); stack.append(unpack(">d", mv, pos)[0]); pos += 8
+                need(8); stack.append(unpack(">d", mv, pos)[0]); pos += 8; alloc += 24
             elif op == 0x8A:  # LONG1
                 need(1); k = mv[pos]; pos += 1; need(k)
                 stack.append(int.from_bytes(mv[pos:pos + k], "little", signed=True)); pos += k
@@ -965,13 +1104,16 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 need(1); k = mv[pos]; pos += 1; need(k)
                 stack.append(bytes(mv[pos:pos + k]).decode("latin1")); pos += k
             elif op == 0x8F:  # EMPTY_SET
-                stack.append(set())
+                stack.append(set()); alloc += 256
             elif op == 0x90:  # ADDITEMS
                 items = pop_mark()
                 if not stack or not isinstance(stack[-1], set): raise fail("ADDITEMS without a set")
                 appends(stack[-1], items)
             elif op == 0x91:  # FROZENSET
                 items = pop_mark()
+                alloc += 256 + 40 * len(items)
+                for item in items:
+                    _check_key(item)
                 try:
                     stack.append(frozenset(items))
                 except TypeError as e:
@@ -987,9 +1129,9 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 if not stack: raise fail("DUP on an empty stack")
                 stack.append(stack[-1])
             elif op == 0x64:  # DICT
-                items = pop_mark(); d: dict = {}; setitems(d, items); stack.append(d)
+                items = pop_mark(); d: dict = {}; setitems(d, items); stack.append(d); alloc += 240
             elif op == 0x6C:  # LIST
-                items = pop_mark(); stack.append(list(items))
+                items = pop_mark(); stack.append(items); alloc += 64
             elif op == 0x69:  # INST
                 mod = text_line().decode("utf-8", "replace"); name = text_line().decode("utf-8", "replace")
                 cls = find(mod, name, "INST", at)
@@ -1032,24 +1174,89 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 memo_get(int(text_line()))
             elif op == 0x70:  # PUT
                 memo_put(int(text_line()))
-            elif op in (0x82, 0x83, 0x84):  # EXT1/2/4
-                raise UnsafeCheckpoint("the pickle uses the copyreg extension registry (EXT opcodes), "
-                                       "which can name any callable", path=path,
-                                       hint="ckptfit refuses such files; no automatic unsafe fallback is performed")
+            elif op in (0x82, 0x83, 0x84):  # EXT1/2/4: the copyreg extension registry can name any callable
+                k = {0x82: 1, 0x83: 2, 0x84: 4}[op]
+                need(k); code = int.from_bytes(mv[pos:pos + k], "little"); pos += k
+                ref = GlobalRef("copyreg", f"extension #{code}", "dangerous", f"EXT{k}", at, member=member)
+                scan.globals.append(ref)
+                obj = _Dangerous("copyreg", f"extension #{code}", len(scan.globals) - 1)
+                globals_idx[id(obj)] = len(scan.globals) - 1
+                stack.append(obj)
             elif op == 0x97:  # NEXT_BUFFER
                 raise fail("out-of-band buffers (NEXT_BUFFER) are not part of any checkpoint format")
             elif op == 0x98:  # READONLY_BUFFER
                 pass
             else:
                 raise fail(f"unknown opcode 0x{op:02x}")
-    except (CorruptCheckpoint, UnsupportedFormat, UnsafeCheckpoint):
+    except (CorruptCheckpoint, UnsupportedFormat, UnsafeCheckpoint) as e:
+        if e.path is None and path is not None:
+            e.path = path
+            e.args = (f"{path}: {e.args[0]}",) if e.args else e.args
+        e.partial_scan = scan  # type: ignore[attr-defined]  # what was referenced before the error
         raise
     except RecursionError as e:  # pragma: no cover - the machine is iterative
-        raise ResourceLimitExceeded("pickle nesting too deep", path=path) from e
+        err = ResourceLimitExceeded("pickle nesting too deep", path=path)
+        err.partial_scan = scan  # type: ignore[attr-defined]
+        raise err from e
     except MemoryError as e:
-        raise ResourceLimitExceeded("pickle needs more memory than allowed", path=path) from e
-    except (ValueError, UnicodeDecodeError, OverflowError, struct.error, IndexError, TypeError) as e:
-        raise fail(str(e)) from e
+        err = ResourceLimitExceeded("pickle needs more memory than allowed", path=path)
+        err.partial_scan = scan  # type: ignore[attr-defined]
+        raise err from e
+    except (ValueError, UnicodeDecodeError, OverflowError, struct.error, IndexError, TypeError, KeyError,
+            AttributeError) as e:
+        err = fail(f"{type(e).__name__}: {e}"[:300])
+        err.partial_scan = scan  # type: ignore[attr-defined]
+        raise err from e
+
+
+def _inert_persistent(pid: Any) -> Placeholder:
+    return Placeholder(PlaceholderClass("<persistent id>", "ref"), (pid,))
+
+
+def scan_trailing(data: bytes | memoryview, start: int, *, member: str = "",
+                  path: str | None = None) -> list[PickleScan]:
+    """Interpret whatever pickles follow ``start`` (bytes after a pickle's STOP), with the same machine.
+
+    ``torch.load`` ignores them, but another tool may not: a file that hides ``os.system`` in a
+    second pickle is reported, and refused, like one that hides it in the first. Bytes that are
+    not a pickle end the walk (the caller has already recorded them as trailing data).
+    """
+    n = len(data)
+    out: list[PickleScan] = []
+    pos = start
+    while pos < n and len(out) < MAX_EXTRA_PICKLES:
+        label = f"{member + ' ' if member else ''}extra pickle at byte {pos}"
+        try:
+            _, sc = interpret(data, start=pos, member=label, path=path, allow_trailing=True,
+                              persistent_load=_inert_persistent)
+        except (CorruptCheckpoint, UnsupportedFormat) as e:
+            partial = getattr(e, "partial_scan", None)
+            if partial is not None and partial.globals:  # a damaged pickle still names what it would run
+                partial.anomalies.insert(0, f"the bytes after STOP at byte {pos} hold a damaged pickle")
+                out.append(partial)
+            break
+        sc.anomalies.insert(0, f"an extra pickle follows STOP at byte {pos} (torch.load ignores it; other "
+                               f"tools may not)")
+        out.append(sc)
+        if sc.end <= pos:
+            break
+        pos = sc.end
+    return out
+
+
+def merge_extra(scan: PickleScan, extra: Iterable[PickleScan]) -> None:
+    """Fold the scans of extra pickles into ``scan`` (their globals keep their own member label)."""
+    for sc in extra:
+        base = len(scan.globals)
+        scan.globals.extend(sc.globals)
+        scan.calls.update({base + i: c for i, c in sc.calls.items()})
+        scan.anomalies.extend(f"{sc.member}: {a}" for a in sc.anomalies)
+
+
+def short_repr(obj: Any, limit: int = 80) -> str:
+    """A bounded rendering of a pickled value for messages (never an exponential ``repr``)."""
+    text = repr(to_plain(obj, max_items=8, max_depth=3, max_nodes=40))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def refuse_if_dangerous(scans: Iterable[PickleScan], *, path: str | None) -> None:
@@ -1068,13 +1275,52 @@ def refuse_if_dangerous(scans: Iterable[PickleScan], *, path: str | None) -> Non
                  "lists every reference. No automatic unsafe fallback is performed.")
 
 
+MAX_DEPTH = 1000  # containers nested deeper than this are refused by the loader (no checkpoint comes close)
+_LEAVES = (str, bytes, int, float, bool, type(None), LazyTensor, StorageRef)
+
+
+def check_depth(value: Any, *, path: str | None = None, member: str = "") -> None:
+    """Refuse a rebuilt value whose containers nest more than :data:`MAX_DEPTH` deep.
+
+    The interpreter itself is iterative, but everything that later walks the tree (key paths
+    such as ``a.0.0.0...``, reports, renderings) costs at least the square of the depth, so a
+    1e6-deep list, a few MB of pickle, is stopped here. Walked breadth first, each object once.
+    """
+    level = [value]
+    seen: set[int] = set()
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            where = f" ({member})" if member else ""
+            raise ResourceLimitExceeded(f"the pickled data{where} nests containers more than {MAX_DEPTH} deep",
+                                        path=path, hint="no checkpoint is shaped like this; nothing was executed")
+        nxt: list[Any] = []
+        for o in level:
+            if isinstance(o, _LEAVES) or id(o) in seen:
+                continue
+            seen.add(id(o))
+            if isinstance(o, dict):
+                nxt.extend(v for v in o.values() if not isinstance(v, _LEAVES))
+            elif isinstance(o, list | tuple | set | frozenset):
+                nxt.extend(v for v in o if not isinstance(v, _LEAVES))
+            elif isinstance(o, Placeholder):
+                nxt.extend(o.args)
+                nxt.append(o.state)
+                nxt.extend(o.list_items)
+                nxt.extend(o.dict_items.values())
+                nxt.extend(o.kwargs.values())
+        level = nxt
+
+
 def load_pickle(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any] | None = None,
                 start: int = 0, member: str = "", path: str | None = None,
                 allow_trailing: bool = False) -> tuple[Any, PickleScan]:
-    """:func:`interpret`, then refuse the file if anything dangerous was referenced."""
+    """:func:`interpret`, then refuse the file if anything dangerous was referenced or it nests absurdly."""
     value, scan = interpret(data, persistent_load=persistent_load, start=start, member=member, path=path,
                             allow_trailing=allow_trailing)
     refuse_if_dangerous([scan], path=path)
+    check_depth(value, path=path, member=member)
     return value, scan
 
 
@@ -1134,7 +1380,10 @@ def to_plain(obj: Any, *, max_items: int = 200, max_depth: int = 6, max_nodes: i
         if isinstance(o, Placeholder):
             q = o.qualname
             if q.startswith("pathlib.") and o.args and all(isinstance(a, str) for a in o.args):
-                return "/".join(o.args) if q.endswith(("PosixPath", "Path")) else "\\".join(o.args)
+                import pathlib  # pure paths only: string arithmetic, no file system access
+
+                pure = pathlib.PureWindowsPath if "Windows" in q else pathlib.PurePosixPath
+                return str(pure(*o.args[:max_items]))
             d: dict[str, Any] = {"__class__": q}
             if o.args:
                 d["args"] = rec(list(o.args), depth + 1, seen)

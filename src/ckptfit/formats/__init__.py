@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint
-from ..errors import CheckpointError, NotACheckpoint
+from ..errors import CheckpointError, CorruptCheckpoint, NotACheckpoint
 
 __all__ = ["Reader", "register", "readers", "open_checkpoint", "detect"]
 
@@ -82,12 +82,24 @@ def detect(path: str | os.PathLike[str]) -> Reader:
     raise _not_a_checkpoint(path, head)
 
 
-def _not_a_checkpoint(path: str, head: bytes) -> NotACheckpoint:
+def _not_a_checkpoint(path: str, head: bytes) -> CheckpointError:
     size = os.path.getsize(path)
     low = head.lstrip().lower()
     if size == 0:
         return NotACheckpoint("the file is empty (0 bytes)", path=path,
                               hint="the download or copy failed; fetch the file again")
+    from .legacy import LEGACY_MAGIC
+
+    # the first bytes every file of a format starts with: a shorter file that begins like one is cut off
+    magics = ((b"PK\x03\x04", "a torch zip archive"),
+              (b"\x80\x02\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little"), "a legacy torch file"))
+    for magic, what in magics:
+        if len(head) < len(magic) and magic.startswith(head):
+            return CorruptCheckpoint(f"the file holds only {size} byte(s), the start of {what}: truncated",
+                                     path=path, hint="download or copy the file again")
+    if size == 8 and 2 <= int.from_bytes(head, "little") <= 100_000_000:
+        return CorruptCheckpoint("the file holds only a safetensors header size (8 bytes) and nothing after it: "
+                                 "truncated", path=path, hint="download or copy the file again")
     if head.startswith(b"version https://git-lfs"):
         return NotACheckpoint("this is a Git LFS pointer, not the checkpoint: the LFS object was never fetched",
                               path=path, hint="run `git lfs pull` (or `git lfs fetch && git lfs checkout`) in the "

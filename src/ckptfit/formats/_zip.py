@@ -4,8 +4,11 @@ It refuses duplicate or overlapping members, absolute or ``..`` names, encrypted
 names that differ between the local and central headers; it checks that every member lies
 inside the file; it caps inflated sizes and compression ratios before inflating anything;
 and it verifies the CRC of every member it reads whole (pickles). Tensor data members are
-stored uncompressed by torch and are memory-mapped in place, so their CRC is checked only on
-request (:meth:`ZipArchive.verify_crc`).
+stored uncompressed by torch and are memory-mapped in place; hashing all of them would cost
+more than the load itself, so the torch reader checks small ones lazily when they are first
+read and ``ckptfit scan`` checks every one (:meth:`ZipArchive.verify_all`).
+Oddities that are not errors (bytes before the first member or after the end record, unused
+gaps) are kept in :attr:`ZipArchive.anomalies`.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ __all__ = ["ZipArchive", "Member", "Window"]
 
 MAX_INFLATED = 4 << 30  # bytes one compressed member may inflate to
 MAX_RATIO = 200  # inflated / compressed
-MAX_MEMBERS = 5_000_000
+MAX_MEMBERS = 1_000_000  # checked from the end record before zipfile builds one object per member
 
 
 class Window(io.RawIOBase):
@@ -99,8 +102,10 @@ class ZipArchive:
         if base < 0 or base + self.length > file_size:
             raise CorruptCheckpoint(f"{what} at bytes {base}..{base + self.length} lies beyond the end of the file",
                                     path=path)
+        self.anomalies: list[str] = []
         self._f = open(path, "rb")
         try:
+            self._check_entry_count(what)
             self.members = self._read_members(what)
         except BaseException:
             self._f.close()
@@ -108,6 +113,28 @@ class ZipArchive:
 
     def close(self) -> None:
         self._f.close()
+
+    def _check_entry_count(self, what: str) -> None:
+        """Refuse absurd member counts before ``zipfile`` allocates an object for each of them."""
+        tail_len = min(self.length, 65536 + 22)
+        self._f.seek(self.base + self.length - tail_len)
+        tail = self._f.read(tail_len)
+        i = tail.rfind(b"PK\x05\x06")
+        if i < 0 or i + 22 > len(tail):
+            return  # zipfile reports the missing end record in its own words
+        (count,) = struct.unpack_from("<H", tail, i + 10)
+        (comment_len,) = struct.unpack_from("<H", tail, i + 20)
+        after = len(tail) - (i + 22 + comment_len)
+        if after > 0:
+            self.anomalies.append(f"{after} byte(s) of trailing data after the end of the zip archive")
+        if count == 0xFFFF:  # zip64: the real count is in the zip64 end record, 56 bytes + locator before
+            j = tail.rfind(b"PK\x06\x06", 0, i)
+            if j >= 0 and j + 56 <= len(tail):
+                (count,) = struct.unpack_from("<Q", tail, j + 32)
+        if count > MAX_MEMBERS:
+            raise ResourceLimitExceeded(f"the {what} declares {count} members (more than {MAX_MEMBERS}); no "
+                                        f"checkpoint has that many", path=self.path,
+                                        hint="ckptfit refuses it before reading its directory")
 
     def _read_members(self, what: str) -> dict[str, Member]:
         src = Window(self._f, self.base, self.length)
@@ -119,9 +146,11 @@ class ZipArchive:
                 f"the {what} is truncated or damaged: its central directory cannot be read ({e}); typically the "
                 f"file was cut off by an interrupted download or copy", path=self.path,
                 hint="download or copy the file again and compare its size with the original") from e
-        except (OSError, EOFError, ValueError, struct.error, NotImplementedError) as e:
-            raise CorruptCheckpoint(f"the {what} is damaged ({e})", path=self.path,
+        except (OSError, EOFError, ValueError, struct.error, NotImplementedError, OverflowError, KeyError,
+                IndexError, TypeError) as e:
+            raise CorruptCheckpoint(f"the {what} is damaged ({type(e).__name__}: {e})", path=self.path,
                                     hint="download or copy the file again") from e
+        start_dir = getattr(zf, "start_dir", self.length)
         if len(infos) > MAX_MEMBERS:
             raise ResourceLimitExceeded(f"the {what} has {len(infos)} members", path=self.path)
         members: dict[str, Member] = {}
@@ -142,11 +171,22 @@ class ZipArchive:
                 raise UnsupportedFormat(f"the {what} member {name!r} uses compression method "
                                         f"{info.compress_type}", path=self.path)
             # local header: fixed 30 bytes, then name and extra field
+            if not 0 <= info.header_offset <= self.length - 30:
+                raise CorruptCheckpoint(f"the {what} member {name!r} has its header at byte {info.header_offset}, "
+                                        f"outside the archive (truncated or damaged)", path=self.path,
+                                        hint="download or copy the file again")
             self._f.seek(self.base + info.header_offset)
             local = self._f.read(30)
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
                 raise CorruptCheckpoint(f"the {what} member {name!r} has no valid local header (the archive is "
                                         f"truncated or damaged)", path=self.path, hint="download the file again")
+            lflags, lmethod = struct.unpack("<HH", local[6:10])
+            if lflags & 0x1:
+                raise UnsupportedFormat(f"the {what} member {name!r} is encrypted", path=self.path)
+            if lmethod != info.compress_type:
+                raise CorruptCheckpoint(f"the {what} member {name!r} is compressed with method {lmethod} in its "
+                                        f"local header but {info.compress_type} in the directory", path=self.path,
+                                        hint="the archive was tampered with or damaged; ckptfit refuses it")
             nlen, elen = struct.unpack("<HH", local[26:30])
             local_name = self._f.read(nlen)
             try:
@@ -158,6 +198,10 @@ class ZipArchive:
                                         path=self.path, hint="the archive was tampered with or damaged")
             data_off = info.header_offset + 30 + nlen + elen
             end = data_off + info.compress_size
+            if end > start_dir and end <= self.length:
+                raise CorruptCheckpoint(f"the {what} member {name!r} runs into the archive's central directory "
+                                        f"(bytes {data_off}..{end}, directory at {start_dir})", path=self.path,
+                                        hint="the archive was tampered with or damaged; ckptfit refuses it")
             if end > self.length:
                 raise CorruptCheckpoint(
                     f"the {what} member {name!r} reaches byte {end} but the archive holds only {self.length} bytes "
@@ -178,6 +222,10 @@ class ZipArchive:
             if s1 < e0:
                 raise CorruptCheckpoint(f"the {what} members {n0!r} and {n1!r} overlap", path=self.path,
                                         hint="overlapping members are a zip trick; ckptfit refuses the file")
+        if spans and spans[0][0] > 0:
+            self.anomalies.append(f"{spans[0][0]} byte(s) before the first zip member")
+        if zf.comment:
+            self.anomalies.append(f"the zip end record carries a {len(zf.comment)}-byte comment")
         return members
 
     def read(self, name: str, *, max_size: int = 1 << 31) -> bytes:
@@ -192,7 +240,11 @@ class ZipArchive:
             raise CorruptCheckpoint(f"member {name!r} is truncated", path=self.path)
         if m.compress_type == zipfile.ZIP_DEFLATED:
             d = zlib.decompressobj(-15)
-            data = d.decompress(raw, m.size + 1)
+            try:
+                data = d.decompress(raw, m.size + 1)
+            except zlib.error as e:
+                raise CorruptCheckpoint(f"member {name!r} cannot be inflated ({e})", path=self.path,
+                                        hint="the file is damaged; download or copy it again") from e
             if len(data) != m.size or d.unconsumed_tail:
                 raise CorruptCheckpoint(f"member {name!r} inflates to more than its declared {m.size} bytes",
                                         path=self.path)
@@ -202,6 +254,22 @@ class ZipArchive:
             raise CorruptCheckpoint(f"member {name!r} fails its CRC check: the bytes differ from what was written",
                                     path=self.path, hint="the file is damaged; download or copy it again")
         return data
+
+    def verify_all(self) -> list[str]:
+        """Names of the members whose bytes do not match their CRC (reads every member once)."""
+        bad = []
+        for name, m in self.members.items():
+            if m.compress_type == zipfile.ZIP_STORED:
+                ok = self.verify_crc(name)
+            else:
+                try:
+                    self.read(name, max_size=MAX_INFLATED)
+                    ok = True
+                except CorruptCheckpoint:
+                    ok = False
+            if not ok:
+                bad.append(name)
+        return bad
 
     def verify_crc(self, name: str) -> bool:
         """Whether a stored member's bytes match its CRC (reads the member once, in chunks)."""

@@ -21,7 +21,7 @@ from ..lazy import LazyTensor, MappedFile
 from ..safety import Placeholder, load_pickle
 from . import register
 
-__all__ = ["open_dcp", "DcpChunk"]
+__all__ = ["open_dcp", "DcpChunk", "read_region"]
 
 
 def _sniff(path: str, head: bytes) -> bool:
@@ -77,12 +77,40 @@ def read_chunk(path: str, chunk: DcpChunk, mapped: dict[str, MappedFile], dtype:
     return t
 
 
+def read_region(path: str, chunks: list[DcpChunk], mapped: dict[str, MappedFile], dtype: torch.dtype,
+                index: tuple[slice, ...]) -> torch.Tensor:
+    """The block ``index`` (one step-1 slice per dimension) of a tensor saved as ``chunks``.
+
+    Only the chunks that overlap the block are read, and of each only the overlap is copied
+    (a chunk is a view of the memory-mapped file), so a rank loading its shard touches about
+    its share of the bytes whatever the number of ranks that saved the checkpoint.
+    """
+    lo = tuple(s.start for s in index)
+    hi = tuple(s.stop for s in index)
+    out: torch.Tensor | None = None
+    for c in chunks:
+        a = tuple(max(o, l) for o, l in zip(c.offsets, lo))
+        b = tuple(min(o + s, h) for o, s, h in zip(c.offsets, c.sizes, hi))
+        if any(x >= y for x, y in zip(a, b)):
+            continue  # no overlap (or an empty block)
+        piece = read_chunk(path, c, mapped, dtype)[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, c.offsets))]
+        if a == lo and b == hi:
+            return piece  # one chunk holds the whole block: a view, no copy
+        if out is None:
+            out = torch.empty(tuple(h - l for l, h in zip(lo, hi)), dtype=dtype)
+        out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))].copy_(piece)
+    return out if out is not None else torch.empty(tuple(h - l for l, h in zip(lo, hi)), dtype=dtype)
+
+
 @register("dcp", sniff=_sniff, priority=6, directory=True)
 def open_dcp(path: str, trust: bool = False) -> Checkpoint:
     """Open a torch.distributed.checkpoint directory lazily, in one process, without a process group."""
     mpath = os.path.join(path, ".metadata")
     with open(mpath, "rb") as f:
         data = f.read()
+    if not data:
+        raise CorruptCheckpoint("the DCP .metadata file is empty (0 bytes)", path=path,
+                                hint="the save was interrupted or the copy failed; copy the checkpoint folder again")
     md, scan = load_pickle(data, member=".metadata", path=path)
     a = _attrs(md, "the metadata", path)
     sdm = a.get("state_dict_metadata")
@@ -165,6 +193,7 @@ def open_dcp(path: str, trust: bool = False) -> Checkpoint:
                 out[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))].copy_(piece)
             return out
 
+        read.read_slice = lambda index, chunks=chunks, dtype=dtype: read_region(path, chunks, mapped, dtype, index)
         t = LazyTensor(size, dtype, read, device="cpu", requires_grad=bool(props.get("requires_grad")))
         flat[fqn] = t
     tree = _nest(flat, planner)
@@ -179,9 +208,14 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _nest(flat: dict[str, Any], planner: dict) -> Any:
-    """Rebuild the saved nesting ({'model': {...}, 'step': 5}) from the planner's key paths."""
+    """Rebuild the saved nesting ({'model': {...}, 'step': 5}) from the planner's key paths.
+
+    Keys come in the order they were saved: the planner's (rank 0 flattening the state dict), not
+    ``state_dict_metadata``'s, where tensors replicated on every rank come after the sharded ones.
+    """
     root: dict = collections.OrderedDict()
-    for fqn, v in flat.items():
+    order = {fqn: i for i, fqn in enumerate(planner)}
+    for fqn, v in sorted(flat.items(), key=lambda kv: order.get(kv[0], len(order))):
         p = planner.get(fqn)
         parts = [str(x) for x in p] if isinstance(p, tuple | list) and p else [fqn]
         d = root

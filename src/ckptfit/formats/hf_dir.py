@@ -48,7 +48,8 @@ def open_hf_dir(path: str, trust: bool = False) -> Checkpoint:
                 index = json.load(f)
             weight_map = index["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CorruptCheckpoint(f"{indexes[0]} is not a valid shard index ({e})", path=path) from e
+            raise CorruptCheckpoint(f"{indexes[0]} is not a valid shard index ({e})", path=path,
+                                    hint=f"download {indexes[0]} again (a JSON object with a weight_map)") from e
         if not isinstance(weight_map, dict):
             raise CorruptCheckpoint(f"{indexes[0]}: weight_map is not an object", path=path)
         shards = list(dict.fromkeys(weight_map.values()))

@@ -18,7 +18,8 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpoint, UnsupportedFormat
 from ..lazy import MappedFile, StorageRef
-from ..safety import PlaceholderClass, StorageType, interpret, refuse_if_dangerous
+from ..safety import (PlaceholderClass, StorageType, check_depth, interpret, merge_extra, refuse_if_dangerous,
+                      scan_trailing, short_repr)
 from . import register
 
 __all__ = ["open_legacy", "LEGACY_MAGIC"]
@@ -28,7 +29,14 @@ _MAGIC_PICKLE = b"\x80\x02\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")
 
 
 def _sniff(path: str, head: bytes) -> bool:
-    return head.startswith(_MAGIC_PICKLE) or head.startswith(b"\x80\x02\x8a\x0a")
+    # the first pickle is the magic number as a 10-byte LONG1 (b"\x8a\x0a"), after PROTO 2..5
+    # (torch.save's pickle_protocol) and, from protocol 4, a FRAME opcode with its 8-byte size
+    if len(head) < 4 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    body = head[2:]
+    if body[:1] == b"\x95":
+        body = body[9:]
+    return body.startswith(b"\x8a\x0a")
 
 
 @register("torch-legacy", sniff=_sniff, priority=9)
@@ -41,6 +49,9 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
         ck.format = "torch-legacy"
         return ck
     mapped = MappedFile(path)
+    if mapped.size <= len(_MAGIC_PICKLE):
+        raise CorruptCheckpoint(f"the file holds only {mapped.size} bytes, the start of a legacy torch file: "
+                                f"truncated", path=path, hint="download or copy the file again")
     with open(path, "rb") as f:  # the pickles sit at the front, storages follow; sizes are validated below
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     data = memoryview(mm)
@@ -69,12 +80,17 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
         if isinstance(pid, tuple) and pid and pid[0] == "module":
             return PlaceholderClass("legacy_module_source", str(pid[1]) if len(pid) > 1 else "?")
         if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-            raise CorruptCheckpoint(f"unexpected persistent id {str(pid)[:80]}", path=path)
+            raise CorruptCheckpoint(f"unexpected persistent id {short_repr(pid)}", path=path)
         _, stype, key, location, numel = pid[:5]
         view = pid[5] if len(pid) > 5 else None
-        if not isinstance(stype, StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0:
-            raise CorruptCheckpoint(f"malformed storage record {str(pid)[:80]}", path=path)
-        records.setdefault(key, (stype.dtype, numel, str(location)))
+        if (not isinstance(stype, StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0
+                or not isinstance(location, str)):
+            raise CorruptCheckpoint(f"malformed storage record {short_repr(pid)}", path=path)
+        if numel * stype.dtype.itemsize > len(data):  # bounds before anything is built on it
+            raise CorruptCheckpoint(f"storage {key!r} declares {numel} elements ({numel * stype.dtype.itemsize} "
+                                    f"bytes) but the whole file holds {len(data)} bytes (truncated or damaged)",
+                                    path=path, hint="download or copy the file again")
+        records.setdefault(key, (stype.dtype, numel, location))
         ref = refs.get(key)
         if ref is None:
             dtype = stype.dtype
@@ -88,14 +104,16 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
             if not isinstance(view, tuple) or len(view) != 3:
                 raise CorruptCheckpoint("malformed storage view record", path=path)
             view_key, off, size = view
-            if type(off) is not int or type(size) is not int or off < 0 or off + size > numel:
-                raise CorruptCheckpoint("storage view lies outside its storage", path=path)
+            if (not isinstance(view_key, str) or type(off) is not int or type(size) is not int or off < 0
+                    or size < 0 or off + size > ref.numel):
+                raise CorruptCheckpoint(f"storage view record of {key!r} is malformed or lies outside its storage",
+                                        path=path)
             base = ref
 
             def read_view(base=base, off=off, size=size):
                 return base.read()[off:off + size]
 
-            return StorageRef(f"{view_key}", base.dtype, size, base.location, read_view)
+            return StorageRef(view_key, base.dtype, size, base.location, read_view)
         return ref
 
     value, scan = interpret(data, start=pos, persistent_load=persistent_load, member="pickle #4 (object)",
@@ -105,6 +123,7 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
     keys, scan = interpret(data, start=pos, member="pickle #5 (storage keys)", path=path, allow_trailing=True)
     scans.append(scan)
     refuse_if_dangerous(scans, path=path)
+    check_depth(value, path=path, member="pickle #4 (object)")
     pos = scan.end
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise CorruptCheckpoint("the legacy storage key list is malformed", path=path)
@@ -131,6 +150,8 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
         raise CorruptCheckpoint(f"storages {sorted(missing)[:5]} have no data in the file", path=path)
     if pos < len(data):
         scans[-1].anomalies.append(f"{len(data) - pos} byte(s) of trailing data after the last storage")
+        merge_extra(scans[-1], scan_trailing(data, pos, member="after the last storage:", path=path))
+        refuse_if_dangerous(scans, path=path)
     md = {"sys_info": header[2]} if isinstance(header[2], dict) else {}
     return Checkpoint(path=path, format="torch-legacy", tree=value, scans=tuple(scans), metadata=md,
                       closers=(mapped.close,))

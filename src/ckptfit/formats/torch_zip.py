@@ -10,6 +10,7 @@ code is never run.
 from __future__ import annotations
 
 import collections
+import zlib
 from typing import Any
 
 import torch
@@ -17,11 +18,18 @@ import torch
 from ..checkpoint import Checkpoint, StateDictCandidate
 from ..errors import CorruptCheckpoint, UnsupportedFormat
 from ..lazy import LazyTensor, MappedFile, StorageRef
-from ..safety import Placeholder, StorageType, load_pickle
+from ..safety import (PickleScan, Placeholder, PlaceholderClass, StorageType, interpret, load_pickle, merge_extra,
+                      refuse_if_dangerous, short_repr)
 from . import register
 from ._zip import ZipArchive
 
-__all__ = ["open_torch_zip", "read_torch_zip_at"]
+__all__ = ["open_torch_zip", "read_torch_zip_at", "scan_other_pickles"]
+
+# CRC of stored tensor records: hashing every byte would cost more than the load itself
+# (~1.5 GB/s against a zero-copy map), so a record is checked when it is first read only if it
+# is small, within a per-file budget; `ckptfit scan` checks every record.
+LAZY_CRC_MAX = 1 << 20
+LAZY_CRC_BUDGET = 64 << 20
 
 
 def _sniff(path: str, head: bytes) -> bool:
@@ -49,13 +57,15 @@ def _not_torch(path: str):
 
 def _persistent_loader(archive: ZipArchive, prefix: str, mapped: MappedFile, path: str):
     storages: dict[str, StorageRef] = {}
+    crc_budget = [LAZY_CRC_BUDGET]
 
     def persistent_load(pid: Any) -> StorageRef:
         if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-            raise CorruptCheckpoint(f"unexpected persistent id in data.pkl: {str(pid)[:80]}", path=path)
+            raise CorruptCheckpoint(f"unexpected persistent id in data.pkl: {short_repr(pid)}", path=path)
         _, stype, key, location, numel = pid[:5]
-        if not isinstance(stype, StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0:
-            raise CorruptCheckpoint(f"malformed storage record {str(pid)[:80]}", path=path)
+        if (not isinstance(stype, StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0
+                or not isinstance(location, str)):
+            raise CorruptCheckpoint(f"malformed storage record {short_repr(pid)}", path=path)
         if key in storages:
             return storages[key]
         name = f"{prefix}data/{key}"
@@ -79,8 +89,18 @@ def _persistent_loader(archive: ZipArchive, prefix: str, mapped: MappedFile, pat
         else:
             offset = member.data_offset
             count = nbytes // dtype.itemsize
+            check = [member.size <= LAZY_CRC_MAX]
 
-            def read(offset=offset, dtype=dtype, count=count):
+            def read(offset=offset, dtype=dtype, count=count, member=member, check=check):
+                if check[0]:  # first read of a small record: verify its CRC (it is about to be copied anyway)
+                    check[0] = False
+                    if crc_budget[0] >= member.size:
+                        crc_budget[0] -= member.size
+                        if zlib.crc32(mapped.read(member.data_offset, member.size)) != member.crc:
+                            check[0] = True
+                            raise CorruptCheckpoint(
+                                f"tensor record {member.name!r} fails its CRC check: its bytes differ from what "
+                                f"was written", path=path, hint="the file is damaged; download or copy it again")
                 return mapped.tensor(offset, dtype, count)
         ref = StorageRef(key, dtype, nbytes // dtype.itemsize, str(location), read)
         storages[key] = ref
@@ -103,9 +123,38 @@ def read_torch_zip_at(path: str, *, base: int = 0, length: int | None = None, ma
         data = archive.read(prefix + "data.pkl")
         value, scan = load_pickle(data, persistent_load=_persistent_loader(archive, prefix, mapped, path),
                                   member=prefix + "data.pkl", path=path)
+        scan.anomalies.extend(archive.anomalies)
+        others = scan_other_pickles(archive, skip=(prefix + "data.pkl",), path=path)
+        refuse_if_dangerous(others, path=path)
+        merge_extra(scan, others)  # TorchScript's constants.pkl & co: unknown classes and oddities reported too
     finally:
         archive.close()
     return value, scan, (archive, prefix, is_script)
+
+
+def _inert_storage(pid: Any) -> Any:
+    """A storage record of a side pickle: its declared dtype and size, no bytes."""
+    if (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
+            and type(pid[4]) is int and pid[4] >= 0):
+        return StorageRef(str(pid[2]) if isinstance(pid[2], str) else "?", pid[1].dtype, pid[4],
+                          pid[3] if isinstance(pid[3], str) else "cpu", None)
+    return Placeholder(PlaceholderClass("<persistent id>", "ref"), (short_repr(pid),))
+
+
+def scan_other_pickles(archive: ZipArchive, *, skip: tuple[str, ...] = (), path: str) -> list[PickleScan]:
+    """Interpret every pickle member (``*.pkl``, ``*.debug_pkl``) but ``skip`` (TorchScript's ``constants.pkl``, stray pickles).
+
+    torch.jit.load reads them, and a pickle hidden beside ``data.pkl`` is exactly what a
+    scanner that reads only ``data.pkl`` would miss; storages they reference stay inert.
+    """
+    scans = []
+    for name in archive.members:
+        if name in skip or not name.endswith("pkl"):  # data.pkl, constants.pkl, *.debug_pkl ...
+            continue
+        data = archive.read(name)
+        _, sc = interpret(data, persistent_load=_inert_storage, member=name, path=path)
+        scans.append(sc)
+    return scans
 
 
 def _script_state(obj: Any) -> dict[str, LazyTensor]:

@@ -1,0 +1,235 @@
+"""ckptfit.build: a model constructed on the meta device and filled straight from every format."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+import ckptfit
+from ckptfit.lazy import locate
+
+
+class RMSNorm(nn.Module):
+    """A custom module with no reset_parameters: its init lives in __init__."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class Tiny(nn.Module):
+    """Tied embedding/head, a BatchNorm (persistent buffers), a buffer computed in __init__."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.body = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.norm = RMSNorm(6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("positions", torch.arange(7) * 3, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.bn(self.body(self.embed(ids)))))
+
+
+def _source(seed: int = 0) -> Tiny:
+    torch.manual_seed(seed)
+    m = Tiny()
+    with torch.no_grad():
+        for t in m.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.randn_like(t) + 0.5)  # nothing equals its init
+        m.bn.num_batches_tracked.fill_(3)
+    return m
+
+
+def _write(fmt: str, sd: dict[str, torch.Tensor], path) -> str:
+    """Write ``sd`` (ties already removed where the format needs it) in ``fmt``; returns the path."""
+    if fmt == "torch-zip":
+        p = os.fspath(path / "m.pt")
+        torch.save(sd, p)
+    elif fmt == "torch-legacy":
+        p = os.fspath(path / "m_legacy.pt")
+        torch.save(sd, p, _use_new_zipfile_serialization=False)
+    elif fmt == "safetensors":
+        p = os.fspath(path / "m.safetensors")
+        safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, p)
+    elif fmt == "hf-sharded":
+        p = os.fspath(path / "hf")
+        os.makedirs(p)
+        keys = list(sd)
+        shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+                  "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+        for name, ks in shards.items():
+            safetensors.torch.save_file({k: sd[k].contiguous() for k in ks}, os.path.join(p, name))
+        with open(os.path.join(p, "model.safetensors.index.json"), "w") as f:
+            json.dump({"weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
+    elif fmt == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        p = os.fspath(path / "dcp")
+        with pytest.warns(UserWarning):
+            dcp.save({k: v.clone() for k, v in sd.items()}, checkpoint_id=p)
+    else:
+        raise AssertionError(fmt)
+    return p
+
+
+FORMATS = ["torch-zip", "torch-legacy", "safetensors", "hf-sharded", "dcp"]
+
+
+def _untied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in sd.items() if k != "head.weight"}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_build_gives_exactly_the_checkpoint_values(tmp_path, fmt):
+    src = _source()
+    sd = _untied(src.state_dict())
+    path = _write(fmt, sd, tmp_path)
+    model, report = ckptfit.build(Tiny, path)
+    got = model.state_dict()
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype, k
+        assert torch.equal(got[k], v), k
+    assert model.head.weight is model.embed.weight
+    assert torch.equal(model.positions, torch.arange(7) * 3)
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert all(p.requires_grad for p in model.parameters())
+    assert report.ok
+    ids = torch.tensor([1, 2, 3])
+    torch.testing.assert_close(model.eval()(ids), src.eval()(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["torch-zip", "safetensors", "torch-legacy"])
+def test_build_is_zero_copy_when_dtype_and_device_match(tmp_path, fmt):
+    sd = _untied(_source().state_dict())
+    path = _write(fmt, sd, tmp_path)
+    model, _ = ckptfit.build(Tiny, path)
+    # the parameter's bytes lie inside the file's memory map: nothing was copied
+    assert locate(model.body.weight) is not None
+    assert locate(model.embed.weight) is not None
+    # copy-on-write: training the model never writes the file
+    before = open(path, "rb").read()
+    with torch.no_grad():
+        model.body.weight.add_(1.0)
+    assert open(path, "rb").read() == before
+    assert torch.equal(model.body.weight, sd["body.weight"] + 1.0)
+
+
+def test_build_torchscript_archive(tmp_path):
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.fc(x))
+
+    torch.manual_seed(1)
+    src = Plain()
+    path = os.fspath(tmp_path / "s.pt")
+    torch.jit.save(torch.jit.script(src), path)
+    model, report = ckptfit.build(Plain, path)
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert report.format == "torchscript"
+
+
+def test_fp16_checkpoint_into_fp32_model(tmp_path):
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in _untied(_source().state_dict()).items()}
+    for fmt in ("torch-zip", "safetensors"):
+        path = _write(fmt, sd, tmp_path)
+        model, _ = ckptfit.build(Tiny, path)
+        assert model.body.weight.dtype == torch.float32
+        assert torch.equal(model.body.weight, sd["body.weight"].float())
+        assert model.bn.num_batches_tracked.dtype == torch.int64
+        assert model.head.weight is model.embed.weight
+
+
+def test_dtype_and_device_options(tmp_path):
+    sd = _untied(_source().state_dict())
+    path = _write("torch-zip", sd, tmp_path)
+    model, report = ckptfit.build(Tiny, path, dtype=torch.float64, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model.bn.running_mean.dtype == torch.float64  # a float buffer is cast too
+    assert model.bn.num_batches_tracked.dtype == torch.int64  # an integer one is not
+    assert model.positions.dtype == torch.int64
+    assert torch.equal(model.body.weight, sd["body.weight"].double())
+    assert model.head.weight is model.embed.weight
+    assert report.device == "cpu"
+
+
+def test_partial_initialises_missing_with_reset_parameters(tmp_path):
+    sd = {k: v for k, v in _untied(_source().state_dict()).items() if not k.startswith(("body.", "norm."))}
+    path = _write("torch-zip", sd, tmp_path)
+    model, report = ckptfit.build(Tiny, path, partial=True)
+    w, b = model.body.weight, model.body.bias
+    assert not w.is_meta and not b.is_meta
+    bound = 1 / math.sqrt(6)  # nn.Linear.reset_parameters: kaiming_uniform(a=sqrt(5)) -> U(-1/sqrt(fan_in), ..)
+    assert torch.isfinite(w).all() and w.abs().max() <= bound and w.std() > 0
+    assert torch.isfinite(b).all() and b.abs().max() <= bound and b.std() > 0
+    # a module without reset_parameters keeps what __init__ gave it
+    assert torch.equal(model.norm.scale, torch.ones(6))
+    # the rest is exactly the checkpoint, and ties survive
+    assert torch.equal(model.embed.weight, sd["embed.weight"])
+    assert model.head.weight is model.embed.weight
+    assert w.requires_grad
+    assert {d.target for d in report.left_at_init} >= {"body.weight", "body.bias", "norm.scale"}
+
+
+def test_partial_with_a_tied_tensor_missing_keeps_the_tie(tmp_path):
+    sd = {k: v for k, v in _untied(_source().state_dict()).items() if k != "embed.weight"}
+    path = _write("safetensors", sd, tmp_path)
+    model, _ = ckptfit.build(Tiny, path, partial=True)
+    assert model.head.weight is model.embed.weight
+    assert not model.embed.weight.is_meta
+    assert torch.isfinite(model.embed.weight).all() and model.embed.weight.std() > 0  # Embedding: N(0, 1)
+
+
+def test_missing_tensors_without_partial_fail_and_name_them(tmp_path):
+    sd = {k: v for k, v in _untied(_source().state_dict()).items() if not k.startswith("body.")}
+    path = _write("torch-zip", sd, tmp_path)
+    with pytest.raises(ckptfit.LoadError, match=r"body\.\{?.*weight"):
+        ckptfit.build(Tiny, path)
+
+
+def test_build_from_a_spec_string(tmp_path):
+    sd = _untied(_source().state_dict())
+    path = _write("torch-zip", sd, tmp_path)
+    model, _ = ckptfit.build("test_build:Tiny", path)  # package.module:factory, as the CLI takes it
+    assert torch.equal(model.body.weight, sd["body.weight"])
+
+
+def test_build_from_a_state_dict_in_memory():
+    sd = _untied(_source().state_dict())
+    model, _ = ckptfit.build(Tiny, sd)
+    for k, v in sd.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_factory_must_return_a_module(tmp_path):
+    with pytest.raises(TypeError, match="nn.Module"):
+        ckptfit.build(lambda: 3, {})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("fmt", ["torch-zip", "safetensors"])
+def test_build_straight_to_cuda(tmp_path, fmt):
+    sd = {k: (v.half() if k == "body.weight" else v) for k, v in _untied(_source().state_dict()).items()}
+    path = _write(fmt, sd, tmp_path)
+    model, _ = ckptfit.build(Tiny, path, device="cuda")
+    assert all(t.is_cuda for t in (*model.parameters(), *model.buffers()))
+    for k, v in sd.items():
+        assert torch.equal(model.state_dict()[k].cpu(), v.to(model.state_dict()[k].dtype)), k
