@@ -232,7 +232,7 @@ class LazyTensor:
                  *, device: str = "cpu", requires_grad: bool = False, is_parameter: bool = False,
                  storage_key: str | None = None, storage_offset: int = 0,
                  stride: tuple[int, ...] | None = None):
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = tuple(map(int, shape))
         self.dtype = dtype
         self.device = device
         self.requires_grad = requires_grad

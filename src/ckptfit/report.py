@@ -266,12 +266,15 @@ class LoadReport:
             sections.append(_Section("left at init, shape differs", len(self.skipped_shape), rows))
         if self.missing:
             sections.append(_Section("missing", len(self.missing), _rows_by_reason(self.missing, "missing")))
-        if self.unused:
+        # a tensor already shown as "shape differs" is not listed a second time as unused
+        shown = {d.source for d in self.skipped_shape}
+        unused = [u for u in self.unused if u.source not in shown]
+        if unused:
             rows = tuple(
                 _Row(tuple(fold_keys(u.source for u in group)), "unused", str(reason))
-                for reason, group in _group(self.unused, lambda u: u.reason).items()
+                for reason, group in _group(unused, lambda u: u.reason).items()
             )
-            sections.append(_Section("unused in checkpoint", len(self.unused), rows))
+            sections.append(_Section("unused in checkpoint", len(unused), rows))
         return sections
 
     def _source_text(self) -> str:
