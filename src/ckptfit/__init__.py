@@ -85,6 +85,10 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
+if "torch" in sys.modules:  # torch is paid for already: load the library now, not inside the first call
+    for _name in ("load", "from_checkpoint"):
+        __getattr__(_name)
+
 
 __version__ = "0.1.0"
 
