@@ -214,3 +214,34 @@ def test_wrong_model_is_refused_with_every_problem(tmp_path, source):
         ckptfit.load(target, path)
     assert e.value.problems
     assert "model was not changed" in str(e.value)
+
+
+def test_model_and_ema_under_prefixes_of_one_state_dict(tmp_path, source):
+    # Lightning/timm style: one state_dict holding 'model.*' and 'model_ema.module.*'
+    ema = _distinct(copy.deepcopy(source))
+    sd = {"model." + k: v for k, v in source.state_dict().items()}
+    sd.update({"model_ema.module." + k: v for k, v in ema.state_dict().items()})
+    path = tmp_path / "lit_ema.ckpt"
+    torch.save({"state_dict": sd, "epoch": 1}, path)
+    target = _model(1)
+    report = ckptfit.load(target, path)
+    _assert_equal_sd(target, source.state_dict())
+    assert "strip 'model.'" in report.transforms
+    assert all("EMA" in u.reason for u in report.unused)
+    target = _model(1)
+    report = ckptfit.load(target, path, use="ema")
+    _assert_equal_sd(target, ema.state_dict())
+    assert report.container == "state_dict.model_ema"
+
+
+def test_student_teacher_is_ambiguous_and_refused(tmp_path, source):
+    other = _distinct(copy.deepcopy(source))
+    sd = {"student." + k: v for k, v in source.state_dict().items()}
+    sd.update({"teacher." + k: v for k, v in other.state_dict().items()})
+    path = tmp_path / "kd.pth"
+    torch.save(sd, path)
+    with pytest.raises(ckptfit.LoadError, match="ambiguous"):
+        ckptfit.load(_model(1), path)
+    target = _model(1)
+    ckptfit.load(target, path, use="teacher")
+    _assert_equal_sd(target, other.state_dict())

@@ -114,6 +114,26 @@ def _plan_for(target: _Target, cand: StateDictCandidate, *, partial: bool, renam
                  tied=target.tied)
 
 
+_EMA_WORDS = ("ema", "shadow", "average", "swa", "polyak")
+
+
+def _prefix_inside(cands: list[StateDictCandidate], use: str) -> tuple[StateDictCandidate, str] | None:
+    """``use`` naming a key prefix inside one state dict rather than a container of its own.
+
+    ``use="ema"`` finds the one leading segment with an EMA word (``model_ema.``, ``ema_model.``);
+    any other ``use`` must be a leading segment (or dotted segments) as written.
+    """
+    found: list[tuple[StateDictCandidate, str]] = []
+    for c in cands:
+        firsts = dict.fromkeys(k.split(".", 1)[0] for k in c.tensors if "." in k)
+        if use == "ema":
+            hits = [f for f in firsts if any(w in f.lower() for w in _EMA_WORDS)]
+        else:
+            hits = [use.rstrip(".")] if any(k.startswith(use.rstrip(".") + ".") for k in c.tensors) else []
+        found.extend((c, h + ".") for h in hits)
+    return found[0] if len(found) == 1 else None
+
+
 def _choose(target: _Target, ckpt: Checkpoint, *, use: str | None, partial: bool, rename, include,
             exclude) -> tuple[StateDictCandidate, Plan, str]:
     cands = ckpt.state_dicts()
@@ -122,7 +142,18 @@ def _choose(target: _Target, ckpt: Checkpoint, *, use: str | None, partial: bool
                               hint="run `ckptfit inspect` on it to see what it contains")
     opts = dict(partial=partial, rename=rename, include=include, exclude=exclude)
     if use is not None:
-        c = select_candidate(cands, use, path=ckpt.path)
+        try:
+            c = select_candidate(cands, use, path=ckpt.path)
+        except CheckpointError:
+            inner = _prefix_inside(cands, use)
+            if inner is None:
+                raise
+            outer, prefix = inner  # e.g. Lightning: one state dict holding 'model.*' and 'model_ema.*'
+            name = f"{outer.name}.{prefix[:-1]}" if outer.name else prefix[:-1]
+            c = StateDictCandidate(name, {k[len(prefix):]: t for k, t in outer.tensors.items()
+                                          if k.startswith(prefix)}, "ema" if use == "ema" else outer.kind)
+            return c, _plan_for(target, c, **opts), (f"use={use!r}: the tensors under {prefix!r} inside "
+                                                     f"{outer.label}")
         return c, _plan_for(target, c, **opts), f"chosen with use={use!r}"
     default = next(c for c in cands if c.default)
     if len(cands) == 1:

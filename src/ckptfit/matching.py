@@ -152,6 +152,22 @@ def _describe(a: str, b: str) -> str:
     return f"replace '{a}' with '{b}'"
 
 
+_EMA_WORDS = ("ema", "shadow", "average", "swa", "polyak")
+
+
+def _is_ema_prefix(prefix: str) -> bool:
+    return any(w in seg.lower() for seg in prefix.split(".") if seg for w in _EMA_WORDS)
+
+
+def _model_over_ema(conflicting: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """Of transforms that fit equally well, the one stripping a plain prefix when every other strips
+    an EMA-named one (``model.`` vs ``model_ema.``); None when that does not settle it."""
+    plain = [c for c in conflicting if not _is_ema_prefix(c[0])]
+    if len(conflicting) >= 2 and len(plain) == 1 and plain[0][1] == "":
+        return plain[0]
+    return None
+
+
 def _rule_for(a: str, b: str) -> str:
     return f"rename=[(r'^{re.escape(a)}', '{b}')]"
 
@@ -390,6 +406,15 @@ class _Matcher:
             group = [c for c, (n, m, _) in ranked if (n, m) == top][:_MAX_TIED_CANDIDATES]
             maps = {c: self._prefix_pairs(c, under, free_t) for c in group}
             bad = self._conflicting(group, maps)
+            preferred = _model_over_ema([c for c in group if c in bad])
+            if preferred is not None:  # one file holding the model and its EMA copy: the model's own
+                for c in bad - {preferred}:
+                    banned.add(c)
+                    for si, _ti in maps[c]:
+                        self.s_note[si] = f"EMA copy beside the model's own weights ({_describe(*preferred)}); " \
+                                          f"pick it with use='ema'"
+                group = [c for c in group if c == preferred or c not in bad]
+                bad = set()
             for c in group:
                 if c in bad:
                     banned.add(c)
