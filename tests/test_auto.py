@@ -111,3 +111,17 @@ def test_cli_load_without_model_says_what_it_chose(tmp_path):
     res = CliRunner().invoke(main, ["load", str(path), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["report"]["model"].startswith("torchvision.models.resnet18(num_classes=3)")
+
+
+def test_whole_pickled_model_error_names_its_class(tmp_path):
+    from ckptfit.demo import SmallCNN
+
+    torch.save(SmallCNN(), tmp_path / "whole.pth")
+    with pytest.raises(CheckpointError) as e:
+        from_checkpoint(tmp_path / "whole.pth")
+    assert "whole pickled model of class 'ckptfit.demo.SmallCNN'" in str(e.value)
+    assert "does not record its architecture" not in str(e.value)
+    assert "--model ckptfit.demo:SmallCNN" in e.value.hint
+    torch.jit.save(torch.jit.script(SmallCNN()), tmp_path / "scripted.pt")
+    with pytest.raises(CheckpointError, match="TorchScript model of class 'ckptfit.demo.SmallCNN'"):
+        from_checkpoint(tmp_path / "scripted.pt")

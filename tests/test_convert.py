@@ -279,3 +279,14 @@ def test_cli_convert(trained, tmp_path):
     _assert_same(sd, _read_st(dst), dtype=torch.float16)
     res = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "x.weird")])
     assert res.exit_code == 1 and "cannot tell the output format" in res.output
+
+
+def test_folder_output_is_not_private_and_sizes_read_well(trained, tmp_path):
+    _net, _sd, src = trained
+    dst = tmp_path / "sharded"
+    result = convert(src, dst, shard_size=200)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(dst).st_mode & 0o777 == 0o777 & ~mask  # as os.mkdir would make it, not mkdtemp's 0o700
+    head = str(result).splitlines()[0]
+    assert " 0.0 MB" not in head and (" KB" in head or " B" in head)

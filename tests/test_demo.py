@@ -82,3 +82,15 @@ def test_examples_are_small_and_name_their_model(tmp_path) -> None:
     assert sum((tmp_path / e.file).stat().st_size for e in examples) < 100_000_000
     for e in examples:
         assert e.spec.split()[0].count(":") == 1  # a model SPEC the CLI takes
+
+
+def test_demo_suggestions_quote_paths_and_name_the_current_directory(tmp_path, monkeypatch) -> None:
+    from ckptfit.demo import _commands_to_try
+
+    examples = write_examples(str(tmp_path))
+    commands = _commands_to_try("my files", examples)
+    assert all(shlex.split(c)[2].startswith("my files/") for c in commands)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["demo", "--keep", "."], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "The files are in the current directory. Try:" in r.output

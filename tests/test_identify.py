@@ -162,3 +162,12 @@ def test_cli_identify_json_and_exit_codes(cache, resnet34_sd, tmp_path):
     res = runner.invoke(main, ["identify", str(odd)])
     assert res.exit_code == 2
     assert "unknown architecture" in res.stdout
+
+
+def test_text_without_any_comparable_candidate_lists_none():
+    from ckptfit.identify import Candidate, Identification
+
+    zero = tuple(Candidate(f"torchvision.models.m{i}", {}, 0.0, "0/16 model tensors match") for i in range(3))
+    text = str(Identification("gone.pth", None, 2, zero, False))
+    assert "no known architecture shares a tensor name and shape with it" in text
+    assert "torchvision.models.m0" not in text  # 0-score candidates are noise, not "nearest"

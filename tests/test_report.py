@@ -196,3 +196,18 @@ def test_root_container_and_minimal_report():
     plan = Plan((load("w", (1,)),), container="", containers=("", "ema"))
     assert str(LoadReport.from_plan(plan)) == "Loaded 1/1 tensors (state dict at the root; also has: ema)"
     assert str(LoadReport.from_plan(Plan(()))) == "Loaded 0/0 tensors"
+
+
+def test_refused_plan_does_not_call_wrong_shapes_left_at_init():
+    decisions = (
+        load("conv.weight", (4,)),
+        Decision("fc.weight", "skip_shape", "fc.weight", "exact", "same name, but another shape; not loaded",
+                 (10, 512), (1000, 512), torch.float32, torch.float32),
+    )
+    refused = Plan(decisions, problems=("fc.weight: checkpoint has [1000, 512], model has [10, 512]",))
+    text = render_plan(refused)
+    assert "  shape differs (1): fc.weight — checkpoint [1000, 512], model [10, 512]" in text
+    assert "left at init" not in text  # a refused load leaves the model unchanged
+    partial = Plan((decisions[0], Decision("fc.weight", "skip_shape", "fc.weight", "exact", "kept at init",
+                                           (10, 512), (1000, 512), torch.float32, torch.float32)), partial=True)
+    assert "  left at init, shape differs (1): fc.weight" in render_plan(partial)

@@ -41,6 +41,11 @@ def scan_command(path: str, as_json: bool, debug: bool) -> None:
             raise
         click.echo(f"error: {str(e).splitlines()[0]}", err=True)
         sys.exit(1)
+    except (OSError, ValueError, RuntimeError) as e:  # as the other commands (cli.handle_errors)
+        if debug:
+            raise
+        click.echo(f"error: {path}: {type(e).__name__}: {e}", err=True)
+        sys.exit(1)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -48,5 +53,5 @@ def scan_command(path: str, as_json: bool, debug: bool) -> None:
 
         Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(report.__rich__())
     if report.verdict == "error":
-        click.echo(f"error: {report.errors[0].splitlines()[0]}", err=True)
+        click.echo(f"error: {path}: {report.errors[0].splitlines()[0]}", err=True)
     sys.exit(report.exit_code)

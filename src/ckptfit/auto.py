@@ -74,6 +74,22 @@ def _import_class(path: str, where: str) -> Callable[..., nn.Module]:
     return obj
 
 
+def _recorded_class(ckpt: Checkpoint) -> str | None:
+    """The class a whole pickled model (``torch.save(model)``) or a TorchScript archive names,
+    when it is not one of torch's own; None otherwise. Nothing is imported."""
+    from .safety import Placeholder
+
+    name = None
+    if isinstance(ckpt.tree, Placeholder):
+        name = ckpt.tree.qualname
+    elif isinstance(ckpt.metadata.get("torchscript_class"), str):
+        parts = ckpt.metadata["torchscript_class"].removeprefix("__torch__.").split(".")
+        name = ".".join(p for p in parts if not p.startswith("___torch_mangle_"))
+    if not name or "." not in name or name.startswith("torch."):
+        return None
+    return name
+
+
 def _identified_factory(ckpt: Checkpoint, use: str | None, families: Any) -> tuple[Callable[[], nn.Module], str]:
     from .identify import identify
     from .specs import model_factory
@@ -82,11 +98,25 @@ def _identified_factory(ckpt: Checkpoint, use: str | None, families: Any) -> tup
     best = result.best
     if best is None:
         lines = "\n".join(f"  {c.score:.3f} {c.architecture}({_kwargs_text(c.kwargs)}): {c.explained}"
-                          for c in result.candidates[:5]) or "  (nothing comparable)"
-        raise CheckpointError(f"the file does not record its architecture, and no known architecture fits it "
-                              f"completely; nearest candidates:\n{lines}", path=ckpt.path,
-                              hint="pass the model yourself: ckptfit load PATH --model SPEC "
-                                   "(or ckptfit.build(factory, path)); `ckptfit identify PATH` shows what differs")
+                          for c in result.candidates[:5] if c.score > 0) or "  (nothing comparable)"
+        hint = ("pass the model yourself: ckptfit load PATH --model SPEC (or ckptfit.build(factory, path)); "
+                "`ckptfit identify PATH` shows what differs")
+        recorded = _recorded_class(ckpt)
+        if recorded is None:
+            what = "the file does not record its architecture"
+        else:
+            kind = "TorchScript model" if ckpt.format == "torchscript" else "whole pickled model"
+            what = (f"the file is a {kind} of class {recorded!r}, which ckptfit does not import (that would run "
+                    "code from wherever the file says)")
+            module, _, name = recorded.rpartition(".")
+            if module == "__main__":
+                hint = (f"{name} was defined in the training script itself: build it there and pass it, "
+                        f"ckptfit.build({name}, path) or ckptfit.load({name}(...), path)")
+            else:
+                hint = (f"pass the model yourself: ckptfit load PATH --model {module}:{name} (add --model-arg "
+                        f"for its constructor arguments), or ckptfit.build({name}, path)")
+        raise CheckpointError(f"{what}, and no known architecture fits it completely; nearest candidates:\n{lines}",
+                              path=ckpt.path, hint=hint)
     how = f"identified from names and shapes, score {best.score:.3f}"
     if best.equivalent:
         how += f"; same signature as {', '.join(best.equivalent[:3])}"

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ._gc import gc_paused
 from .errors import CheckpointError, ResourceLimitExceeded
 from .lazy import LazyTensor
 from .safety import PickleScan, Placeholder, to_plain
@@ -278,8 +279,9 @@ class Checkpoint:
             [('state_dict', 'model', True), ('state_dict_ema', 'ema', False)]
         """
         if self._cached is None:
-            found = self._candidates if self._candidates is not None else _find_candidates(self.tree)
-            self._cached = _mark_default(found)
+            with gc_paused():
+                found = self._candidates if self._candidates is not None else _find_candidates(self.tree)
+                self._cached = _mark_default(found)
         return list(self._cached)
 
     def state_dict(self, use: str | None = None) -> StateDictCandidate:

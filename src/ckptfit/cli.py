@@ -35,6 +35,26 @@ def parse_dtype(name: str | None):
     return getattr(torch, DTYPES[key])
 
 
+def parse_device(name: str | None) -> str | None:
+    """Check ``--device`` before anything is built: a clear usage error for a typo or a missing GPU."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"unknown device {name!r}; use e.g. cpu, cuda, cuda:1 or mps",
+                                 param_hint="--device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{name!r}: CUDA is not available on this machine (torch.cuda.is_available() "
+                                 "is False); use cpu", param_hint="--device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise click.BadParameter(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                                 param_hint="--device")
+    return name
+
+
 def _stderr(msg: str) -> None:
     click.echo(msg, err=True)
 
@@ -171,7 +191,8 @@ Examples:
 @click.option("--device", default=None, metavar="DEVICE", help="Load onto this device, e.g. cuda:0 (default: cpu).")
 @click.option("--dtype", default=None, metavar="DTYPE",
               help="Cast floating tensors: fp32, fp16 or bf16 (default: keep the model's).")
-@click.option("--verify", "do_verify", is_flag=True, help="Run one forward pass and check for NaN/Inf.")
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Run one forward pass and check for NaN/Inf; exit 1 (and do not --save) if it fails.")
 @click.option("--save", "save_path", type=click.Path(), default=None,
               help="Write the loaded model's state dict here (.safetensors, else torch.save).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -187,7 +208,7 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     from .loading import build
 
     opts = _common(partial, use, renames, include, exclude, trust)
-    opts.update(device=device, dtype=parse_dtype(dtype))
+    opts.update(device=parse_device(device), dtype=parse_dtype(dtype))
     if model_spec:
         model, report = build(_factory(model_spec, model_args), ckpt, **opts)
         chosen = None
@@ -213,6 +234,12 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
                             "nonfinite": v.nonfinite, "error": v.error}
         if not as_json:
             click.echo(str(v))
+        if not v.ok:
+            if as_json:
+                click.echo(json.dumps(result, indent=2, default=str))
+            _stderr("error: verify failed: " + (v.error or f"{v.nonfinite} NaN/Inf values in the output")
+                    + ("; not saved" if save_path else ""))
+            sys.exit(1)
     if save_path:
         _save_state_dict(model, save_path)
         result["saved"] = save_path

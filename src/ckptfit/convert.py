@@ -99,9 +99,11 @@ class ConvertResult:
                 "seconds": self.seconds}
 
     def __str__(self) -> str:
-        mb = self.bytes_written / 1e6
-        speed = f", {mb / self.seconds:.0f} MB/s" if self.seconds > 0 else ""
-        lines = [f"Wrote {self.destination} ({self.format}, {self.num_tensors} tensors, {mb:.1f} MB"
+        from .inspection import human_bytes
+
+        speed = f", {human_bytes(int(self.bytes_written / self.seconds))}/s" if self.seconds > 0 else ""
+        tensors = f"{self.num_tensors} tensor{'s' if self.num_tensors != 1 else ''}"
+        lines = [f"Wrote {self.destination} ({self.format}, {tensors}, {human_bytes(self.bytes_written)}"
                  + (f", as {self.dtype}" if self.dtype else "") + f") in {self.seconds:.2f} s{speed}"]
         if self.container:
             lines.append(f"  weights from container {self.container!r}")
@@ -534,6 +536,10 @@ def _temp_dir_beside(dst: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=parent)
     try:
         yield tmp
+        # mkdtemp makes the folder private (0o700); the result gets what os.mkdir would give it
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)
         if os.path.isdir(dst):
             os.rmdir(dst)  # empty (checked before writing)
         os.replace(tmp, dst)

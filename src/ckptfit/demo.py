@@ -313,21 +313,25 @@ def run_demo(keep: str | os.PathLike[str] | None = None, echo: Callable[[str], N
         else:
             rel = os.path.relpath(directory)
             shown = rel if not rel.startswith("..") else directory
-            echo(f"The files are in {shown}. Try:")
+            where = "the current directory" if shown == os.curdir else shown
+            echo(f"The files are in {where}. Try:")
             for line in _commands_to_try(shown, examples):
                 echo(f"  {line}")
         return loaded == len(examples)
 
 
 def _commands_to_try(directory: str, examples: list[Example]) -> list[str]:
+    import shlex
+
     def path(e: Example) -> str:
-        return os.path.join(directory, e.file)
+        return shlex.quote(os.path.join(directory, e.file))
 
     first, second, third = examples[0], examples[1], examples[2]
+    fixed = shlex.quote(os.path.join(directory, "fixed.safetensors"))
     return [
         f"ckptfit inspect {path(first)}",
         f"ckptfit load {path(first)} --model {first.spec} --verify",
         f"ckptfit plan {path(second)} --model {second.spec}",
-        f"ckptfit load {path(third)} --model {third.spec} --save {os.path.join(directory, 'fixed.safetensors')}",
+        f"ckptfit load {path(third)} --model {third.spec} --save {fixed}",
         f"ckptfit diff {path(first)} {path(second)}",
     ]

@@ -62,7 +62,7 @@ class Diff:
         }
 
     def __str__(self) -> str:
-        lines = [f"diff {self.a} -> {self.b}: {self.common} tensors in both"]
+        lines = [f"diff {self.a} -> {self.b}: {self.common} tensor{'s' if self.common != 1 else ''} in both"]
         if self.identical:
             lines.append("  identical" + ("" if self.values_compared else " (names, shapes and dtypes)"))
             return "\n".join(lines)
@@ -72,22 +72,32 @@ class Diff:
             lines.append(f"  added ({len(self.added)}): " + ", ".join(fold_keys(self.added)))
         if self.renamed:
             lines.append(f"  renamed ({len(self.renamed)}):")
-            lines.extend(f"    {p}" for p in fold_pairs(self.renamed)[:20])
+            lines.extend(_capped([f"    {p}" for p in fold_pairs(self.renamed)], 20))
+        shapes: dict[tuple[tuple[int, ...], tuple[int, ...]], list[str]] = {}
         for n, x, y in self.shape_changed:
-            lines.append(f"  shape {n}: {list(x)} -> {list(y)}")
+            shapes.setdefault((tuple(x), tuple(y)), []).append(n)
+        lines.extend(_capped([f"  shape {', '.join(fold_keys(names))}: {list(x)} -> {list(y)}"
+                              for (x, y), names in shapes.items()], 20))
         if self.dtype_changed:
             by: dict[tuple[str, str], list[str]] = {}
             for n, x, y in self.dtype_changed:
                 by.setdefault((x, y), []).append(n)
             for (x, y), names in by.items():
                 lines.append(f"  dtype {x} -> {y} ({len(names)}): " + ", ".join(fold_keys(names)))
-        if self.values_compared:
+        if self.values_compared and self.max_abs_diff:
             changed = {k: v for k, v in self.max_abs_diff.items() if v != 0}
             same = len(self.max_abs_diff) - len(changed)
             lines.append(f"  values: {same} equal, {len(changed)} differ")
             top = sorted(changed.items(), key=lambda kv: -kv[1])[:10]
             lines.extend(f"    {k}: max |a-b| = {v:.3g}" for k, v in top)
         return "\n".join(lines)
+
+
+def _capped(lines: list[str], limit: int) -> list[str]:
+    if len(lines) <= limit:
+        return lines
+    indent = lines[0][: len(lines[0]) - len(lines[0].lstrip())]
+    return [*lines[: limit - 1], f"{indent}… {len(lines) - limit + 1} more lines"]
 
 
 def _side(src: str, model_args: Sequence[str], trust: bool) -> tuple[dict[str, Any], bool]:

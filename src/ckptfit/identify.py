@@ -180,6 +180,11 @@ class Identification:
                              + "".join(f" --model-arg {k}={json.dumps(v)}" for k, v in b.kwargs.items()))
             rest = self.candidates[1:]
             title = "  next candidates:"
+        elif self.candidates and all(c.score <= 0 for c in self.candidates):
+            lines.append(f"{where}: unknown architecture ({self.num_tensors} tensors); no known architecture "
+                         "shares a tensor name and shape with it")
+            rest = ()
+            title = None
         else:
             lines.append(f"{where}: unknown architecture ({self.num_tensors} tensors); nearest candidates:")
             rest = self.candidates

@@ -28,6 +28,11 @@ def human_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _tensors(n: int) -> str:
+    """``"1 tensor"``, ``"14 tensors"``."""
+    return f"{n} tensor{'s' if n != 1 else ''}"
+
+
 def _count(n: int) -> str:
     if n >= 1_000_000_000:
         return f"{n / 1e9:.2f}B"
@@ -95,7 +100,7 @@ class Inspection:
         verdict = self.safety.get("verdict", "?")
         console.print(Text.assemble((os.path.basename(self.path) or self.path, "bold"),
                                     f"  {self.format}, {human_bytes(self.size)} on disk, "
-                                    f"{self.num_tensors} tensors ({human_bytes(self.num_bytes)})"))
+                                    f"{_tensors(self.num_tensors)} ({human_bytes(self.num_bytes)})"))
         console.print(Text(f"safety: {verdict}" + (f" — inert placeholders for: {', '.join(self.safety['unknown_classes'][:6])}"
                                                    + (" …" if len(self.safety["unknown_classes"]) > 6 else "")
                                                    if self.safety.get("unknown_classes") else "")))
@@ -105,13 +110,13 @@ class Inspection:
             console.print(Text("metadata:", style="bold"))
             for k, v in list(self.metadata.items())[:20]:
                 text = v if isinstance(v, str) else _short_json(v)
-                console.print(Text(f"  {k}: {text}"))
+                console.print(Text(f"  {k}: {text}"), no_wrap=True, overflow="ellipsis")
         if self.state_dicts:
             console.print(Text("state dicts:", style="bold"))
             for sd in self.state_dicts:
                 mark = "*" if sd["default"] else " "
                 name = sd["name"] or "(top level)"
-                console.print(Text(f" {mark} {name}: {sd['kind']}, {sd['num_tensors']} tensors, "
+                console.print(Text(f" {mark} {name}: {sd['kind']}, {_tensors(sd['num_tensors'])}, "
                                    f"{human_bytes(sd['num_bytes'])} — {sd['reason']}"))
         if self.modules:
             t = Table(title=f"modules of {self.default or '(top level)'!s}", title_justify="left", box=None,
@@ -121,6 +126,9 @@ class Inspection:
             for m, n, p, b in self.modules:
                 t.add_row(Text(m or "(root)"), str(n), _count(p), human_bytes(b))
             console.print(t)
+        if not self.tensors:
+            console.print(Text("tensors: none", style="bold"))
+            return
         t = Table(title="tensors" + ("" if show_all else " (same shape and dtype folded)"), title_justify="left",
                   box=None, pad_edge=False)
         for col, j in (("name", "left"), ("shape", "left"), ("dtype", "left"), ("n", "right"), ("params", "right"),
@@ -131,10 +139,10 @@ class Inspection:
                 numel = 1
                 for x in s:
                     numel *= x
-                t.add_row(Text(n), str(list(s)), d, "1", _count(numel), human_bytes(b), dev)
+                t.add_row(Text(n or "(root)"), str(list(s)), d, "1", _count(numel), human_bytes(b), dev)
         else:
             for g in self.groups:
-                t.add_row(Text(g.pattern), str(list(g.shape)), g.dtype, str(g.count), _count(g.numel),
+                t.add_row(Text(g.pattern or "(root)"), str(list(g.shape)), g.dtype, str(g.count), _count(g.numel),
                           human_bytes(g.nbytes), g.device)
         console.print(t)
 
@@ -169,14 +177,32 @@ def _groups(items: list[tuple[str, Any]]) -> list[TensorGroup]:
     return [g for _, g in out]
 
 
+def _shared_prefix(names: list[str]) -> str:
+    """The leading ``a.b.`` every name has, with something dotted after it (``module.`` of a
+    DataParallel file, ``model.`` of a Lightning one), so that modules are listed below it."""
+    if not names:
+        return ""
+    prefix = ""
+    while True:
+        first = names[0][len(prefix):]
+        if "." not in first:
+            return prefix
+        candidate = prefix + first.split(".", 1)[0] + "."
+        if not all(n.startswith(candidate) and "." in n[len(candidate):] for n in names):
+            return prefix
+        prefix = candidate
+
+
 def summarize(ckpt: Checkpoint) -> Inspection:
     """An :class:`Inspection` of an opened checkpoint (headers only)."""
     cands = ckpt.state_dicts()
     default = next((c for c in cands if c.default), None)
     items = list(default.tensors.items()) if default is not None else list(ckpt.tensors())
     modules: OrderedDict[str, list[int]] = OrderedDict()
+    shared = _shared_prefix([name for name, _ in items])
     for name, t in items:
-        top = name.split(".", 1)[0] if "." in name else ""
+        rest = name[len(shared):]
+        top = shared + rest.split(".", 1)[0] if "." in rest else ""
         m = modules.setdefault(top, [0, 0, 0])
         m[0] += 1
         m[1] += t.numel

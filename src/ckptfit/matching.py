@@ -614,6 +614,8 @@ class _Matcher:
     # -- stages 5-7: decisions ---------------------------------------------------------
 
     def _excluded(self, ti: int, si: int | None) -> str | None:
+        if not self.exclude and self.include is None:
+            return None
         names = [self.t_name[ti]]
         if si is not None:
             names += [self.s_name[si], self.work[si]]

@@ -39,7 +39,7 @@ class TensorSpec:
     dtype: torch.dtype
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "shape", tuple(map(int, self.shape)))
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,9 @@ class LoadReport:
 
     # ---- renderings ---------------------------------------------------------------------
 
-    def _sections(self) -> list[_Section]:
+    def _sections(self, refused: bool = False) -> list[_Section]:
+        """The folded sections; ``refused``: a plan that will not be applied, whose tensors of
+        another shape are problems rather than layers "left at init"."""
         sections: list[_Section] = []
         listed = [d for d in self.loaded if d.stage in _LISTED_STAGES and d.source != d.target]
         for stage in _LISTED_STAGES:
@@ -263,7 +265,8 @@ class LoadReport:
                     self.skipped_shape, lambda d: (d.source_shape, d.target_shape)
                 ).items()
             )
-            sections.append(_Section("left at init, shape differs", len(self.skipped_shape), rows))
+            title = "shape differs" if refused else "left at init, shape differs"
+            sections.append(_Section(title, len(self.skipped_shape), rows))
         if self.missing:
             sections.append(_Section("missing", len(self.missing), _rows_by_reason(self.missing, "missing")))
         # a tensor already shown as "shape differs" is not listed a second time as unused
@@ -317,9 +320,9 @@ class LoadReport:
             lines.append("  matched: " + ", ".join(counts))
         return lines
 
-    def _lines(self, verb: str, max_lines: int, max_keys: int) -> list[str]:
+    def _lines(self, verb: str, max_lines: int, max_keys: int, refused: bool = False) -> list[str]:
         lines = self._head_lines(verb)
-        for section in self._sections():
+        for section in self._sections(refused):
             lines.extend(_section_lines(section, max_lines, max_keys))
         lines.extend(_list_lines("warning", self.warnings))
         return lines
@@ -502,7 +505,7 @@ def render_plan(plan: Plan, *, max_lines: int = 12, max_keys: int = 8) -> str:
         Would load 1/1 tensors
     """
     report = LoadReport.from_plan(plan)
-    lines = report._lines("Would load", max_lines, max_keys)
+    lines = report._lines("Would load", max_lines, max_keys, refused=not plan.ok and not plan.partial)
     if plan.partial:
         lines.insert(1, "  partial=True: tensors that nothing fills stay at their init")
     if not plan.ok:

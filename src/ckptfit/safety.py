@@ -26,6 +26,7 @@ import _compat_pickle
 import codecs
 import collections
 import datetime
+import gc
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -330,10 +331,14 @@ class _Handler:
 # --------------------------------------------------------------------------- rebuild handlers
 
 def _ints(x: Any, what: str) -> tuple[int, ...]:
-    if isinstance(x, torch.Size):
-        x = tuple(x)
-    if not isinstance(x, tuple | list) or not all(type(i) is int for i in x):
-        raise CorruptCheckpoint(f"tensor {what} is not a tuple of integers: {type(x).__name__}")
+    if type(x) is not tuple:  # (a plain tuple, the usual case, skips both tests)
+        if isinstance(x, torch.Size):
+            x = tuple(x)
+        if not isinstance(x, tuple | list):
+            raise CorruptCheckpoint(f"tensor {what} is not a tuple of integers: {type(x).__name__}")
+    for i in x:  # (a loop: all() over a generator costs more than the check for 1-4 dimensions)
+        if type(i) is not int:
+            raise CorruptCheckpoint(f"tensor {what} is not a tuple of integers: {type(x).__name__}")
     return tuple(x)
 
 
@@ -345,14 +350,18 @@ def _check_view(storage: StorageRef, offset: int, size: tuple[int, ...], stride:
         raise CorruptCheckpoint(f"tensor storage offset {offset!r} is invalid")
     if len(size) != len(stride):
         raise CorruptCheckpoint(f"tensor has {len(size)} sizes but {len(stride)} strides")
-    if any(s < 0 for s in size) or any(s < 0 for s in stride):
+    # size and stride are tuples of ints (_ints) of the same length: min/max test every element, as
+    # any() over each would, at a fraction of the cost
+    if size and (min(size) < 0 or min(stride) < 0):
         raise CorruptCheckpoint(f"tensor view has a negative size or stride: size {list(size)}, stride {list(stride)}")
-    if len(size) > 64 or any(s >= _MAX_DIM for s in size) or any(s >= _MAX_DIM for s in stride) or offset >= _MAX_DIM:
+    if len(size) > 64 or (size and (max(size) >= _MAX_DIM or max(stride) >= _MAX_DIM)) or offset >= _MAX_DIM:
         raise CorruptCheckpoint(f"tensor view (offset {offset}, size {list(size)[:8]}, stride {list(stride)[:8]}) "
                                 f"is beyond what any tensor can have")
     if 0 in size:
         return
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # Python ints: no overflow
+    last = offset
+    for n, s in zip(size, stride):
+        last += (n - 1) * s  # Python ints: no overflow
     if last >= storage.numel:
         raise CorruptCheckpoint(
             f"tensor view (offset {offset}, size {list(size)}, stride {list(stride)}) reaches element {last} "
@@ -805,40 +814,44 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
         globals_idx[id(obj)] = idx
         return obj
 
+    calls = scan.calls
+    refs = scan.globals
+
     def mark_called(obj: Any) -> None:
         idx = globals_idx.get(id(obj))
         if idx is None:
             return
-        scan.calls[idx] = scan.calls.get(idx, 0) + 1
-        if not scan.globals[idx].called:
-            g = scan.globals[idx]
-            scan.globals[idx] = GlobalRef(g.module, g.name, g.kind, g.opcode, g.position, True, g.member)
+        calls[idx] = calls.get(idx, 0) + 1
+        g = refs[idx]
+        if not g.called:
+            refs[idx] = GlobalRef(g.module, g.name, g.kind, g.opcode, g.position, True, g.member)
 
     def call(fn: Any, args: Any, kwargs: dict | None = None) -> Any:
         nonlocal alloc
         alloc += 160
-        if not isinstance(args, tuple):
+        if type(args) is not tuple and not isinstance(args, tuple):
             if isinstance(args, list):
                 args = tuple(args)
             else:
                 raise fail("call arguments are not a tuple")
         mark_called(fn)
-        if isinstance(fn, _Dangerous):
-            return Placeholder(PlaceholderClass(fn.module, fn.name), args)
-        if isinstance(fn, PlaceholderClass):
-            return Placeholder(fn, args, kwargs)
-        if isinstance(fn, _Handler):
+        # the classes below are unrelated, so the order of these tests only matters for speed
+        if isinstance(fn, _Handler):  # torch's rebuild functions, OrderedDict ...: by far the most called
             if fn.fn is None:
                 if fn.value in ("Tensor", "Parameter", "Buffer") and not args:
                     return Placeholder(PlaceholderClass(fn.module, fn.name), args)
                 return Placeholder(PlaceholderClass(fn.module, fn.name), args, kwargs)
             try:
-                return fn.fn(*args, **(kwargs or {}))
+                return fn.fn(*args, **kwargs) if kwargs else fn.fn(*args)
             except (CorruptCheckpoint, UnsupportedFormat):
                 raise
             except (TypeError, ValueError, OverflowError, KeyError, IndexError, AttributeError,
                     RuntimeError) as e:
                 raise fail(f"{fn.module}.{fn.name} got unexpected arguments ({e})") from e
+        if isinstance(fn, _Dangerous):
+            return Placeholder(PlaceholderClass(fn.module, fn.name), args)
+        if isinstance(fn, PlaceholderClass):
+            return Placeholder(fn, args, kwargs)
         if isinstance(fn, StorageType):
             return Placeholder(PlaceholderClass("torch", fn.name), args)
         if isinstance(fn, Placeholder):  # calling an object built by the pickle
@@ -927,8 +940,8 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
         if not stack:
             raise fail("memo store on an empty stack")
         nonlocal alloc
-        if idx < 0 or len(memo) >= MAX_MEMO:
-            raise ResourceLimitExceeded(f"pickle memo exceeds {MAX_MEMO} entries or has a bad index", path=path)
+        if idx < 0 or len(memo) >= max_memo:
+            raise ResourceLimitExceeded(f"pickle memo exceeds {max_memo} entries or has a bad index", path=path)
         alloc += 100
         memo[idx] = stack[-1]
 
@@ -940,71 +953,114 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
     if n - start > MAX_PICKLE_BYTES:
         raise ResourceLimitExceeded(f"pickle of {n - start} bytes exceeds the {MAX_PICKLE_BYTES}-byte limit",
                                     path=path)
+    # Everything built here counts towards MAX_OBJECT_BYTES, garbage included, so the cyclic collector
+    # can wait until the end; run meanwhile, it re-walks the growing memo many times (see ckptfit._gc).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    # Limits read once (tests and users may change the module's values between calls).
+    max_objects, max_stack, max_memo = MAX_OBJECT_BYTES, MAX_STACK, MAX_MEMO
+    # Every opcode adds at least 8 to `alloc` and pushes at most one item on the stack (MARK starts an
+    # empty one), so before each opcode len(stack) < alloc / 8: neither limit can be exceeded while
+    # `alloc` is at most `check_from`, and the stack is measured only past it.
+    check_from = min(max_objects, 8 * max_stack)
+    # No opcode argument may cross `limit`: the end of the current FRAME, else of the data (a frame
+    # never ends past the data). `pos + k > limit` is the fast test; need(k) then says which end.
+    limit = n
     try:
         while True:
-            if frame_end >= 0 and pos == frame_end:
-                frame_end = -1
-            if pos >= n:
-                raise fail("the pickle ends before its STOP opcode")
+            if pos >= limit:
+                if frame_end >= 0 and pos == frame_end:
+                    frame_end = -1
+                    limit = n
+                if pos >= n:
+                    raise fail("the pickle ends before its STOP opcode")
             at = pos
             op = mv[pos]
             pos += 1
             alloc += 8
-            if alloc > MAX_OBJECT_BYTES or len(stack) > MAX_STACK:
+            if alloc > check_from and (alloc > max_objects or len(stack) > max_stack):
                 where = f" ({member})" if member else ""
                 raise ResourceLimitExceeded(
-                    f"the pickle{where} builds more than {MAX_OBJECT_BYTES >> 20} MiB of Python objects by byte "
+                    f"the pickle{where} builds more than {max_objects >> 20} MiB of Python objects by byte "
                     f"{at} (a memory bomb?); ckptfit stopped before allocating more", path=path,
                     hint="no checkpoint's structure needs that much; nothing was executed. If this is a genuine "
                          "checkpoint with a huge pickle, raise ckptfit.safety.MAX_OBJECT_BYTES, or save the weights "
                          "with safetensors")
-            # ---- most frequent opcodes first
-            if op == 0x71:  # BINPUT
-                need(1); memo_put(mv[pos]); pos += 1
+            # ---- most frequent opcodes first (torch.save writes protocol 2: LONG_BINPUT after 256 memo entries)
+            if op == 0x72:  # LONG_BINPUT
+                if pos + 4 > limit: need(4)
+                idx = unpack("<I", mv, pos)[0]
+                if stack and len(memo) < max_memo:
+                    alloc += 100; memo[idx] = stack[-1]
+                else:
+                    memo_put(idx)  # raises
+                pos += 4
             elif op == 0x68:  # BINGET
-                need(1); memo_get(mv[pos]); pos += 1
-            elif op == 0x94:  # MEMOIZE
-                memo_put(len(memo))
-            elif op == 0x58:  # BINUNICODE
-                need(4); (k,) = unpack("<I", mv, pos); pos += 4; need(k)
-                stack.append(str(mv[pos:pos + k], "utf-8", "surrogatepass")); pos += k
-            elif op == 0x8C:  # SHORT_BINUNICODE
-                need(1); k = mv[pos]; pos += 1; need(k)
-                stack.append(str(mv[pos:pos + k], "utf-8", "surrogatepass")); pos += k
+                if pos >= limit: need(1)
+                idx = mv[pos]
+                if idx not in memo: memo_get(idx)  # raises
+                stack.append(memo[idx]); pos += 1
             elif op == 0x4B:  # BININT1
-                need(1); stack.append(mv[pos]); pos += 1
-            elif op == 0x4D:  # BININT2
-                need(2); stack.append(unpack("<H", mv, pos)[0]); pos += 2; alloc += 32
-            elif op == 0x4A:  # BININT
-                need(4); stack.append(unpack("<i", mv, pos)[0]); pos += 4; alloc += 32
+                if pos >= limit: need(1)
+                stack.append(mv[pos]); pos += 1
+            elif op == 0x71:  # BINPUT
+                if pos >= limit: need(1)
+                if stack and len(memo) < max_memo:
+                    alloc += 100; memo[mv[pos]] = stack[-1]
+                else:
+                    memo_put(mv[pos])  # raises
+                pos += 1
             elif op == 0x28:  # MARK
                 metastack.append(stack); stack = []; alloc += 64
+            elif op == 0x58:  # BINUNICODE
+                if pos + 4 > limit: need(4)
+                (k,) = unpack("<I", mv, pos); pos += 4
+                if pos + k > limit: need(k)
+                stack.append(str(mv[pos:pos + k], "utf-8", "surrogatepass")); pos += k
             elif op == 0x74:  # TUPLE
-                stack_items = pop_mark(); stack.append(tuple(stack_items)); alloc += 48 + 8 * len(stack_items)
-            elif op == 0x29:  # EMPTY_TUPLE
-                stack.append(())
-            elif op == 0x85:  # TUPLE1
-                if not stack: raise fail("TUPLE1 on an empty stack")
-                stack[-1] = (stack[-1],); alloc += 56
-            elif op == 0x86:  # TUPLE2
-                if len(stack) < 2: raise fail("TUPLE2 needs two items")
-                b = stack.pop(); stack[-1] = (stack[-1], b); alloc += 64
-            elif op == 0x87:  # TUPLE3
-                if len(stack) < 3: raise fail("TUPLE3 needs three items")
-                c = stack.pop(); b = stack.pop(); stack[-1] = (stack[-1], b, c); alloc += 72
+                if not metastack: raise fail("MARK expected on the stack")
+                stack_items = stack; stack = metastack.pop()
+                stack.append(tuple(stack_items)); alloc += 48 + 8 * len(stack_items)
             elif op == 0x52:  # REDUCE
                 if len(stack) < 2: raise fail("REDUCE needs a callable and arguments")
                 args = stack.pop(); fn = stack[-1]; stack[-1] = call(fn, args)
+            elif op == 0x94:  # MEMOIZE
+                if stack and len(memo) < max_memo:
+                    alloc += 100; memo[len(memo)] = stack[-1]
+                else:
+                    memo_put(len(memo))  # raises
+            elif op == 0x8C:  # SHORT_BINUNICODE
+                if pos >= limit: need(1)
+                k = mv[pos]; pos += 1
+                if pos + k > limit: need(k)
+                stack.append(str(mv[pos:pos + k], "utf-8", "surrogatepass")); pos += k
             elif op == 0x51:  # BINPERSID
                 if not stack: raise fail("BINPERSID on an empty stack")
                 pid = stack.pop()
                 if persistent_load is None:
                     raise fail("persistent id found, but this kind of file has no storage records")
                 stack.append(persistent_load(pid))
-            elif op == 0x88:  # NEWTRUE
-                stack.append(True)
+            elif op == 0x86:  # TUPLE2
+                if len(stack) < 2: raise fail("TUPLE2 needs two items")
+                b = stack.pop(); stack[-1] = (stack[-1], b); alloc += 64
             elif op == 0x89:  # NEWFALSE
                 stack.append(False)
+            elif op == 0x29:  # EMPTY_TUPLE
+                stack.append(())
+            elif op == 0x85:  # TUPLE1
+                if not stack: raise fail("TUPLE1 on an empty stack")
+                stack[-1] = (stack[-1],); alloc += 56
+            elif op == 0x4D:  # BININT2
+                if pos + 2 > limit: need(2)
+                stack.append(unpack("<H", mv, pos)[0]); pos += 2; alloc += 32
+            elif op == 0x4A:  # BININT
+                if pos + 4 > limit: need(4)
+                stack.append(unpack("<i", mv, pos)[0]); pos += 4; alloc += 32
+            elif op == 0x87:  # TUPLE3
+                if len(stack) < 3: raise fail("TUPLE3 needs three items")
+                c = stack.pop(); b = stack.pop(); stack[-1] = (stack[-1], b, c); alloc += 72
+            elif op == 0x88:  # NEWTRUE
+                stack.append(True)
             elif op == 0x4E:  # NONE
                 stack.append(None)
             elif op == 0x7D:  # EMPTY_DICT
@@ -1054,6 +1110,7 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 if pos + k > n:
                     raise fail(f"FRAME of {k} bytes runs past the end of the data")
                 frame_end = pos + k if k else -1
+                limit = frame_end if k else n
             elif op == 0x2E:  # STOP
                 if metastack:
                     scan.anomalies.append(f"{len(metastack)} unclosed MARK(s) at STOP")
@@ -1070,8 +1127,6 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 return stack[-1], scan
             elif op == 0x6A:  # LONG_BINGET
                 need(4); memo_get(unpack("<I", mv, pos)[0]); pos += 4
-            elif op == 0x72:  # LONG_BINPUT
-                need(4); memo_put(unpack("<I", mv, pos)[0]); pos += 4
             elif op == 0x47:  # BINFLOAT
                 need(8); stack.append(unpack(">d", mv, pos)[0]); pos += 8; alloc += 24
             elif op == 0x8A:  # LONG1
@@ -1207,6 +1262,9 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
         err = fail(f"{type(e).__name__}: {e}"[:300])
         err.partial_scan = scan  # type: ignore[attr-defined]
         raise err from e
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 def _inert_persistent(pid: Any) -> Placeholder:

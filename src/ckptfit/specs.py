@@ -61,13 +61,16 @@ def model_factory(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callabl
             raise CheckpointError(f"torchvision has no model {name!r}",
                                   hint="see torchvision.models.list_models()") from e
         kwargs.setdefault("weights", None)
-        return lambda: builder(**kwargs)
+        return _calling(spec, builder, kwargs)
     if kind == "timm":
         try:
             import timm
         except ImportError as e:
             raise CheckpointError("timm is not installed", hint='pip install "ckptfit[vision]"') from e
-        return lambda: timm.create_model(name, pretrained=False, **kwargs)
+        if not timm.is_model(name):
+            stem = name.split("_")[0].rstrip("0123456789") or name
+            raise CheckpointError(f"timm has no model {name!r}", hint=f"see timm.list_models('{stem}*')")
+        return _calling(spec, lambda **kw: timm.create_model(name, pretrained=False, **kw), kwargs)
     if kind == "hf":
         try:
             import transformers
@@ -96,7 +99,26 @@ def model_factory(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callabl
     for part in name.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            raise CheckpointError(f"{module_name} has no attribute {name!r}")
+            raise CheckpointError(f"{module_name} has no attribute {name!r}",
+                                  hint=f"check the name after ':' in {spec!r} (package.module:factory)")
     if not callable(obj):
         raise CheckpointError(f"{spec} is not callable")
-    return lambda: obj(**kwargs)
+    return _calling(spec, obj, kwargs)
+
+
+def _calling(spec: str, builder: Callable[..., nn.Module], kwargs: dict[str, Any]) -> Callable[[], nn.Module]:
+    """``builder(**kwargs)`` as a zero-argument factory; wrong constructor arguments become a
+    :class:`CheckpointError` naming the SPEC, not a bare ``TypeError``."""
+
+    def make() -> nn.Module:
+        try:
+            return builder(**kwargs)
+        except TypeError as e:
+            if "argument" not in str(e):
+                raise
+            args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if not (k == "weights" and v is None))
+            raise CheckpointError(f"cannot build {spec}({args}): {e}",
+                                  hint="check the --model-arg names and values against the model's constructor"
+                                  ) from e
+
+    return make

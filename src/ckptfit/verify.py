@@ -29,6 +29,8 @@ class VerifyResult:
     error: str | None = None
 
     def __str__(self) -> str:
+        if self.error and self.input_shape is None and not self.output_shapes:
+            return f"verify: not run: {self.error}"
         if self.error:
             return f"verify: forward pass failed: {self.error}"
         outs = ", ".join(str(list(s)) for s in self.output_shapes)
@@ -81,14 +83,20 @@ def verify(model: nn.Module, example_input: Any = None) -> VerifyResult:
             (or the Hugging Face config) when omitted.
 
     Returns:
-        A :class:`VerifyResult` (``ok``, shapes, NaN/Inf count, or the error).
+        A :class:`VerifyResult` (``ok``, shapes, NaN/Inf count, or the error: a failed forward
+        pass, or no input that could be inferred).
 
     Example:
         >>> import torch
         >>> print(verify(torch.nn.Linear(4, 2)))
         verify: input [1, 4] -> output [1, 2]: ok
     """
-    x = example_input if example_input is not None else globals()["example_input"](model)
+    if example_input is None:
+        try:
+            example_input = globals()["example_input"](model)
+        except ValueError as e:  # no input to infer: reported like a failed pass, not raised
+            return VerifyResult(False, None, error=str(e))
+    x = example_input
     was_training = model.training
     model.eval()
     try:

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .._gc import gc_paused
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, CorruptCheckpoint, NotACheckpoint
 
@@ -148,7 +149,8 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
     """Recognise ``path``'s format by content and open it lazily."""
     path = os.fspath(path)
     reader = detect(path)
-    return reader.open(path, trust)
+    with gc_paused():
+        return reader.open(path, trust)
 
 
 _loaded = False

@@ -33,6 +33,7 @@ for _k, _n in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16",
         SAFETENSORS_DTYPES[_k] = getattr(torch, _n)
 
 MAX_HEADER = 100_000_000  # as the reference implementation
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 
 def _sniff(path: str, head: bytes) -> bool:
@@ -61,12 +62,14 @@ def read_header(path: str) -> tuple[dict, dict, int]:
                                     f"({size} bytes): truncated", path=path, hint="download or copy the file again")
         text = f.read(n)
 
-    def no_dupes(pairs):
-        d = collections.OrderedDict()
-        for k, v in pairs:
-            if k in d:
-                raise CorruptCheckpoint(f"safetensors header names {k!r} twice", path=path)
-            d[k] = v
+    def no_dupes(pairs):  # called for every JSON object: one per tensor
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            seen = set()
+            for k, _ in pairs:
+                if k in seen:
+                    raise CorruptCheckpoint(f"safetensors header names {k!r} twice", path=path)
+                seen.add(k)
         return d
 
     try:
@@ -82,7 +85,7 @@ def read_header(path: str) -> tuple[dict, dict, int]:
     data_size = size - data_start
     spans = []
     for name, info in header.items():
-        if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
+        if not isinstance(info, dict) or not info.keys() <= _ENTRY_KEYS:
             raise CorruptCheckpoint(f"safetensors entry {name!r} is malformed", path=path)
         dt = info.get("dtype")
         if dt not in SAFETENSORS_DTYPES:
