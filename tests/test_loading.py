@@ -245,3 +245,44 @@ def test_student_teacher_is_ambiguous_and_refused(tmp_path, source):
     target = _model(1)
     ckptfit.load(target, path, use="teacher")
     _assert_equal_sd(target, other.state_dict())
+
+
+def test_wrong_usage_fails_early_and_clearly(tmp_path, source):
+    path = tmp_path / "r.pth"
+    torch.save(source.state_dict(), path)
+    with pytest.raises(TypeError, match=r"not the class ResNet; did you mean ResNet\(\)"):
+        ckptfit.load(torchvision.models.ResNet, path)
+    with pytest.raises(TypeError, match="other way round"):
+        ckptfit.load(str(path), _model(1))
+    with pytest.raises(TypeError, match="takes a factory"):
+        ckptfit.build(_model(1), path)
+    with pytest.raises(TypeError, match="partial= must be True or False"):
+        ckptfit.load(_model(1), path, partial="yes")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        ckptfit.load(_model(1), path, rename=[("(", "")])
+    with pytest.raises(ValueError, match="only floating dtypes"):
+        ckptfit.load(_model(1), path, dtype=torch.int8)
+    with pytest.raises(ValueError, match="is not a device"):
+        ckptfit.load(_model(1), path, device="gpu")
+
+
+def test_string_patterns_are_one_pattern_and_loading_nothing_is_refused(tmp_path, source):
+    path = tmp_path / "r.pth"
+    torch.save(source.state_dict(), path)
+    target = _model(1)
+    fc = target.fc.weight.detach().clone()
+    ckptfit.load(target, path, exclude="fc.*")  # a string, not a list of characters
+    assert torch.equal(target.fc.weight, fc)
+    assert torch.equal(target.conv1.weight, source.conv1.weight)
+    with pytest.raises(ckptfit.LoadError, match="nothing would be loaded"):
+        ckptfit.load(_model(1), path, include="nothing*", partial=True)
+
+
+def test_dtype_names_and_plan_prints_like_the_cli(tmp_path, source):
+    path = tmp_path / "r.pth"
+    torch.save(source.state_dict(), path)
+    target = _model(1)
+    ckptfit.load(target, path, dtype="bf16")
+    assert target.conv1.weight.dtype == torch.bfloat16
+    text = str(ckptfit.plan(_model(1), path))
+    assert text.startswith("Would load 122/122 tensors")

@@ -232,7 +232,7 @@ def test_fp16_checkpoint_is_cast():
     plan = match(model, ckpt)
     assert plan.ok
     assert decision(plan, "fc.weight").reason == "same name and shape; cast fp16 -> fp32"
-    assert "2 tensors will be cast fp16 -> fp32" in plan.warnings
+    assert "cast fp16 -> fp32: 2 tensors (the checkpoint's dtype differs from the model's)" in plan.warnings
 
 
 def test_float_to_integer_is_a_problem_not_a_cast():

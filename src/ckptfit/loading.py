@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -104,6 +106,104 @@ class _Target:
                     self.owner.setdefault(prefix + bname, (mod, bname, False))
 
 
+# ---------------------------------------------------------------------------------- options
+
+_DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "float": "float32", "fp16": "float16",
+                "float16": "float16", "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
+                "fp64": "float64", "float64": "float64", "double": "float64"}
+
+
+def _patterns(value: Any, name: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]  # one pattern, not its characters
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(f"{name}= must be a glob pattern or a list of them, not {type(value).__name__}") from None
+    if not all(isinstance(x, str) for x in items):
+        raise TypeError(f"{name}= must hold glob pattern strings, e.g. {name}=['fc.*']")
+    return items or None
+
+
+def _rules(value: Any) -> list[tuple[str, str]] | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, tuple) and len(value) == 2 and all(isinstance(x, str) for x in value):
+        items = [value]  # one (regex, replacement) pair
+    else:
+        try:
+            items = [tuple(x) for x in value]
+        except TypeError:
+            raise TypeError("rename= must be a list of (regex, replacement) pairs, "
+                            "e.g. rename=[(r'^backbone\\.', '')]") from None
+    out = []
+    for item in items:
+        if len(item) != 2 or not all(isinstance(x, str) for x in item):
+            raise TypeError(f"rename= entry {item!r} is not a (regex, replacement) pair of strings")
+        try:
+            re.compile(item[0])
+        except re.error as e:
+            raise ValueError(f"rename= regex {item[0]!r} is not a valid regular expression: {e}") from None
+        out.append((item[0], item[1]))
+    return out or None
+
+
+def _dtype(value: Any) -> torch.dtype | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        key = value.lower().removeprefix("torch.")
+        if key not in _DTYPE_NAMES:
+            raise ValueError(f"dtype={value!r} is not a dtype ckptfit casts to; use torch.float32, torch.float16 "
+                             f"or torch.bfloat16 (or 'fp32', 'fp16', 'bf16')")
+        value = getattr(torch, _DTYPE_NAMES[key])
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype={value!r}: only floating dtypes can be cast to (float32, float16, bfloat16); "
+                         f"integer buffers always keep their own dtype")
+    return value
+
+
+def _check_device(value: Any) -> torch.device | None:
+    if value is None:
+        return None
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={value!r} is not a device; use e.g. 'cpu', 'cuda' or 'cuda:1'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={value!r}, but this machine has no usable CUDA GPU "
+                         f"(torch.cuda.is_available() is False); leave device= out to load on the CPU")
+    return dev
+
+
+def _check_model(model: Any, source: Any) -> None:
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module instance, not the class {model.__name__}; "
+                        f"did you mean {model.__name__}()? (or ckptfit.build({model.__name__}, path) to build it)")
+    if isinstance(source, nn.Module):
+        raise TypeError("the arguments are the other way round: ckptfit.load(model, source)")
+    raise TypeError(f"model must be an nn.Module instance, not {type(model).__name__}")
+
+
+def _options(model: Any, source: Any, partial: Any, use: Any, rename: Any, include: Any, exclude: Any,
+             device: Any, dtype: Any, trust: Any) -> dict[str, Any]:
+    """Check and normalise the user's options before any work (a wrong one fails early, clearly)."""
+    _check_model(model, source)
+    for name, flag in (("partial", partial), ("trust", trust)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}= must be True or False, not {flag!r}")
+    if use is not None and not isinstance(use, str):
+        raise TypeError(f"use= must be a name such as 'ema' or a key path, not {type(use).__name__}")
+    return dict(partial=partial, use=use, rename=_rules(rename), include=_patterns(include, "include"),
+                exclude=_patterns(exclude, "exclude"), device=_check_device(device), dtype=_dtype(dtype), trust=trust)
+
+
 # ---------------------------------------------------------------------------------- plan
 
 def _specs_of(cand: StateDictCandidate) -> list[TensorSpec]:
@@ -192,11 +292,12 @@ def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         >>> p.ok, p.transforms                                    # doctest: +SKIP
         (True, ("strip 'module.'",))
     """
+    o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust)
     with gc_paused():
         ckpt, opened = _as_checkpoint(source, trust)
         try:
-            return _plan(_Target(model), ckpt, partial=partial, use=use, rename=rename, include=include,
-                         exclude=exclude)[1]
+            return _plan(_Target(model), ckpt, partial=partial, use=use, rename=o["rename"], include=o["include"],
+                         exclude=o["exclude"])[1]
         finally:
             if opened:
                 ckpt.close()
@@ -204,8 +305,17 @@ def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
 
 def _plan(target: _Target, ckpt: Checkpoint, **opts) -> tuple[StateDictCandidate, Plan]:
     cand, p, why = _choose(target, ckpt, **opts)
+    extra: dict[str, Any] = {}
+    if p.decisions and not p.loads and not p.by_action("tied"):
+        # Even with partial=True or filters, a load that loads nothing is never what was meant.
+        extra["problems"] = p.problems + (
+            f"nothing would be loaded: none of the model's {len(p.decisions)} tensors comes from "
+            f"{cand.label} (is this the right model and file?)",)
+        if opts.get("include") or opts.get("exclude"):
+            extra["suggestions"] = p.suggestions + ("check the include=/exclude= patterns against "
+                                                    "`ckptfit inspect` of the file",)
     p = replace(p, container=cand.name, containers=tuple(c.name for c in ckpt.state_dicts()),
-                container_reason=why, format=ckpt.format, path=ckpt.path)
+                container_reason=why, format=ckpt.format, path=ckpt.path, **extra)
     return cand, p
 
 
@@ -256,6 +366,8 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
     """
     from .distributed import is_sharded, load_sharded
 
+    o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust)
+    rename, include, exclude, device, dtype = o["rename"], o["include"], o["exclude"], o["device"], o["dtype"]
     if is_sharded(model):  # FSDP2 / DTensor / DDP in a process group: each rank reads its shards only
         return load_sharded(model, source, partial=partial, use=use, rename=rename, include=include,
                             exclude=exclude, device=device, dtype=dtype, trust=trust)
@@ -333,7 +445,8 @@ def _load_error(p: Plan, model: nn.Module) -> LoadError:
     name = type(model).__name__
     head = f"Error(s) in loading the checkpoint into {name}: {len(p.problems)} problem(s); the model was not changed"
     body = render_plan(p)
-    hint = "; ".join(p.suggestions) if p.suggestions else "run `ckptfit plan` to see every decision"
+    # the suggestions are in the body already; the hint only points further
+    hint = None if p.suggestions else "run `ckptfit plan` to see every decision"
     return LoadError(f"{head}\n{body}", path=p.path, hint=hint, problems=p.problems, plan=p)
 
 
@@ -654,6 +767,16 @@ def _parameters_on_meta() -> Iterator[None]:
     ``torch.nn.init``'s in-place initialisers return at once when handed a meta tensor, which
     they could not fill anyway (``reset_parameters`` of every layer calls them).
     """
+    with _META_LOCK:  # the patches below are process-wide: one model is built on meta at a time
+        with _parameters_on_meta_unlocked():
+            yield
+
+
+_META_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta_unlocked() -> Iterator[None]:
     original = nn.Module.register_parameter
     kept = [0]  # elements kept so far
 
@@ -730,6 +853,13 @@ def build(factory: Callable[[], nn.Module] | str, source: Any, **load_options: A
         >>> model, report = ckptfit.build(lambda: torchvision.models.resnet50(), "r50.safetensors")  # doctest: +SKIP
         >>> model, report = ckptfit.build("torchvision:resnet50", "r50.pth", device="cuda")  # doctest: +SKIP
     """
+    if isinstance(factory, nn.Module):
+        raise TypeError(f"build() takes a factory that makes the model (e.g. {type(factory).__name__} or "
+                        f"lambda: {type(factory).__name__}(...)), not a model; to fill an existing model use "
+                        f"ckptfit.load(model, source)")
+    if not isinstance(factory, str) and not callable(factory):
+        raise TypeError(f"factory must be a zero-argument callable or a model SPEC string, not "
+                        f"{type(factory).__name__}")
     if isinstance(factory, str):
         from .specs import model_factory
 

@@ -769,7 +769,7 @@ class _Matcher:
         if missing_problem:
             self.suggestions.append(_PARTIAL_MISSING)
         for (a, b), n in casts.items():
-            self.warnings.append(f"{n} tensor{'s' if n > 1 else ''} will be cast {a} -> {b}")
+            self.warnings.append(f"cast {a} -> {b}: {n} tensor{'s' if n > 1 else ''} (the checkpoint's dtype differs from the model's)")
         self._warn_unused_patterns()
 
         loaded = {self.s_index[d.source] for d in decisions if d is not None and d.action == "load" and d.source}

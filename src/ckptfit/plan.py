@@ -114,6 +114,12 @@ class Plan:
         """The decisions that copy a checkpoint tensor into the model."""
         return self.by_action("load")
 
+    def __str__(self) -> str:
+        """The same text ``ckptfit plan`` prints: what would load, from where, and why not."""
+        from .report import render_plan
+
+        return render_plan(self)
+
     def mapping(self) -> dict[str, str]:
         """``{target_key: source_key}`` for every tensor that is loaded."""
         return {d.target: d.source for d in self.decisions if d.action == "load" and d.source is not None}
