@@ -286,3 +286,24 @@ def test_dtype_names_and_plan_prints_like_the_cli(tmp_path, source):
     assert target.conv1.weight.dtype == torch.bfloat16
     text = str(ckptfit.plan(_model(1), path))
     assert text.startswith("Would load 122/122 tensors")
+
+
+class _Parts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        self.head = nn.Linear(4, 2)
+
+
+def test_model_saved_as_nested_dicts_is_one_candidate(tmp_path):
+    torch.manual_seed(0)
+    src = _distinct(_Parts())
+    path = tmp_path / "nested.pth"
+    torch.save({"model": {"backbone": src.backbone.state_dict(), "head": src.head.state_dict()}, "epoch": 2}, path)
+    cands = {c.name: c for c in ckptfit.open(path).state_dicts()}
+    assert cands["model"].default and cands["model"].num_tensors == 9
+    torch.manual_seed(1)
+    target = _Parts()
+    report = ckptfit.load(target, path)
+    assert report.container == "model"
+    _assert_equal_sd(target, src.state_dict())

@@ -339,6 +339,7 @@ def _find_candidates(tree: Any) -> list[StateDictCandidate]:
     """
     found: list[StateDictCandidate] = []
     seen: dict[int, StateDictCandidate | None] = {}
+    nested: list[tuple[str, dict]] = []  # dicts of dicts: perhaps one model saved in parts
     stack: list[tuple[str, Any]] = [("", tree)]
     while stack:
         path, obj = stack.pop()
@@ -363,6 +364,8 @@ def _find_candidates(tree: Any) -> list[StateDictCandidate]:
                 found.append(StateDictCandidate(path, sd, _kind_of(path) if path else "model"))
                 seen[id(obj)] = found[-1]
                 continue
+            if path and len(obj) >= 2 and all(isinstance(k, str) and isinstance(v, dict) for k, v in obj.items()):
+                nested.append((path, obj))
             children = [(f"{path}.{k}" if path else str(k), v) for k, v in obj.items()]
             stack.extend(reversed(children))
         elif isinstance(obj, list | tuple):
@@ -376,6 +379,27 @@ def _find_candidates(tree: Any) -> list[StateDictCandidate]:
                 continue
             children = [(f"{path}.{k}" if path else str(k), v) for k, v in obj.attributes().items()]
             stack.extend(reversed(children))
+    return _merge_nested(found, nested, seen)
+
+
+def _merge_nested(found: list[StateDictCandidate], nested: list[tuple[str, dict]],
+                  seen: dict[int, StateDictCandidate | None]) -> list[StateDictCandidate]:
+    """A model saved as nested dicts (``{"model": {"backbone": {...}, "head": {...}}}``) is one candidate.
+
+    Each part stays a candidate of its own (kind ``other``), for a model that is just that part.
+    Never at the top level, and never when a part looks like EMA or optimizer state: those are
+    siblings of the model, not pieces of it.
+    """
+    for path, obj in nested:
+        parts = [(k, seen.get(id(v))) for k, v in obj.items()]
+        if not all(c is not None and c.kind == "model" and _kind_of(k) == "model" for k, c in parts):
+            continue
+        merged: dict[str, LazyTensor] = collections.OrderedDict()
+        for k, c in parts:
+            merged.update((f"{k}.{name}", t) for name, t in c.tensors.items())  # type: ignore[union-attr]
+        names = {c.name for _, c in parts if c is not None}
+        found = [StateDictCandidate(c.name, c.tensors, "other") if c.name in names else c for c in found]
+        found.append(StateDictCandidate(path, merged, _kind_of(path)))
     return found
 
 
