@@ -64,7 +64,7 @@ def _write(fmt: str, sd: dict[str, torch.Tensor], path) -> str:
     elif fmt == "safetensors":
         p = os.fspath(path / "m.safetensors")
         safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, p)
-    elif fmt == "hf-sharded":
+    elif fmt == "hf-folder":
         p = os.fspath(path / "hf")
         os.makedirs(p)
         keys = list(sd)
@@ -85,7 +85,7 @@ def _write(fmt: str, sd: dict[str, torch.Tensor], path) -> str:
     return p
 
 
-FORMATS = ["torch-zip", "torch-legacy", "safetensors", "hf-sharded", "dcp"]
+FORMATS = ["torch-zip", "torch-legacy", "safetensors", "hf-folder", "dcp"]
 
 
 def _untied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -104,11 +104,11 @@ def _sources(tmp_path, net: Net) -> dict[str, str]:
     (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
         **{k: "model-00001-of-00002.safetensors" for k in keys[:3]},
         **{k: "model-00002-of-00002.safetensors" for k in keys[3:]}}}))
-    out["hf-sharded"] = str(hf)
+    out["hf-folder"] = str(hf)
     return out
 
 
-@pytest.mark.parametrize("fmt", ["zip", "legacy", "whole", "script", "dcp", "hf-sharded"])
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "whole", "script", "dcp", "hf-folder"])
 def test_every_source_format_round_trips_to_safetensors(tmp_path, fmt):
     torch.manual_seed(0)
     net = Net()
@@ -168,7 +168,7 @@ def test_sharding_writes_an_index(trained, tmp_path):
     _assert_same(sd, got)
     assert len(result.files) == len(files)
     with ckptfit.open(dst) as ck:  # ckptfit reads its own output
-        assert ck.format == "hf-sharded" and ck.num_tensors == len(sd)
+        assert ck.format == "hf-folder" and ck.num_tensors == len(sd)
 
 
 def test_only_weights_drops_optimizer_torch_output(trained, tmp_path):

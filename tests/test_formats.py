@@ -342,7 +342,7 @@ def test_save_pretrained_sharded(tmp_path, tensor_reads):
     ckpt = ckptfit.open(tmp_path)
     describe(ckpt)
     assert tensor_reads == []
-    assert ckpt.format == "hf-sharded"
+    assert ckpt.format == "hf-folder"
     assert ckpt.metadata["index"]["file"] == "model.safetensors.index.json"
     assert ckpt.metadata["index"]["shards"] == len(shards)
     assert ckpt.metadata["config"]["model_type"] == "bert"
@@ -370,7 +370,7 @@ def test_sharded_bin_folder(tmp_path, tensor_reads):
     ckpt = ckptfit.open(tmp_path)
     describe(ckpt)
     assert tensor_reads == []
-    assert ckpt.format == "hf-sharded"
+    assert ckpt.format == "hf-folder"
     assert ckpt.metadata["index"] == {"file": "pytorch_model.bin.index.json", "shards": 3, "total_size": total}
     assert "config" not in ckpt.metadata
     assert ckpt.safety.verdict == "safe"
@@ -384,7 +384,7 @@ def test_single_file_hf_folder(tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text('{"model_type": "net"}')
     ckpt = ckptfit.open(tmp_path)
-    assert ckpt.format == "hf-sharded"
+    assert ckpt.format == "hf-folder"
     assert ckpt.metadata == {"file": "model.safetensors", "config": {"model_type": "net"}}
     assert set(ckpt.state_dict().tensors) == set(sd)
 

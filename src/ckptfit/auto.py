@@ -147,7 +147,7 @@ def choose_architecture(ckpt: Checkpoint, *, trust: bool = False, use: str | Non
         CheckpointError: the file records a LightningModule class but ``trust`` is False, or
             nothing fits clearly (the candidates are listed).
     """
-    config = ckpt.metadata.get("config") if ckpt.format == "hf-sharded" else None
+    config = ckpt.metadata.get("config") if ckpt.format == "hf-folder" else None
     if isinstance(config, dict) and config.get("model_type"):
         return _hf_factory(ckpt.path, config)
     found = _lightning_class(ckpt.tree)

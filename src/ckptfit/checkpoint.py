@@ -146,7 +146,7 @@ class Checkpoint:
 
     Attributes:
         format: the reader that recognised it (``torch-zip``, ``torch-legacy``, ``safetensors``,
-            ``hf-sharded``, ``dcp``, ``torchscript``, ``pickle``).
+            ``hf-folder``, ``dcp``, ``torchscript``, ``pickle``).
         path: the file or directory.
         tree: the nested containers as saved, tensors as :class:`LazyTensor`, unknown objects as
             inert placeholders.

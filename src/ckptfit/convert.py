@@ -178,7 +178,7 @@ def _plain_metadata(ckpt: Checkpoint) -> dict[str, Any]:
     for k, v in ckpt.metadata.items():
         if isinstance(v, str) and v.startswith("<") and v.endswith(">"):
             continue  # optimizer / scheduler summaries: not plain data
-        if ckpt.format == "hf-sharded" and k in ("file", "index"):
+        if ckpt.format == "hf-folder" and k in ("file", "index"):
             continue  # where the reader found the shards, not the checkpoint's own metadata
         md[str(k)] = v
     return md
@@ -584,7 +584,7 @@ def _convert_sharded(dst: str, items, reader: _Reader, md: Mapping[str, Any], al
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
             files.append("model.safetensors.index.json")
-        cfg = ckpt.metadata.get("config") if ckpt.format == "hf-sharded" else None
+        cfg = ckpt.metadata.get("config") if ckpt.format == "hf-folder" else None
         if isinstance(cfg, dict):
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(cfg, f, indent=2)

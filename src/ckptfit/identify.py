@@ -729,7 +729,7 @@ def _query_of(source: Any, use: str | None, trust: bool) -> tuple[_Query, str | 
     try:
         cand = ckpt.state_dict(use)
         specs = [TensorSpec(k, t.shape, t.dtype) for k, t in cand.tensors.items() if not k.endswith(_NBT)]
-        config = ckpt.metadata.get("config") if ckpt.format == "hf-sharded" else None
+        config = ckpt.metadata.get("config") if ckpt.format == "hf-folder" else None
         return _Query(specs), ckpt.path, cand.name, config if isinstance(config, dict) else None
     finally:
         if opened:

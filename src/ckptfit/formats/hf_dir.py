@@ -33,7 +33,7 @@ def _sniff(path: str, head: bytes) -> bool:
     return bool(_index_files(path)) or any(n in names for n in _SINGLE)
 
 
-@register("hf-sharded", sniff=_sniff, priority=5, directory=True)
+@register("hf-folder", sniff=_sniff, priority=5, directory=True)
 def open_hf_dir(path: str, trust: bool = False) -> Checkpoint:
     """Open a Hugging Face folder: all shards behind one flat, lazy state dict."""
     indexes = _index_files(path)
@@ -89,5 +89,5 @@ def open_hf_dir(path: str, trust: bool = False) -> Checkpoint:
                 metadata["config"] = json.load(f)
         except (OSError, ValueError):
             metadata["config"] = "<unreadable config.json>"
-    return Checkpoint(path=path, format="hf-sharded", tree=tensors, scans=tuple(scans), metadata=metadata,
+    return Checkpoint(path=path, format="hf-folder", tree=tensors, scans=tuple(scans), metadata=metadata,
                       closers=tuple(closers))
