@@ -264,7 +264,7 @@ class Checkpoint:
         anomalies: list[str] = []
         for s in self.scans:
             for g in s.globals:
-                if g.kind == "unknown" and g.qualname not in unknown:
+                if g.kind == "unknown" and g.qualname not in unknown and not _format_internal(self.format, g.module):
                     unknown.append(g.qualname)
             anomalies.extend(f"{s.member}: {a}" if s.member else a for a in s.anomalies)
         return Safety("safe, with placeholders" if unknown else "safe", tuple(unknown), tuple(anomalies))
@@ -297,6 +297,18 @@ class Checkpoint:
         if use is None:
             return next(c for c in cands if c.default)
         return select_candidate(cands, use, path=self.path)
+
+
+def _format_internal(fmt: str, module: str) -> bool:
+    """Classes a format's own bookkeeping pickles (DCP's metadata, TorchScript's module classes).
+
+    They are still inert placeholders; they are just not worth a user's attention in a verdict.
+    """
+    if fmt == "dcp":
+        return module.startswith("torch.distributed.checkpoint") or module == "pathlib"
+    if fmt == "torchscript":
+        return module.startswith("__torch__")
+    return False
 
 
 def select_candidate(cands: list[StateDictCandidate], use: str, *, path: str | None = None) -> StateDictCandidate:
