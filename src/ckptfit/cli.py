@@ -19,20 +19,16 @@ from .errors import CheckpointError
 
 __all__ = ["main"]
 
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16", "fp64": "float64", "float64": "float64"}
-
-
 def parse_dtype(name: str | None):
-    """``"bf16"`` -> ``torch.bfloat16`` (None stays None)."""
+    """``"bf16"`` -> ``torch.bfloat16`` (None stays None); the names ``ckptfit.load(dtype=)`` accepts."""
     if name is None:
         return None
-    import torch
+    from .loading import _dtype
 
-    key = name.lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise click.BadParameter(f"unknown dtype {name!r}; use one of fp32, fp16, bf16")
-    return getattr(torch, DTYPES[key])
+    try:
+        return _dtype(name)
+    except ValueError as e:
+        raise click.BadParameter(f"unknown dtype {name!r}; use one of fp32, fp16, bf16") from e
 
 
 def parse_device(name: str | None) -> str | None:
