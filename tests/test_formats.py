@@ -558,3 +558,23 @@ def test_lightning_trainer_checkpoint(tmp_path, tensor_reads):
     [cand] = ckpt.state_dicts()  # Adam's exp_avg/exp_avg_sq are not weights
     assert (cand.name, cand.kind, cand.default) == ("state_dict", "model", True)
     assert_same(cand.tensors, lit.state_dict())
+
+
+def test_dcp_with_fqn_keyed_optimizer_state_offers_only_the_model(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    osd = opt.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    optim = {"state": {names[i]: v for i, v in osd["state"].items()}, "param_groups": osd["param_groups"]}
+    out = tmp_path / "dcp_fsdp_style"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model.state_dict(), "optim": optim}, checkpoint_id=str(out))
+    cands = ckptfit.open(out).state_dicts()
+    assert [(c.name, c.default) for c in cands] == [("model", True)]

@@ -94,7 +94,8 @@ def _kind_of(name: str) -> CandidateKind:
 
 def _is_optimizer_state(obj: dict) -> bool:
     """``Optimizer.state_dict()``: ``{"state": {...}, "param_groups": [...]}``; its tensors are not weights."""
-    return "state" in obj and isinstance(obj.get("param_groups"), list)
+    # (a DCP directory flattens param_groups into a dict of its indices, hence any type)
+    return "state" in obj and isinstance(obj.get("param_groups"), list | dict)
 
 
 # Entries one pickled module tree may expand to when submodules are shared (a malicious file could
