@@ -85,9 +85,16 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
+def _warm_up() -> None:
+    """Import what the first load needs (format readers, the distributed check), ~20 ms, once."""
+    for name in ("load", "from_checkpoint"):
+        __getattr__(name)
+    importlib.import_module(".distributed", __name__)
+    importlib.import_module(".formats", __name__).readers()
+
+
 if "torch" in sys.modules:  # torch is paid for already: load the library now, not inside the first call
-    for _name in ("load", "from_checkpoint"):
-        __getattr__(_name)
+    _warm_up()
 
 
 __version__ = "0.1.0"
