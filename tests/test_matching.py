@@ -303,11 +303,14 @@ def test_sequential_checkpoint_into_named_layers_is_aligned_by_order():
         "conv2.weight": "3.weight",
         **{f"bn2.{r}": f"4.{r}" for r in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")},
     }
-    assert plan.transforms == ("structural alignment of 4 modules by order",)
+    # the convs have shapes nothing else has; the two BatchNorms only their order tells apart,
+    # and both sides number them in that order
+    assert plan.transforms == ("structural alignment of 4 modules (2 by unique signature, 2 by order)",)
     d = decision(plan, "bn2.running_var")
-    assert d.stage == "structural"
-    assert d.reason == ("from '4.running_var' (module '4' aligned with 'bn2' by order (same roles and shapes)); "
-                        "same shape")
+    assert d.stage == "structural" and d.evidence == "order"
+    assert d.reason == ("from '4.running_var' (module '4' aligned with 'bn2' by order, numbered alike "
+                        "(same roles and shapes)); same shape")
+    assert decision(plan, "conv1.weight").evidence == "unique signature"
 
 
 def test_structural_refuses_to_guess_between_equal_modules():
@@ -319,7 +322,8 @@ def test_structural_refuses_to_guess_between_equal_modules():
     assert plan.mapping() == {"conv1.weight": "0.weight", "conv2.weight": "3.weight"}
     assert {actions(plan)[f"bn{i}.weight"] for i in (1, 2)} == {"missing"}
     assert any("rename=[(r'^1\\.', 'bn1.')]" in s for s in plan.suggestions)
-    assert "bn1.weight: not in the checkpoint" in plan.problems
+    assert ("bn1.weight: ambiguous: checkpoint module '1' could fill it, but nothing tells which "
+            "(see the suggestion)") in plan.problems
 
 
 def test_structural_refuses_when_only_signature_is_shared():

@@ -199,6 +199,197 @@ def _compatible(x: tuple, y: tuple) -> bool:
 
 
 # --------------------------------------------------------------------------------------
+# name evidence for the structural stage
+#
+# Module names are evidence, declaration order is evidence, roles and shapes are constraints.
+# Two module paths are compared segment by segment (a monotone alignment, so that
+# "layers.3.attn.q" and "blocks.3.q_proj" line up), each segment split into tokens on "_",
+# digits and camelCase. Tokens count when they are equal, synonyms ({fc, head, classifier}),
+# one the prefix of the other ("q"/"query", "enc"/"encoder", "down"/"downsample") or an
+# abbreviation of it ("attn"/"attention"). Digits count only where both sides are numbered
+# alike (see _Evidence): "0", "2", "4" of an nn.Sequential are not "fc0", "fc1", "fc2".
+
+_TOKEN = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+_SYNONYMS = (
+    {"fc", "head", "heads", "classifier", "cls", "logits", "classif"},
+    {"fc", "linear", "lin", "dense"},
+    {"down", "downsample", "downsampling", "downsampler"},
+    {"up", "upsample", "upsampling", "upsampler"},
+    {"q", "query", "queries"},
+    {"k", "key", "keys"},
+    {"v", "value", "values", "val"},
+    {"o", "out", "output", "outputs"},
+    {"enc", "encoder", "encode"},
+    {"dec", "decoder", "decode"},
+    {"attn", "attention", "att"},
+    {"norm", "ln", "layernorm", "bn", "batchnorm", "gn", "groupnorm", "rmsnorm"},
+    {"mlp", "ffn", "ff", "feedforward"},
+    {"emb", "embed", "embedding", "embeddings", "embedder"},
+    {"proj", "projection"},
+    {"conv", "convolution"},
+    {"shortcut", "skip"},
+    {"pos", "position", "positional"},
+    {"tok", "token", "tokens"},
+    {"in", "input", "inp"},
+)
+_SYNONYM_OF: dict[str, frozenset[int]] = {}
+for _i, _group in enumerate(_SYNONYMS):
+    for _word in _group:
+        _SYNONYM_OF[_word] = _SYNONYM_OF.get(_word, frozenset()) | {_i}
+# Token pairs compared in one structural group before the names are treated as silent.
+_MAX_NAME_PAIRS = 250_000
+
+
+def _tokens(segment: str) -> tuple[str, ...]:
+    return tuple(t.lower() for t in _TOKEN.findall(segment))
+
+
+def _subsequence(short: str, long: str) -> bool:
+    it = iter(long)
+    return all(ch in it for ch in short)
+
+
+def _token_similarity(a: str, b: str) -> float:
+    """How plausibly two name tokens mean the same thing: 1 equal, 0.9 synonyms, 0.8/0.7 a prefix
+    ("enc"/"encoder", "q"/"query"), 0.6 an abbreviation ("attn"/"attention"), else 0."""
+    if a == b:
+        return 1.0
+    if a.isdigit() or b.isdigit():
+        return 0.0
+    if _SYNONYM_OF.get(a, frozenset()) & _SYNONYM_OF.get(b, frozenset()):
+        return 0.9
+    short, long = (a, b) if len(a) <= len(b) else (b, a)
+    if long.startswith(short):
+        return 0.7 if len(short) == 1 else 0.8
+    if len(short) >= 2 and short[0] == long[0] and _subsequence(short, long):
+        return 0.6
+    return 0.0
+
+
+def _segment_similarity(a: tuple[str, ...], b: tuple[str, ...], digits: bool) -> float:
+    """Greedy one-to-one matching of two segments' tokens; digits count only when ``digits``."""
+    scored = []
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            if not digits and (x.isdigit() or y.isdigit()):
+                continue
+            s = _token_similarity(x, y)
+            if s > 0:
+                scored.append((-s, i, j))
+    scored.sort()
+    used_a, used_b, total = set(), set(), 0.0
+    for s, i, j in scored:
+        if i not in used_a and j not in used_b:
+            used_a.add(i)
+            used_b.add(j)
+            total -= s
+    return total
+
+
+def _path_similarity(a: tuple[tuple[str, ...], ...], b: tuple[tuple[str, ...], ...], digits: bool) -> float:
+    """Best monotone alignment of two module paths' segments (the sum of segment similarities)."""
+    n, m = len(a), len(b)
+    best = [[0.0] * (m + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            best[i][j] = max(best[i - 1][j], best[i][j - 1],
+                             best[i - 1][j - 1] + _segment_similarity(a[i - 1], b[j - 1], digits))
+    return best[n][m]
+
+
+def _split_path(module: str) -> tuple[tuple[str, ...], ...]:
+    return tuple(_tokens(seg) for seg in module.split(".") if seg)
+
+
+def _numbered_in_order(modules: Sequence[str]) -> bool:
+    """Every module carries numbers and they strictly increase in the given order."""
+    nums = [tuple(_numbers(m)) for m in modules]
+    return all(nums) and all(x < y for x, y in zip(nums, nums[1:]))
+
+
+class _Evidence:
+    """What the names say about one group of same-signature modules.
+
+    ``determined`` holds the pairs the names settle: each the other's unique best by name
+    (repeated after taking them out, so that the last one left is settled by elimination).
+    ``rest_s`` / ``rest_t`` are what the names leave open; ``silent`` tells whether the names
+    say nothing at all about those (every source name equally like every target name).
+    """
+
+    def __init__(self, s_mods: Sequence[str], t_mods: Sequence[str]):
+        s_nums = sorted(tuple(_numbers(m)) for m in s_mods)
+        t_nums = sorted(tuple(_numbers(m)) for m in t_mods)
+        # Digits are names only where both sides are numbered alike (the same numbers,
+        # perhaps in another order); an nn.Sequential counts its activations, named layers don't.
+        digits = s_nums == t_nums and any(s_nums)
+        self.determined: dict[str, str] = {}
+        self.rest_s, self.rest_t = list(s_mods), list(t_mods)
+        self.silent = True
+        if len(s_mods) * len(t_mods) > _MAX_NAME_PAIRS:
+            self.silent = False  # too many to compare: the names neither settle nor allow anything
+            return
+        s_paths = {m: _split_path(m) for m in s_mods}
+        t_paths = {m: _split_path(m) for m in t_mods}
+        cache: dict[tuple, float] = {}
+        w: dict[tuple[str, str], float] = {}
+        for sm in s_mods:
+            for tm in t_mods:
+                key = (s_paths[sm], t_paths[tm])
+                v = cache.get(key)
+                if v is None:
+                    v = cache[key] = round(_path_similarity(*key, digits), 6)
+                w[(sm, tm)] = v
+        self.w = w
+        for _ in range(8):
+            if not self.rest_s or not self.rest_t:
+                break
+            if len(self.rest_s) == 1 and len(self.rest_t) == 1 and self.determined:
+                self.determined[self.rest_s[0]] = self.rest_t[0]  # the last one left
+                self.rest_s, self.rest_t = [], []
+                break
+            row = {sm: self._unique_best(sm, self.rest_t, lambda t, s=sm: w[(s, t)]) for sm in self.rest_s}
+            col = {tm: self._unique_best(tm, self.rest_s, lambda s, t=tm: w[(s, t)]) for tm in self.rest_t}
+            new = {sm: tm for sm, tm in row.items() if tm is not None and col.get(tm) == sm}
+            if not new:
+                break
+            self.determined.update(new)
+            taken = set(new.values())
+            self.rest_s = [m for m in self.rest_s if m not in new]
+            self.rest_t = [m for m in self.rest_t if m not in taken]
+        self.silent = all(len({w[(sm, tm)] for tm in self.rest_t}) <= 1 for sm in self.rest_s)
+
+    @staticmethod
+    def _unique_best(_who: str, among: Sequence[str], score) -> str | None:
+        best, second, arg = -1.0, -1.0, None
+        for x in among:
+            v = score(x)
+            if v > best:
+                best, second, arg = v, best, x
+            elif v > second:
+                second = v
+        return arg if best > 0 and best > second else None
+
+    def guess(self, order: Mapping[str, str] | None) -> dict[str, str]:
+        """The settled pairs, completed by name (best first) then by ``order``: a suggestion, not a load."""
+        out = dict(self.determined)
+        rest_s, rest_t = list(self.rest_s), list(self.rest_t)
+        if order:
+            for sm in list(rest_s):
+                tm = order.get(sm)
+                if tm in rest_t and all(self.w.get((sm, x), 0) <= self.w.get((sm, tm), 0) for x in rest_t):
+                    out[sm] = tm
+                    rest_s.remove(sm)
+                    rest_t.remove(tm)
+        for sm in rest_s:
+            if not rest_t:
+                break
+            tm = max(rest_t, key=lambda t: self.w.get((sm, t), 0))
+            out[sm] = tm
+            rest_t.remove(tm)
+        return out
+
+
+# --------------------------------------------------------------------------------------
 # the matcher
 
 
@@ -225,12 +416,15 @@ class _Matcher:
         self.t2s: list[int | None] = [None] * nt
         self.s2t: list[int | None] = [None] * ns
         self.how: list[tuple[Stage, str] | None] = [None] * nt
+        self.evidence: list[str | None] = [None] * nt  # what carried a structural decision
         self.work = list(self.s_name)  # checkpoint key after the user's rename rules
         self.rule: list[str | None] = [None] * ns
         self.s_excluded = [False] * ns
         self.locked_s: set[int] = set()  # left out of the prefix stage as ambiguous
         self.locked_t: set[int] = set()
         self.s_note: dict[int, str] = {}
+        self.t_note: dict[str, tuple[str, str]] = {}  # model module -> why nothing was aligned (reason, problem)
+        self.explained_s: set[str] = set()  # checkpoint modules a structural suggestion already names
         self.applied: list[tuple[str, str]] = []  # learned prefix transforms, in order
         self.transforms: list[str] = []
         self.suggestions: list[str] = []
@@ -258,10 +452,11 @@ class _Matcher:
 
     # -- bookkeeping -------------------------------------------------------------------
 
-    def assign(self, ti: int, si: int, stage: Stage, how: str) -> None:
+    def assign(self, ti: int, si: int, stage: Stage, how: str, evidence: str | None = None) -> None:
         self.t2s[ti] = si
         self.s2t[si] = ti
         self.how[ti] = (stage, how)
+        self.evidence[ti] = evidence
 
     def in_pool(self, si: int) -> bool:
         return self.s2t[si] is None and not self.s_excluded[si]
@@ -498,7 +693,8 @@ class _Matcher:
                 continue
             first = first or (self.work[si], self.t_name[ti])
             n += 1
-            self.assign(ti, si, self.stage_of(si, "structural"), self.via(si, "old key style, digit segment joined"))
+            self.assign(ti, si, self.stage_of(si, "structural"), self.via(si, "old key style, digit segment joined"),
+                        "name")
         if first:
             self.transforms.append(f"join digit segments of old key styles ('{first[0]}' -> '{first[1]}'"
                                    + (f" and {n - 1} more)" if n > 1 else ")"))
@@ -516,6 +712,15 @@ class _Matcher:
         return tuple(sorted((role, shapes[i], _kind(dtypes[i])) for role, i in members.items() if role != _NBT))
 
     def stage_structural(self) -> None:
+        """Align leftover modules whose names differ, by roles and shapes (constraints) and by
+        their names and declaration order (evidence), only where the evidence agrees.
+
+        Each group of modules with the same roles and shapes is paired by what the names say
+        (:class:`_Evidence`). Declaration order is accepted only where the names do not
+        contradict it, and among look-alike siblings with names that say nothing only where
+        both sides are numbered in that order. What the evidence leaves open is refused with
+        the ``rename=`` that would load it.
+        """
         t_free = [ti for ti in range(len(self.t_name)) if self.t2s[ti] is None and ti not in self.tied]
         s_free = [si for si in range(len(self.s_name)) if self.in_pool(si)]
         if not t_free or not s_free:
@@ -544,31 +749,133 @@ class _Matcher:
             s_list.sort(key=_natural_key)
             positional_ok = (t_list == sorted(t_list, key=_natural_key) and len(s_list) == len(t_list)
                              and all(_numbers(a) == _numbers(b) for a, b in zip(s_list, t_list)))
-        if positional_ok and [s_sig[m] for m in s_list] == [t_sig[m] for m in t_list]:
-            pairs = list(zip(s_list, t_list))
-            label = "by order"
-        else:
-            label = "by unique signature"
+        by_order = positional_ok and [s_sig[m] for m in s_list] == [t_sig[m] for m in t_list]
+        order = dict(zip(s_list, t_list)) if by_order else None
+        groups: dict[tuple, tuple[list[str], list[str]]] = {}
+        for m in s_list:
+            groups.setdefault(s_sig[m], ([], []))[0].append(m)
+        for m in t_list:
+            groups.setdefault(t_sig[m], ([], []))[1].append(m)
+
+        pairs: list[tuple[str, str, str, str]] = []  # (checkpoint module, model module, evidence, note)
+        if not by_order:
             s_only = {s_sig[m]: m for m in s_list if s_count[s_sig[m]] == 1}
-            pairs = []
+            unique = []
             for tm in t_list:
                 sig = t_sig[tm]
                 sm = s_only.get(sig)
                 if (sm is not None and t_count[sig] == 1
                         and sum(t_count[y] for y in compat_t[sig]) == 1
                         and sum(s_count[x] for x in compat_s[sig]) == 1):
-                    pairs.append((sm, tm))
-            if pairs and not self.source_sorted:
-                pairs = self._monotone(pairs, {m: i for i, m in enumerate(s_mods)})
-        for sm, tm in pairs:
-            why = f"module '{sm}' aligned with '{tm}' {label} (same roles and shapes)"
+                    unique.append((sm, tm))
+            if unique and not self.source_sorted:
+                unique = self._monotone(unique, {m: i for i, m in enumerate(s_mods)})
+            pairs += [(sm, tm, "unique signature", "") for sm, tm in unique]
+        for s_group, t_group in groups.values():
+            if not s_group or not t_group:
+                continue
+            if len(s_group) == 1 and len(t_group) == 1:
+                if by_order:
+                    pairs.append((s_group[0], t_group[0], "unique signature", ""))
+                continue  # otherwise settled (or not) above, with the roles that may be missing
+            pairs += self._resolve_group(s_group, t_group, order, s_mods)
+
+        for sm, tm, evidence, note in pairs:
+            why = f"module '{sm}' aligned with '{tm}' by {evidence}{note} (same roles and shapes)"
             for role, ti in t_mods[tm].items():
                 si = s_mods[sm].get(role)
                 if si is not None:
-                    self.assign(ti, si, self.stage_of(si, "structural"), self.via(si, why))
+                    self.assign(ti, si, self.stage_of(si, "structural"), self.via(si, why), evidence)
         if pairs:
-            self.transforms.append(f"structural alignment of {len(pairs)} modules {label}")
+            counts = Counter(evidence for _, _, evidence, _ in pairs)
+            if len(counts) == 1:
+                self.transforms.append(f"structural alignment of {len(pairs)} modules by {next(iter(counts))}")
+            else:
+                parts = ", ".join(f"{n} by {evidence}" for evidence, n in counts.items())
+                self.transforms.append(f"structural alignment of {len(pairs)} modules ({parts})")
         self._suggest_structural()
+
+    def _resolve_group(self, s_group: list[str], t_group: list[str], order: Mapping[str, str] | None,
+                       s_mods: Mapping[str, Mapping[str, int]]) -> list[tuple[str, str, str, str]]:
+        """Pairs for modules that share roles and shapes with siblings: what names and order agree on."""
+        ev = _Evidence(s_group, t_group)
+        settled = ev.determined
+        if order is None:
+            out = [(sm, tm, "name", "") for sm, tm in settled.items()]
+            if ev.rest_s and ev.rest_t:
+                self._refuse_group(ev, None, s_mods, "neither their names nor their order tell them apart"
+                                   if ev.silent else "their names do not tell them apart")
+            return out
+        agree = all(order[sm] == tm for sm, tm in settled.items())
+        if not ev.rest_s:
+            if agree:
+                return [(sm, tm, "name and order", "") for sm, tm in settled.items()]
+            return [(sm, tm, "name", ", not declaration order") for sm, tm in settled.items()]
+        if not agree:
+            self._refuse_group(ev, order, s_mods, "their names and their declaration order disagree, "
+                                                  "and the names do not settle it")
+            return []
+        out = [(sm, tm, "name and order", "") for sm, tm in settled.items()]
+        rest_t = [order[sm] for sm in ev.rest_s]
+        if ev.silent and _numbered_in_order(ev.rest_s) and _numbered_in_order(rest_t):
+            out += [(sm, order[sm], "order", ", numbered alike") for sm in ev.rest_s]
+        elif ev.silent:
+            self._refuse_group(ev, order, s_mods, "only their declaration order tells them apart, "
+                                                  "and their names do not confirm it")
+        else:
+            self._refuse_group(ev, order, s_mods, "their names do not tell them apart")
+        return out
+
+    def _refuse_group(self, ev: _Evidence, order: Mapping[str, str] | None,
+                      s_mods: Mapping[str, Mapping[str, int]], why: str) -> None:
+        """Load nothing through the modules the evidence leaves open; suggest the rename that would."""
+        rest_s, rest_t = ev.rest_s, ev.rest_t
+        guess = {sm: tm for sm, tm in ev.guess(order).items() if sm in rest_s}
+        self.explained_s.update(rest_s)
+        what = (f"checkpoint module{'s' if len(rest_s) > 1 else ''} {_fold(rest_s)} and model "
+                f"module{'s' if len(rest_t) > 1 else ''} {_fold(rest_t)} have the same roles and shapes, but {why}")
+        for sm in rest_s:
+            for si in s_mods[sm].values():
+                self.s_note[si] = f"ambiguous: {what}"
+        for tm in rest_t:
+            self.t_note[tm] = (f"ambiguous: {what}; nothing loaded through them",
+                               f"ambiguous: checkpoint module{'s' if len(rest_s) > 1 else ''} {_fold(rest_s)} "
+                               f"could fill it, but nothing tells which (see the suggestion)")
+        rules = self._rename_rules(guess, s_mods)
+        if rules is None:
+            self.suggestions.append(f"{what}; nothing was loaded through them; rename the checkpoint's "
+                                    f"modules to the model's with rename=")
+            return
+        pairs = sorted(guess.items(), key=lambda p: rest_s.index(p[0]))
+        told = ", ".join(f"'{sm}' is '{tm}'" for sm, tm in pairs[:_MAX_LISTED])
+        told += f" and {len(pairs) - _MAX_LISTED} more" if len(pairs) > _MAX_LISTED else ""
+        listed = ", ".join(f"(r'{pattern}', '{replacement}')" for pattern, replacement in rules)
+        self.suggestions.append(f"{what}; nothing was loaded through them; if {told}, pass rename=[{listed}]")
+
+    def _rename_rules(self, guess: Mapping[str, str],
+                      s_mods: Mapping[str, Mapping[str, int]]) -> list[tuple[str, str]] | None:
+        """``rename=`` rules that send each checkpoint module of ``guess`` to its model module, or None.
+
+        A rule names the module's own tensors only when other keys start with the same path, and
+        the rules are ordered so that none rewrites what another produced (None for a cycle).
+        """
+        rules: dict[str, tuple[str, str]] = {}
+        for sm, tm in guess.items():
+            own = {self.work[si] for si in s_mods[sm].values()}
+            others = any(w.startswith(sm + ".") and w not in own for w in self.work)
+            rules[sm] = ("^" + re.escape(sm) + r"\." + (r"(?=[^.]+$)" if others else ""), tm + ".")
+        # a rule whose output starts with another rule's module must run after that rule
+        after = {sm: {other for other in guess if other != sm
+                      and (tm == other or tm.startswith(other + "."))} for sm, tm in guess.items()}
+        ordered: list[str] = []
+        while after:
+            ready = [sm for sm, deps in after.items() if not deps - set(ordered)]
+            if not ready:
+                return None
+            for sm in ready:
+                ordered.append(sm)
+                del after[sm]
+        return [rules[sm] for sm in ordered]
 
     @staticmethod
     def _monotone(pairs: list[tuple[str, str]], s_pos: Mapping[str, int]) -> list[tuple[str, str]]:
@@ -596,8 +903,8 @@ class _Matcher:
                 by_sig[sig].append(tm)
         found = []
         for sm, members in s_mods.items():
-            if all(si in self.locked_s for si in members.values()):
-                continue  # already explained by an ambiguous prefix suggestion
+            if sm in self.explained_s or all(si in self.locked_s for si in members.values()):
+                continue  # already explained by an ambiguous prefix or structural suggestion
             fits = by_sig.get(self._signature(members, self.s_shape, self.s_dtype))
             if sm and fits:
                 found.append((sm, fits))
@@ -652,7 +959,8 @@ class _Matcher:
                 target=self.t_name[ti], action=action, source=None if si is None else self.s_name[si],
                 stage=stage, reason=reason, target_shape=self.t_shape[ti],
                 source_shape=None if si is None else self.s_shape[si], target_dtype=self.t_dtype[ti],
-                source_dtype=None if si is None else self.s_dtype[si], tied_to=tied_to)
+                source_dtype=None if si is None else self.s_dtype[si], tied_to=tied_to,
+                evidence=self.evidence[ti] if si is not None and si == self.t2s[ti] else None)
 
         def harmless(ti: int) -> str | None:
             if _leaf(self.t_name[ti]) == _NBT:
@@ -757,6 +1065,13 @@ class _Matcher:
                 decide(ti, "keep", "harmless", "not in the checkpoint; num_batches_tracked is harmless at its init")
             elif kind == "optional":
                 decide(ti, "keep", "harmless", "not in the checkpoint; optional, kept at init")
+            elif (note := self.t_note.get(t.rpartition(".")[0])) is not None:
+                if self.partial:
+                    decide(ti, "keep", "none", f"{note[0]}; kept at init (partial=True)")
+                else:
+                    decide(ti, "missing", "structural", note[0])
+                    problems.append(f"{t}: {note[1]}")
+                    missing_problem = True
             elif self.partial:
                 decide(ti, "keep", "none", "not in the checkpoint; kept at init (partial=True)")
             else:

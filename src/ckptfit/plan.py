@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["TensorSpec", "Decision", "Unused", "Plan", "Action", "Stage"]
+__all__ = ["TensorSpec", "Transform", "Decision", "Unused", "Plan", "Action", "Stage"]
 
 Action = Literal["load", "tied", "keep", "skip_shape", "missing"]
 """What happens to one target tensor.
@@ -26,7 +26,7 @@ Action = Literal["load", "tied", "keep", "skip_shape", "missing"]
 - ``missing``: nothing in the checkpoint fills it; an error unless ``partial=True``.
 """
 
-Stage = Literal["exact", "rule", "prefix", "structural", "tie", "harmless", "user", "none"]
+Stage = Literal["exact", "rule", "prefix", "structural", "tie", "harmless", "user", "port", "none"]
 """Which matcher stage took the decision."""
 
 
@@ -43,6 +43,32 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Transform:
+    """A change of layout applied to checkpoint data while it is loaded (see :mod:`ckptfit.porting`).
+
+    Attributes:
+        kind: ``"transpose"`` (a 2-D weight stored the other way round, e.g. GPT-2's ``Conv1D``
+            ``[in, out]`` into ``nn.Linear`` ``[out, in]``), ``"split"`` (one part of a fused
+            tensor such as ``qkv``) or ``"concat"`` (separate tensors joined into a fused one).
+        detail: what is done, human readable (``"part 2 of 3 (k) along dim 0"``).
+        reason: the evidence, or the user's rule, that chose it.
+        sources: for ``concat``: every checkpoint key joined, in order.
+        part: for ``split``: which part (0-based); ``parts``: how many.
+        dim: the dimension split or joined, in the model's layout.
+        transpose: for ``split`` / ``concat``: the checkpoint tensors are transposed first.
+    """
+
+    kind: Literal["transpose", "split", "concat"]
+    detail: str
+    reason: str
+    sources: tuple[str, ...] = ()
+    part: int = 0
+    parts: int = 1
+    dim: int = 0
+    transpose: bool = False
+
+
+@dataclass(frozen=True)
 class Decision:
     """What happens to one target tensor, and why."""
 
@@ -56,6 +82,10 @@ class Decision:
     target_dtype: torch.dtype | None = None
     source_dtype: torch.dtype | None = None
     tied_to: str | None = None  # for action == "tied": the target key that carries the values
+    transform: Transform | None = None  # a change of layout applied while loading (ckptfit.porting)
+    # for stage == "structural": what carried the alignment: "name", "name and order", "order"
+    # (among look-alike siblings, numbered alike) or "unique signature" (nothing else has these shapes)
+    evidence: str | None = None
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ def _decision_dict(d: Decision) -> dict[str, Any]:
         "target_dtype": _dtype_name(d.target_dtype),
         "source_dtype": _dtype_name(d.source_dtype),
         "tied_to": d.tied_to,
+        **({"evidence": d.evidence} if d.evidence else {}),  # structural: what carried the alignment
     }
 
 
@@ -238,7 +239,8 @@ class LoadReport:
             decisions = [d for d in listed if d.stage == stage]
             if not decisions:
                 continue
-            by_reason = _group(decisions, lambda d: d.reason)
+            # structural loads are grouped by the evidence that carried them (name, order ...)
+            by_reason = _group(decisions, lambda d: f"aligned by {d.evidence}" if d.evidence else d.reason)
             show_reason = len(by_reason) <= 3
             groups = by_reason if show_reason else {"": decisions}
             rows = tuple(
