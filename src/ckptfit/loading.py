@@ -28,6 +28,7 @@ from ._progress import progress
 from .lazy import LazyTensor, MappedFile, _itemsize, buffer_of, locate
 from .matching import match
 from .plan import Plan, TensorSpec
+from .porting import apply_transform, layouts_of, parse_rules, port
 from .report import LoadReport
 
 __all__ = ["open", "plan", "load", "build", "Source"]
@@ -192,7 +193,7 @@ def _check_model(model: Any, source: Any) -> None:
 
 
 def _options(model: Any, source: Any, partial: Any, use: Any, rename: Any, include: Any, exclude: Any,
-             device: Any, dtype: Any, trust: Any) -> dict[str, Any]:
+             device: Any, dtype: Any, trust: Any, transforms: Any = None) -> dict[str, Any]:
     """Check and normalise the user's options before any work (a wrong one fails early, clearly)."""
     _check_model(model, source)
     for name, flag in (("partial", partial), ("trust", trust)):
@@ -201,7 +202,8 @@ def _options(model: Any, source: Any, partial: Any, use: Any, rename: Any, inclu
     if use is not None and not isinstance(use, str):
         raise TypeError(f"use= must be a name such as 'ema' or a key path, not {type(use).__name__}")
     return dict(partial=partial, use=use, rename=_rules(rename), include=_patterns(include, "include"),
-                exclude=_patterns(exclude, "exclude"), device=_check_device(device), dtype=_dtype(dtype), trust=trust)
+                exclude=_patterns(exclude, "exclude"), device=_check_device(device), dtype=_dtype(dtype), trust=trust,
+                transforms=parse_rules(transforms))
 
 
 # ---------------------------------------------------------------------------------- plan
@@ -210,9 +212,12 @@ def _specs_of(cand: StateDictCandidate) -> list[TensorSpec]:
     return [TensorSpec(k, t.shape, t.dtype) for k, t in cand.tensors.items()]
 
 
-def _plan_for(target: _Target, cand: StateDictCandidate, *, partial: bool, rename, include, exclude) -> Plan:
-    return match(target.specs, _specs_of(cand), partial=partial, rename=rename, include=include, exclude=exclude,
-                 tied=target.tied)
+def _plan_for(target: _Target, cand: StateDictCandidate, *, partial: bool, rename, include, exclude,
+              transforms=()) -> Plan:
+    specs = _specs_of(cand)
+    p = match(target.specs, specs, partial=partial, rename=rename, include=include, exclude=exclude,
+              tied=target.tied)
+    return port(p, layouts_of(target.model), specs, transforms)  # transposed / fused weights (ckptfit.porting)
 
 
 _EMA_WORDS = ("ema", "shadow", "average", "swa", "polyak")
@@ -236,12 +241,12 @@ def _prefix_inside(cands: list[StateDictCandidate], use: str) -> tuple[StateDict
 
 
 def _choose(target: _Target, ckpt: Checkpoint, *, use: str | None, partial: bool, rename, include,
-            exclude) -> tuple[StateDictCandidate, Plan, str]:
+            exclude, transforms=()) -> tuple[StateDictCandidate, Plan, str]:
     cands = ckpt.state_dicts()
     if not cands:
         raise CheckpointError("the checkpoint holds no tensors that could be model weights", path=ckpt.path,
                               hint="run `ckptfit inspect` on it to see what it contains")
-    opts = dict(partial=partial, rename=rename, include=include, exclude=exclude)
+    opts = dict(partial=partial, rename=rename, include=include, exclude=exclude, transforms=transforms)
     if use is not None:
         try:
             c = select_candidate(cands, use, path=ckpt.path)
@@ -278,7 +283,7 @@ def _choose(target: _Target, ckpt: Checkpoint, *, use: str | None, partial: bool
 def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | None = None,
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
-         trust: bool = False) -> Plan:
+         trust: bool = False, transforms: Mapping[str, str] | None = None) -> Plan:
     """Decide what :func:`load` would do, from names, shapes and dtypes only (a dry run).
 
     Takes the same arguments as :func:`load`; reads no tensor bytes and changes nothing.
@@ -292,12 +297,12 @@ def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         >>> p.ok, p.transforms                                    # doctest: +SKIP
         (True, ("strip 'module.'",))
     """
-    o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust)
+    o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms)
     with gc_paused():
         ckpt, opened = _as_checkpoint(source, trust)
         try:
             return _plan(_Target(model), ckpt, partial=partial, use=use, rename=o["rename"], include=o["include"],
-                         exclude=o["exclude"])[1]
+                         exclude=o["exclude"], transforms=o["transforms"])[1]
         finally:
             if opened:
                 ckpt.close()
@@ -324,7 +329,7 @@ def _plan(target: _Target, ckpt: Checkpoint, **opts) -> tuple[StateDictCandidate
 def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | None = None,
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
-         trust: bool = False) -> LoadReport:
+         trust: bool = False, transforms: Mapping[str, str] | None = None) -> LoadReport:
     """Put a checkpoint into ``model`` in place, loading only what provably belongs, and report it.
 
     The state dict inside the file is found (the model's own weights over EMA and optimizer
@@ -346,6 +351,8 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         device: move the model to this device and load there (default: where it is).
         dtype: cast the model's floating tensors to this dtype (default: keep the model's).
         trust: allow real unpickling; runs code from the file. Never needed for weights.
+        transforms: ``{pattern: kind}`` for layouts the evidence cannot settle: ``"transpose"``,
+            ``"none"`` (as stored), ``"split:N"``; see :mod:`ckptfit.porting` and docs/porting.md.
 
     Returns:
         A :class:`LoadReport`; ``print(report)`` for a summary.
@@ -366,23 +373,27 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
     """
     from .distributed import is_sharded, load_sharded
 
-    o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust)
+    o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms)
     rename, include, exclude, device, dtype = o["rename"], o["include"], o["exclude"], o["device"], o["dtype"]
     if is_sharded(model):  # FSDP2 / DTensor / DDP in a process group: each rank reads its shards only
+        if o["transforms"]:
+            raise ValueError("transforms= is not supported for a sharded model; port the weights into the "
+                             "unsharded model first, then save and shard it")
         return load_sharded(model, source, partial=partial, use=use, rename=rename, include=include,
                             exclude=exclude, device=device, dtype=dtype, trust=trust)
     with gc_paused():
         return _load(model, source, partial=partial, use=use, rename=rename, include=include, exclude=exclude,
-                     device=device, dtype=dtype, trust=trust)
+                     device=device, dtype=dtype, trust=trust, transforms=o["transforms"])
 
 
 def _load(model: nn.Module, source: Any, *, partial: bool, use: str | None, rename, include, exclude, device: Any,
-          dtype: torch.dtype | None, trust: bool) -> LoadReport:
+          dtype: torch.dtype | None, trust: bool, transforms=()) -> LoadReport:
     start = time.perf_counter()
     ckpt, opened = _as_checkpoint(source, trust)
     try:
         target = _Target(model)
-        cand, p = _plan(target, ckpt, partial=partial, use=use, rename=rename, include=include, exclude=exclude)
+        cand, p = _plan(target, ckpt, partial=partial, use=use, rename=rename, include=include, exclude=exclude,
+                        transforms=transforms)
         if not p.ok:
             raise _load_error(p, model)
         if device is not None or dtype is not None:
@@ -603,6 +614,10 @@ def _apply(target: _Target, cand: StateDictCandidate, p: Plan, *, device: Any = 
         if d.source is None:
             continue
         lazy = cand.tensors[d.source]
+        if d.transform is not None:  # transposed, split or joined: made in memory now, copied in its turn
+            work.append((d.target, lazy, apply_transform(d, lambda k: cand.tensors[k].load()), None))
+            nbytes += sum(cand.tensors[k].nbytes for k in d.transform.sources or (d.source,))
+            continue
         t = lazy.load()
         loc = locate(t)
         work.append((d.target, lazy, t if loc is not None else None, loc))

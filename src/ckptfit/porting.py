@@ -1,0 +1,800 @@
+"""Porting between implementations: weights stored in another layout, decided from evidence only.
+
+Two implementations of one network often store the same weights differently:
+
+- **transposed**: Hugging Face's GPT-2 ``Conv1D`` keeps its weight ``[in, out]``, ``nn.Linear``
+  keeps ``[out, in]``;
+- **fused or separate**: one ``qkv`` / ``c_attn`` / ``in_proj_weight`` of ``[3d, d]`` against
+  three ``q``, ``k``, ``v`` of ``[d, d]`` (or a ``gate_up_proj`` against ``gate_proj`` and
+  ``up_proj``).
+
+:func:`port` runs after the matcher and adds a :class:`~ckptfit.plan.Transform` to the
+decisions that need one. It never guesses:
+
+- A **transpose** is decided for a *role*: every 2-D weight of one layer type in the model
+  (all ``nn.Linear`` weights, all ``Conv1D`` weights). When some non-square weights of the
+  role fit only transposed and none fits as stored, the file stores that role the other way
+  round: every weight of the role is transposed, the square ones too, and the report says
+  so. When some fit only transposed and others only as stored, the evidence conflicts and
+  the load is refused. When every weight of a role is square the shapes cannot tell; for
+  ``nn.Linear`` the file is taken to hold torch's own layout (what ``load_state_dict``
+  assumes), for a transposed-layout type (``Conv1D``) the load is refused with the
+  ``transforms=`` rule that would settle it.
+- A **split** needs a checkpoint tensor whose name says it is fused and in which order
+  (``qkv``, ``to_qkv``, ``Wqkv``, ``c_attn``, ``in_proj_weight``, ``kv``, ``gate_up``) and, beside
+  where it would go, one unfilled model module per part whose names and declaration order
+  say the same (``q``/``k``/``v``, ``query``/``key``/``value``, ``q_proj``..., ``to_q``...), all of
+  one shape. A **concat** is the same the other way round. ``query_key_value`` is never split
+  automatically: GPT-NeoX and BLOOM interleave it per head.
+
+What evidence cannot settle, the user says with ``transforms={pattern: kind}``
+(:func:`parse_rules`): a glob or a regex (matched against the model key or the checkpoint
+key) and ``"transpose"``, ``"none"`` (as stored) or ``"split:N"``, combined with ``+``
+(``"transpose+split:3"``). Rules override evidence for the keys they match.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+from .plan import Decision, Plan, TensorSpec, Transform, Unused
+
+__all__ = ["port", "parse_rules", "layouts_of", "register_layout", "apply_transform", "Rule"]
+
+OUT_IN = "out_in"  # nn.Linear: weight [out, in]
+IN_OUT = "in_out"  # GPT-2 Conv1D: weight [in, out]
+
+# class name -> (layout, label); looked up along the module's MRO. Registered by name so that
+# transformers need not be imported to recognise its Conv1D.
+_LAYOUTS: dict[str, tuple[str, str]] = {}
+
+
+def register_layout(cls: type | str, layout: str, label: str | None = None) -> None:
+    """Declare how a layer type stores its 2-D ``weight``: ``"out_in"`` (as ``nn.Linear``) or ``"in_out"``.
+
+    Example:
+        >>> register_layout("Conv1D", "in_out")
+    """
+    if layout not in (OUT_IN, IN_OUT):
+        raise ValueError(f"layout must be {OUT_IN!r} or {IN_OUT!r}, not {layout!r}")
+    name = cls if isinstance(cls, str) else cls.__name__
+    _LAYOUTS[name] = (layout, label or name)
+
+
+register_layout("Linear", OUT_IN, "nn.Linear")
+register_layout("Conv1D", IN_OUT, "Conv1D")  # transformers.pytorch_utils.Conv1D (GPT-2, GPT, ...)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one model tensor is laid out: its role (layer type) and which dimension is ``out``."""
+
+    layout: str
+    label: str
+
+
+def layouts_of(model: nn.Module) -> dict[str, Layout]:
+    """``{state-dict key: Layout}`` for every 2-D weight of a layer type with a known layout.
+
+    ``nn.MultiheadAttention``'s ``in_proj_weight`` counts as ``nn.Linear`` (it is one ``[3d, d]``).
+    """
+    out: dict[str, Layout] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        prefix = f"{mname}." if mname else ""
+        hit = None
+        for klass in type(mod).__mro__:
+            hit = _LAYOUTS.get(klass.__name__)
+            if hit is not None:
+                break
+        if hit is not None:
+            w = mod._parameters.get("weight")
+            if w is not None and w.dim() == 2:
+                out.setdefault(prefix + "weight", Layout(*hit))
+        if isinstance(mod, nn.MultiheadAttention):
+            w = mod._parameters.get("in_proj_weight")
+            if w is not None and w.dim() == 2:
+                out.setdefault(prefix + "in_proj_weight", Layout(OUT_IN, "nn.Linear"))
+    return out
+
+
+# ---------------------------------------------------------------------------------- rules
+
+_KINDS = ("transpose", "none")
+_SPLIT = re.compile(r"^split:(\d+)$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``transforms=`` entry: a pattern and what to do with the tensors it matches."""
+
+    pattern: str
+    kind: str  # as written
+    transpose: bool | None  # True: transpose, False: as stored ("none"), None: evidence decides
+    split: int | None = None
+    _regex: Any = field(default=None, compare=False, repr=False)
+
+    def hits(self, *keys: str | None) -> bool:
+        for k in keys:
+            if k is None:
+                continue
+            if fnmatchcase(k, self.pattern) or (self._regex is not None and self._regex.fullmatch(k)):
+                return True
+        return False
+
+    @property
+    def text(self) -> str:
+        return f"transforms={{{self.pattern!r}: {self.kind!r}}}"
+
+
+def parse_rules(value: Any) -> tuple[Rule, ...]:
+    """Check ``transforms=`` and turn it into :class:`Rule` objects; raise at once on anything wrong.
+
+    Args:
+        value: ``{pattern: kind}`` (or a list of ``(pattern, kind)`` pairs); a pattern is a glob
+            or a regex matched in full against model keys and checkpoint keys; a kind is
+            ``"transpose"``, ``"none"``, ``"split:N"`` or several joined by ``+``.
+
+    Returns:
+        The rules, in order.
+
+    Raises:
+        TypeError: not a mapping of strings.
+        ValueError: an unknown kind, a contradiction (``"transpose+none"``) or an empty pattern.
+
+    Example:
+        >>> parse_rules({"*.c_attn.weight": "transpose"})[0].transpose
+        True
+    """
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    else:
+        try:
+            items = [tuple(x) for x in value]
+        except TypeError:
+            raise TypeError("transforms= must be a dict {pattern: kind}, e.g. "
+                            "transforms={'*.c_attn.weight': 'transpose'}") from None
+    rules = []
+    for item in items:
+        if len(item) != 2 or not all(isinstance(x, str) for x in item):
+            raise TypeError(f"transforms= entry {item!r} is not a pattern: kind pair of strings, "
+                            "e.g. {'*.c_attn.weight': 'transpose'}")
+        pattern, kind = item
+        if not pattern:
+            raise ValueError("transforms= pattern is empty; write a glob such as '*.c_attn.weight'")
+        transpose: bool | None = None
+        split = None
+        for part in kind.replace(" ", "").lower().split("+"):
+            m = _SPLIT.match(part)
+            if m:
+                split = int(m.group(1))
+                if split < 2:
+                    raise ValueError(f"transforms={{{pattern!r}: {kind!r}}}: split:N needs N >= 2")
+            elif part in _KINDS:
+                want = part == "transpose"
+                if transpose is not None and transpose != want:
+                    raise ValueError(f"transforms={{{pattern!r}: {kind!r}}}: 'transpose' and 'none' contradict")
+                transpose = want
+            else:
+                raise ValueError(f"transforms={{{pattern!r}: {kind!r}}}: unknown transform {part!r}; use "
+                                 f"'transpose', 'none' (load as stored), 'split:N' or e.g. 'transpose+split:3'")
+        try:
+            regex = re.compile(pattern)
+        except re.error:
+            regex = None  # a glob such as '*.weight' is not a regex; it is matched as a glob
+        rules.append(Rule(pattern, kind, transpose, split, regex))
+    return tuple(rules)
+
+
+# ---------------------------------------------------------------------------------- names
+
+_PART_WORDS = {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v", "gate": "gate", "up": "up"}
+_TOKENS = ("query", "value", "gate", "key", "up", "q", "k", "v")
+# Fused tensors whose name does not spell the parts but whose layout is documented [q; k; v].
+_FUSED_BY_CONVENTION = {"c_attn": ("q", "k", "v"), "in_proj": ("q", "k", "v")}
+# Fused names whose layout is NOT parts one after the other (GPT-NeoX, BLOOM: per head).
+_INTERLEAVED = {"query_key_value"}
+
+
+def _core(seg: str) -> str:
+    s = seg.lower()
+    s = re.sub(r"^(to_|w_|w(?=q|k|v))", "", s)
+    return re.sub(r"(_?proj|_lin|_linear|_layer)$", "", s)
+
+
+def _part_of(seg: str) -> str | None:
+    """``'q_proj'`` -> ``'q'``; ``'value'`` -> ``'v'``; ``'up_proj'`` -> ``'up'``; else None."""
+    return _PART_WORDS.get(_core(seg))
+
+
+def _fused_parts(seg: str) -> tuple[str, ...] | None:
+    """``'qkv'`` / ``'to_qkv'`` / ``'Wqkv'`` / ``'c_attn'`` -> ``('q', 'k', 'v')``; ``'gate_up_proj'`` -> ``('gate', 'up')``."""
+    low = seg.lower()
+    if low in _FUSED_BY_CONVENTION:
+        return _FUSED_BY_CONVENTION[low]
+    core = _core(seg)
+    if core in _INTERLEAVED:
+        return None
+    out: list[str] = []
+    i = 0
+    while i < len(core):
+        if core[i] == "_":
+            i += 1
+            continue
+        for tok in _TOKENS:
+            if core.startswith(tok, i):
+                out.append(_PART_WORDS[tok])
+                i += len(tok)
+                break
+        else:
+            return None
+    return tuple(out) if len(out) >= 2 and len(set(out)) == len(out) else None
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """``(module, leaf)``; ``attn.in_proj_weight`` is ``('attn.in_proj', 'weight')``."""
+    mod, _, leaf = key.rpartition(".")
+    if leaf in ("in_proj_weight", "in_proj_bias"):
+        return (f"{mod}.in_proj" if mod else "in_proj"), leaf[len("in_proj_"):]
+    return mod, leaf
+
+
+def _parent(module: str) -> str:
+    return module.rpartition(".")[0]
+
+
+def _last(module: str) -> str:
+    return module.rpartition(".")[2]
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _kind(dtype: torch.dtype | None) -> str:
+    if dtype is None:
+        return "?"
+    if dtype == torch.bool:
+        return "bool"
+    return "complex" if dtype.is_complex else "float" if dtype.is_floating_point else "int"
+
+
+def _listed(names: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(f"'{x}'" for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# ---------------------------------------------------------------------------------- the pass
+
+@dataclass
+class _Item:
+    """One unit of evidence and of change: a plain pair, or a split / concat group."""
+
+    kind: str  # "pair", "split", "concat"
+    role: str  # layout label of the model side ("nn.Linear", "Conv1D")
+    layout: str
+    targets: list[str]  # model keys of the weights (pair: one; split: one per part; concat: the fused one)
+    sources: list[str]  # checkpoint keys of the weights (pair / split: one; concat: one per part)
+    fit: str = "neither"  # "as-is", "transposed", "both" (square: shapes cannot tell), "neither"
+    forced: bool | None = None  # a user rule: True transpose, False as stored
+    rule: Any = None
+    parts: tuple[str, ...] = ()  # split / concat: part names in order
+    biases: list[tuple[list[str], list[str]]] = field(default_factory=list)  # (targets, sources) of the biases
+
+
+class _Porter:
+    def __init__(self, plan: Plan, layouts: Mapping[str, Layout], source: Sequence[TensorSpec],
+                 rules: Sequence[Rule]):
+        self.plan = plan
+        self.layouts = layouts
+        self.rules = list(rules)
+        self.rule_hits = [0] * len(self.rules)
+        self.decs = list(plan.decisions)
+        self.pos = {d.target: i for i, d in enumerate(self.decs)}
+        self.src = {s.name: s for s in source}
+        self.src_order = {s.name: i for i, s in enumerate(source)}
+        self.used = {d.source for d in self.decs if d.action == "load" and d.source}
+        self.problems: list[str] = []
+        self.suggestions: list[str] = []
+        self.warnings: list[str] = []
+        self.changed: set[str] = set()
+
+    # -- rules --------------------------------------------------------------------------
+
+    def rule_for(self, *keys: str | None, split: bool = False) -> Rule | None:
+        for i, r in enumerate(self.rules):
+            if (r.split is not None) == split and (split or r.transpose is not None) and r.hits(*keys):
+                self.rule_hits[i] += 1
+                return r
+        return None
+
+    def split_rule_for(self, key: str) -> Rule | None:
+        return self.rule_for(key, split=True)
+
+    # -- what could be paired -------------------------------------------------------------
+
+    def unfilled(self, key: str) -> bool:
+        i = self.pos.get(key)
+        if i is None:
+            return False
+        d = self.decs[i]
+        return d.source is None and d.tied_to is None and (d.action == "missing" or (d.action == "keep"
+                                                                                       and d.stage == "none"))
+
+    def free_source(self, key: str) -> bool:
+        return key in self.src and key not in self.used
+
+    def prefix_pairs(self) -> list[tuple[str, str]]:
+        """``(checkpoint prefix, model prefix)`` learned from the loaded pairs: what is left of two
+        keys once their longest common dotted suffix is cut off."""
+        seen: dict[tuple[str, str], int] = {}
+        for d in self.decs:
+            if d.action != "load" or not d.source:
+                continue
+            t, s = d.target.split("."), d.source.split(".")
+            n = 0
+            while n < min(len(t), len(s)) and t[-1 - n] == s[-1 - n]:
+                n += 1
+            if n < 2:
+                continue
+            tp = ".".join(t[:len(t) - n])
+            sp = ".".join(s[:len(s) - n])
+            key = (sp + "." if sp else "", tp + "." if tp else "")
+            seen[key] = seen.get(key, 0) + 1
+        return sorted(seen, key=lambda c: -len(c[0]))
+
+    def map_module(self, module: str, pairs: list[tuple[str, str]], reverse: bool = False) -> list[str]:
+        """Where a module of one side sits on the other side (identity first, then learned prefixes)."""
+        out = [module]
+        for sp, tp in pairs:
+            a, b = (tp, sp) if reverse else (sp, tp)
+            if (module + ".").startswith(a):
+                out.append((b + (module + ".")[len(a):]).rstrip("."))
+        return list(dict.fromkeys(out))
+
+    # -- collect ---------------------------------------------------------------------------
+
+    def collect(self) -> list[_Item]:
+        items: list[_Item] = []
+        for d in self.decs:
+            lay = self.layouts.get(d.target)
+            if lay is None or d.source is None or d.action not in ("load", "skip_shape") or len(d.target_shape) != 2:
+                continue
+            if d.transform is not None or d.source_shape is None or len(d.source_shape) != 2:
+                continue
+            item = _Item("pair", lay.label, lay.layout, [d.target], [d.source])
+            t, s = tuple(d.target_shape), tuple(d.source_shape)
+            if t == s:
+                item.fit = "both" if t[0] == t[1] else "as-is"
+            elif t == s[::-1]:
+                item.fit = "transposed"
+            rule = self.rule_for(d.target, d.source)
+            if rule is not None:
+                item.forced, item.rule = rule.transpose, rule
+            items.append(item)
+        items.extend(self.collect_splits())
+        items.extend(self.collect_concats())
+        return items
+
+    def _target_parts(self, parent: str, want: tuple[str, ...] | int, leaves: Iterable[str]) -> list[str] | None:
+        """Unfilled model modules right under ``parent`` named for the parts ``want`` (in that
+        declaration order), or, for a count, the same number of unfilled same-shaped ones."""
+        leaves = list(leaves)
+        children: dict[str, int] = {}
+        for key, i in self.pos.items():
+            mod, leaf = _split_key(key)
+            if _parent(mod) == parent and mod and leaf == leaves[0]:
+                children.setdefault(mod, i)
+        ok = [m for m in sorted(children, key=children.get)
+              if all(self.unfilled(f"{m}.{leaf}") for leaf in leaves)]
+        if isinstance(want, int):
+            shapes = {self.decs[self.pos[f"{m}.{leaves[0]}"]].target_shape for m in ok}
+            return ok if len(ok) == want and len(shapes) == 1 else None
+        named = [m for m in ok if _part_of(_last(m)) in want]
+        if sorted(_part_of(_last(m)) for m in named) != sorted(want) or len(named) != len(want):
+            return None
+        if tuple(_part_of(_last(m)) for m in named) != tuple(want):
+            self.warnings.append(f"not split: the model declares {_listed(named)} in another order than "
+                                 f"the fused tensor's ({', '.join(want)})")
+            return None
+        shapes = {self.decs[self.pos[f"{m}.{leaves[0]}"]].target_shape for m in named}
+        return named if len(shapes) == 1 else None
+
+    def collect_splits(self) -> list[_Item]:
+        items = []
+        pairs = None
+        by_module: dict[str, dict[str, str]] = {}
+        for key in self.src:
+            if self.free_source(key):
+                mod, leaf = _split_key(key)
+                by_module.setdefault(mod, {})[leaf] = key
+        for smod, leaves in by_module.items():
+            if "weight" not in leaves or len(self.src[leaves["weight"]].shape) != 2:
+                continue
+            rule = self.split_rule_for(leaves["weight"])
+            parts: tuple[str, ...] | int | None = rule.split if rule is not None else _fused_parts(_last(smod))
+            if parts is None:
+                continue
+            if pairs is None:
+                pairs = self.prefix_pairs()
+            use_leaves = [lf for lf in ("weight", "bias") if lf in leaves]
+            found = None
+            for tparent in self.map_module(_parent(smod), pairs):
+                found = self._target_parts(tparent, parts, use_leaves)
+                if found:
+                    break
+            if not found:
+                if rule is not None:
+                    self.problems.append(f"{rule.text} matched '{leaves['weight']}', but no {rule.split} unfilled "
+                                         f"modules of one shape sit where it would go")
+                continue
+            n = len(found)
+            tw = [f"{m}.weight" for m in found]
+            lay = self.layouts.get(tw[0])
+            if lay is None:
+                continue
+            td = self.decs[self.pos[tw[0]]]
+            a, b = td.target_shape
+            sshape = tuple(self.src[leaves["weight"]].shape)
+            asis = (n * a, b) if lay.layout == OUT_IN else (a, n * b)
+            trans = (b, n * a) if lay.layout == OUT_IN else (n * b, a)
+            fit = "both" if sshape == asis == trans else "as-is" if sshape == asis else \
+                "transposed" if sshape == trans else "neither"
+            if fit == "neither":
+                if rule is not None:
+                    self.problems.append(f"{rule.text}: '{leaves['weight']}' is {_shape(sshape)}, which is not "
+                                         f"{n} x {_shape((a, b))} stacked (as stored or transposed)")
+                continue
+            names = tuple(_part_of(_last(m)) or _last(m) for m in found)
+            item = _Item("split", lay.label, lay.layout, tw, [leaves["weight"]], fit=fit, parts=names, rule=rule)
+            if rule is not None and rule.transpose is not None:
+                item.forced = rule.transpose
+            elif rule is None:
+                r2 = self.rule_for(leaves["weight"], *tw)
+                if r2 is not None:
+                    item.forced, item.rule = r2.transpose, r2
+            if "bias" in leaves:
+                tb = [f"{m}.bias" for m in found]
+                bshape = tuple(self.src[leaves["bias"]].shape)
+                if bshape != (n * self.decs[self.pos[tb[0]]].target_shape[0],):
+                    continue
+                item.biases.append((tb, [leaves["bias"]]))
+            items.append(item)
+        return items
+
+    def collect_concats(self) -> list[_Item]:
+        items = []
+        pairs = None
+        for d in self.decs:
+            mod, leaf = _split_key(d.target)
+            if leaf != "weight" or d.target not in self.layouts or not self.unfilled(d.target):
+                continue
+            parts = _fused_parts(_last(mod))
+            if parts is None:
+                continue
+            if pairs is None:
+                pairs = self.prefix_pairs()
+            bias_key = f"{mod}.bias" if not mod.endswith("in_proj") else f"{_parent(mod)}.in_proj_bias".lstrip(".")
+            want_bias = bias_key in self.pos and self.unfilled(bias_key)
+            found = None
+            for sparent in self.map_module(_parent(mod), pairs, reverse=True):
+                found = self._source_parts(sparent, parts, want_bias)
+                if found:
+                    break
+            if not found:
+                continue
+            n = len(found)
+            sw = [f"{m}.weight" for m in found]
+            lay = self.layouts[d.target]
+            a, b = self.src[sw[0]].shape
+            t = tuple(d.target_shape)
+            asis = (n * a, b) if lay.layout == OUT_IN else (a, n * b)
+            trans = (n * b, a) if lay.layout == OUT_IN else (b, n * a)
+            fit = "both" if t == asis == trans else "as-is" if t == asis else "transposed" if t == trans else "neither"
+            if fit == "neither":
+                continue
+            item = _Item("concat", lay.label, lay.layout, [d.target], sw, fit=fit, parts=parts)
+            r = self.rule_for(d.target, *sw)
+            if r is not None:
+                item.forced, item.rule = r.transpose, r
+            if want_bias:
+                item.biases.append(([bias_key], [f"{m}.bias" for m in found]))
+            items.append(item)
+        return items
+
+    def _source_parts(self, parent: str, want: tuple[str, ...], bias: bool) -> list[str] | None:
+        mods: dict[str, str] = {}
+        for key in self.src:
+            mod, leaf = _split_key(key)
+            if leaf == "weight" and _parent(mod) == parent and mod and self.free_source(key):
+                p = _part_of(_last(mod))
+                if p in want:
+                    if p in mods:
+                        return None
+                    mods[p] = mod
+        if sorted(mods) != sorted(want):
+            return None
+        found = [mods[p] for p in want]
+        if len({tuple(self.src[f"{m}.weight"].shape) for m in found}) != 1:
+            return None
+        if bias and not all(self.free_source(f"{m}.bias") for m in found):
+            return None
+        return found
+
+    # -- decide ----------------------------------------------------------------------------
+
+    def decide(self, items: list[_Item]) -> dict[int, tuple[bool, str]]:
+        """``{id(item): (transpose, reason)}`` for the items to change; problems for the rest."""
+        out: dict[int, tuple[bool, str]] = {}
+        roles: dict[str, list[_Item]] = {}
+        for it in items:
+            if it.forced is not None:
+                if it.forced and it.kind == "pair" and it.fit not in ("transposed", "both"):
+                    self.problems.append(f"{it.targets[0]}: {it.rule.text} asks for a transpose, but checkpoint "
+                                         f"'{it.sources[0]}' does not fit transposed")
+                    continue
+                if not it.forced and it.kind == "pair":
+                    continue  # as stored: the matcher's own decision stands
+                out[id(it)] = (bool(it.forced), f"your rule {it.rule.text}")
+                continue
+            roles.setdefault(it.role, []).append(it)
+        for role, group in roles.items():
+            trans = [it for it in group if it.fit == "transposed"]
+            asis = [it for it in group if it.fit == "as-is"]
+            square = [it for it in group if it.fit == "both"]
+            layout = group[0].layout
+            stored = "[in, out]" if layout == OUT_IN else "[out, in]"
+            model = "[out, in]" if layout == OUT_IN else "[in, out]"
+            if trans and asis:
+                t_keys = [k for it in trans for k in it.targets]
+                a_keys = [k for it in asis for k in it.targets]
+                self.problems.append(
+                    f"{role} weights: evidence conflicts: {len(t_keys)} fit only transposed ({_listed(t_keys)}), "
+                    f"{len(a_keys)} only as stored ({_listed(a_keys)}); nothing is transposed")
+                self.suggestions.append(f"if the file mixes layouts on purpose, say which to transpose, e.g. "
+                                        f"{self.advice(t_keys, 'transpose')}")
+                for it in group:
+                    if it.kind != "pair":
+                        self.problems.append(f"{it.targets[0]}: not ported, the {role} layout evidence conflicts")
+                continue
+            if trans:
+                t_keys = [k for it in trans for k in it.targets]
+                reason = (f"the file stores {role} weights {stored} (the model has {model}): {len(t_keys)} non-square "
+                          f"weight{'s' if len(t_keys) != 1 else ''} fit only transposed ({_listed(t_keys)}) and "
+                          f"none as stored")
+                for it in trans + square:
+                    out[id(it)] = (True, reason + ("; square, transposed with its role" if it.fit == "both" else ""))
+                continue
+            if asis:
+                for it in group:
+                    if it.kind != "pair" and it.fit in ("as-is", "both"):
+                        out[id(it)] = (False, f"{role} weights fit as stored ({len(asis)} non-square)")
+                continue
+            # no shape evidence: only square weights
+            if layout == OUT_IN:
+                for it in group:
+                    if it.kind != "pair":  # concat / split of square parts: torch's own layout assumed
+                        out[id(it)] = (False, f"{role} weights taken as stored ({role}'s own layout; "
+                                              f"no weight of the role tells otherwise)")
+                continue
+            keys = [k for it in square for k in it.targets]
+            self.problems.append(
+                f"{role} weights are {model} but all {len(keys)} of them are square ({_listed(keys)}): the shapes "
+                f"cannot tell whether the file stores them {model} (from {role} layers) or {stored} "
+                f"(from nn.Linear layers); nothing is guessed")
+            self.suggestions.append(f"if the file comes from nn.Linear layers, pass {self.advice(keys, 'transpose')}; "
+                                    f"if it comes from {role} layers, pass {self.advice(keys, 'none')}")
+        return out
+
+    def advice(self, keys: Sequence[str], kind: str) -> str:
+        """A ``transforms=`` rule that matches exactly ``keys`` among every model and checkpoint key."""
+        everything = list(self.pos) + list(self.src)
+        want = set(keys)
+        leaves = {k.rpartition(".")[2] for k in keys}
+        candidates = [f"*.{leaf}" for leaf in sorted(leaves)] if len(leaves) == 1 else []
+        forms = sorted({re.sub(r"(?<=\.)\d+(?=\.)", "*", k) for k in keys})
+        if len(forms) == 1:
+            candidates.append(forms[0])
+        for pat in candidates:
+            hit = {k for k in everything if fnmatchcase(k, pat)}
+            targets = {k for k in hit if k in self.pos}
+            if targets == want and all(k in want or self._feeds(k, want) for k in hit):
+                return f"transforms={{{pat!r}: {kind!r}}}"
+        rx = "|".join(re.escape(f).replace(r"\*", r"\d+") for f in forms)
+        return f"transforms={{{rx!r}: {kind!r}}}"
+
+    def _feeds(self, skey: str, targets: set[str]) -> bool:
+        return any(self.decs[self.pos[t]].source == skey for t in targets)
+
+    # -- apply -----------------------------------------------------------------------------
+
+    def set(self, target: str, **changes: Any) -> None:
+        i = self.pos[target]
+        self.decs[i] = replace(self.decs[i], **changes)
+        self.changed.add(target)
+
+    def apply(self, items: list[_Item], chosen: Mapping[int, tuple[bool, str]]) -> None:
+        for it in items:
+            if id(it) not in chosen:
+                continue
+            transpose, reason = chosen[id(it)]
+            if it.kind == "pair":
+                if not transpose:
+                    continue
+                d = self.decs[self.pos[it.targets[0]]]
+                self.set(d.target, action="load", reason=f"{_base_reason(d)}; transposed "
+                         f"{_shape(d.source_shape or ())} -> {_shape(d.target_shape)}",
+                         transform=Transform("transpose", f"{_shape(d.source_shape or ())} -> "
+                                                          f"{_shape(d.target_shape)}", reason))
+                self.used.add(d.source)
+            elif it.kind == "split":
+                self._apply_split(it, transpose, reason)
+            else:
+                self._apply_concat(it, transpose, reason)
+
+    def _apply_split(self, it: _Item, transpose: bool, reason: str) -> None:
+        n = len(it.targets)
+        dim = 0 if it.layout == OUT_IN else 1
+        skey = it.sources[0]
+        fused = _last(_split_key(skey)[0])
+        order = ", ".join(it.parts)
+        why = reason if it.rule is not None else (f"'{fused}' names a fused ({order}) tensor and the model has "
+                                                  f"{_listed(it.targets)} in that order; {reason}")
+        for j, t in enumerate(it.targets):
+            s = self.src[skey]
+            self.set(t, action="load", source=skey, stage="port", source_shape=tuple(s.shape), source_dtype=s.dtype,
+                     reason=f"part {j + 1} of {n} ({it.parts[j]}) of '{skey}'" + ("; transposed" if transpose else ""),
+                     transform=Transform("split", f"part {j + 1} of {n} ({it.parts[j]}) along dim {dim}"
+                                         + (", after a transpose" if transpose else ""), why,
+                                         part=j, parts=n, dim=dim, transpose=transpose))
+        self.used.add(skey)
+        for tb, sb in it.biases:
+            s = self.src[sb[0]]
+            for j, t in enumerate(tb):
+                self.set(t, action="load", source=sb[0], stage="port", source_shape=tuple(s.shape),
+                         source_dtype=s.dtype, reason=f"part {j + 1} of {n} ({it.parts[j]}) of '{sb[0]}'",
+                         transform=Transform("split", f"part {j + 1} of {n} ({it.parts[j]}) along dim 0", why,
+                                             part=j, parts=n, dim=0))
+            self.used.add(sb[0])
+
+    def _apply_concat(self, it: _Item, transpose: bool, reason: str) -> None:
+        n = len(it.sources)
+        dim = 0 if it.layout == OUT_IN else 1
+        t = it.targets[0]
+        fused = _last(_split_key(t)[0])
+        why = reason if it.rule is not None else (f"'{fused}' names a fused ({', '.join(it.parts)}) tensor and the "
+                                                  f"checkpoint has {_listed(it.sources)}; {reason}")
+        s = self.src[it.sources[0]]
+        self.set(t, action="load", source=it.sources[0], stage="port", source_shape=tuple(s.shape),
+                 source_dtype=s.dtype, reason=f"{n} checkpoint tensors joined" + ("; transposed" if transpose else ""),
+                 transform=Transform("concat", f"{n} tensors ({', '.join(it.parts)}) joined along dim {dim}"
+                                     + (", each transposed" if transpose else ""), why, sources=tuple(it.sources),
+                                     parts=n, dim=dim, transpose=transpose))
+        self.used.update(it.sources)
+        for tb, sb in it.biases:
+            s = self.src[sb[0]]
+            self.set(tb[0], action="load", source=sb[0], stage="port", source_shape=tuple(s.shape),
+                     source_dtype=s.dtype, reason=f"{n} checkpoint tensors joined",
+                     transform=Transform("concat", f"{n} tensors ({', '.join(it.parts)}) joined along dim 0", why,
+                                         sources=tuple(sb), parts=n, dim=0))
+            self.used.update(sb)
+
+    # -- the new plan ----------------------------------------------------------------------
+
+    def finish(self) -> Plan:
+        from .matching import _PARTIAL_MISSING, _PARTIAL_SHAPES
+
+        for i, r in enumerate(self.rules):
+            if not self.rule_hits[i]:
+                self.warnings.append(f"{r.text} matched no key that could take it")
+        if not self.changed and not self.problems and not self.warnings:
+            return self.plan
+        loaded = {d.target for d in self.decs if d.action == "load"}
+        for i, d in enumerate(self.decs):  # a tie whose canonical key is now loaded is filled through it
+            if d.action == "missing" and d.tied_to in loaded:
+                self.decs[i] = replace(d, action="tied", reason=f"shares storage with '{d.tied_to}', which is loaded")
+                self.changed.add(d.target)
+        problems = [p for p in self.plan.problems if not any(p.startswith(f"{t}: ") for t in self.changed)]
+        suggestions = list(self.plan.suggestions)
+        if not any(d.action == "skip_shape" for d in self.decs) and _PARTIAL_SHAPES in suggestions:
+            suggestions.remove(_PARTIAL_SHAPES)
+        if not any(d.action == "missing" for d in self.decs) and _PARTIAL_MISSING in suggestions:
+            suggestions.remove(_PARTIAL_MISSING)
+        sources = set()
+        for d in self.decs:
+            if d.action == "load" and d.source:
+                sources.add(d.source)
+                if d.transform is not None:
+                    sources.update(d.transform.sources)
+        unused = tuple(u for u in self.plan.unused if u.source not in sources)
+        return replace(self.plan, decisions=tuple(self.decs), unused=unused,
+                       problems=tuple(dict.fromkeys(problems + self.problems)),
+                       suggestions=tuple(dict.fromkeys(suggestions + self.suggestions)),
+                       warnings=tuple(dict.fromkeys(list(self.plan.warnings) + self.warnings)))
+
+
+def _base_reason(d: Decision) -> str:
+    """The matcher's reason without its shape verdict (``...; not loaded`` / ``...; same shape``)."""
+    r = d.reason
+    for cut in (", but checkpoint has", "; same shape", "same name and shape"):
+        if cut in r:
+            r = r.split(cut)[0]
+    return r or "same name"
+
+
+def port(plan: Plan, layouts: Mapping[str, Layout], source: Sequence[TensorSpec],
+         rules: Sequence[Rule] = ()) -> Plan:
+    """Add the transforms the evidence (or the user's rules) call for to a matcher's plan.
+
+    Args:
+        plan: the matcher's plan.
+        layouts: :func:`layouts_of` the model.
+        source: the checkpoint's tensors (names, shapes, dtypes), in file order.
+        rules: :func:`parse_rules` of ``transforms=``.
+
+    Returns:
+        The plan with transposed / split / joined decisions, the problems they solve removed,
+        and a problem (with the rule that would settle it) where the evidence conflicts or
+        cannot tell. The same plan when nothing applies.
+
+    Example:
+        >>> import torch
+        >>> from ckptfit.matching import match
+        >>> from ckptfit.plan import TensorSpec
+        >>> model = [TensorSpec("fc.weight", (8, 4), torch.float32)]
+        >>> ckpt = [TensorSpec("fc.weight", (4, 8), torch.float32)]
+        >>> p = port(match(model, ckpt), {"fc.weight": Layout(OUT_IN, "nn.Linear")}, ckpt)
+        >>> p.ok, p.decisions[0].transform.kind
+        (True, 'transpose')
+    """
+    if not layouts and not rules:
+        return plan
+    porter = _Porter(plan, layouts, source, rules)
+    items = porter.collect()
+    chosen = porter.decide(items)
+    porter.apply(items, chosen)
+    return porter.finish()
+
+
+def apply_transform(d: Decision, fetch: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The tensor to copy into ``d.target``: the checkpoint tensor(s) ``fetch`` returns, transformed.
+
+    The result is a new contiguous tensor of ``d.target_shape``.
+    """
+    t = d.transform
+    if t is None or d.source is None:
+        raise ValueError(f"{d.target}: no transform to apply")
+    if t.kind == "transpose":
+        x = fetch(d.source).t()
+    elif t.kind == "split":
+        x = fetch(d.source)
+        if t.transpose and x.dim() == 2:
+            x = x.t()
+        x = x.chunk(t.parts, dim=t.dim)[t.part]
+    elif t.kind == "concat":
+        xs = [fetch(s) for s in t.sources]
+        if t.transpose:
+            xs = [x.t() if x.dim() == 2 else x for x in xs]
+        x = torch.cat(xs, dim=t.dim)
+    else:
+        raise ValueError(f"{d.target}: unknown transform {t.kind!r}")
+    if tuple(x.shape) != tuple(d.target_shape):
+        raise ValueError(f"{d.target}: {t.kind} of '{d.source}' gives {_shape(x.shape)}, the model has "
+                         f"{_shape(d.target_shape)}")
+    return x.contiguous().clone() if x.is_contiguous() else x.contiguous()
+
+
+def summary(decisions: Iterable[Decision]) -> list[tuple[str, list[str], str]]:
+    """``[(kind, model keys, reason)]`` of the transforms in ``decisions``, grouped by kind and reason."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for d in decisions:
+        if d.transform is not None:
+            groups.setdefault((d.transform.kind, d.transform.reason), []).append(d.target)
+    return [(k, keys, r) for (k, r), keys in groups.items()]
