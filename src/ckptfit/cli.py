@@ -148,6 +148,9 @@ def _load_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--include", "include", multiple=True, metavar="GLOB", help="Load only matching tensors."),
         click.option("--exclude", "exclude", multiple=True, metavar="GLOB", help="Do not load matching tensors."),
         click.option("--trust", is_flag=True, help="Allow real unpickling (runs code from the file). Default: off."),
+        click.option("--transform", "transform_rules", multiple=True, metavar="'PATTERN=KIND'",
+                     help="Layout rule for tensors matching a glob or regex: transpose, none, split:N "
+                          "(repeatable; see docs/porting.md)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -164,9 +167,29 @@ def _rename_rules(renames: tuple[str, ...]) -> list[tuple[str, str]] | None:
     return rules or None
 
 
-def _common(partial, use, renames, include, exclude, trust) -> dict[str, Any]:
-    return dict(partial=partial, use=use, rename=_rename_rules(renames), include=list(include) or None,
-                exclude=list(exclude) or None, trust=trust)
+def _transform_rules(rules: tuple[str, ...]) -> dict[str, str] | None:
+    from .porting import parse_rules
+
+    out: dict[str, str] = {}
+    for r in rules:
+        pattern, eq, kind = r.rpartition("=")
+        if not eq or not pattern:
+            raise click.BadParameter(f"{r!r}: write transform rules as 'PATTERN=KIND', e.g. "
+                                     f"'*.c_attn.weight=transpose'", param_hint="--transform")
+        out[pattern] = kind
+    try:
+        parse_rules(out)
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="--transform") from None
+    return out or None
+
+
+def _common(partial, use, renames, include, exclude, trust, transform_rules=()) -> dict[str, Any]:
+    out = dict(partial=partial, use=use, rename=_rename_rules(renames), include=list(include) or None,
+               exclude=list(exclude) or None, trust=trust)
+    if transform_rules:
+        out["transforms"] = _transform_rules(transform_rules)
+    return out
 
 
 def _factory(model_spec: str | None, model_args: tuple[str, ...]):
@@ -195,7 +218,8 @@ Examples:
 @handle_errors
 def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
-         device: str | None, dtype: str | None, do_verify: bool, save_path: str | None, as_json: bool) -> None:
+         device: str | None, dtype: str | None, do_verify: bool, save_path: str | None, as_json: bool,
+         transform_rules: tuple[str, ...] = ()) -> None:
     """Load a checkpoint into a model and print the report.
 
     The model is built from --model SPEC without random init, then filled from the checkpoint.
@@ -203,7 +227,7 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     """
     from .loading import build
 
-    opts = _common(partial, use, renames, include, exclude, trust)
+    opts = _common(partial, use, renames, include, exclude, trust, transform_rules)
     opts.update(device=parse_device(device), dtype=parse_dtype(dtype))
     if model_spec:
         model, report = build(_factory(model_spec, model_args), ckpt, **opts)
@@ -281,7 +305,7 @@ Examples:
 @handle_errors
 def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
-         as_json: bool) -> None:
+         as_json: bool, transform_rules: tuple[str, ...] = ()) -> None:
     """Show what would be loaded where, and why, without loading.
 
     A dry run of `load`: decides from names, shapes and dtypes only, reads no tensor data,
@@ -293,7 +317,7 @@ def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     factory = _factory(model_spec, model_args)
     with _parameters_on_meta():
         model = factory()
-    p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust))
+    p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust, transform_rules))
     if as_json:
         d = LoadReport.from_plan(p).to_dict()
         d.update(ok=p.ok, problems=list(p.problems), suggestions=list(p.suggestions))

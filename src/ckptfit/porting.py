@@ -566,11 +566,13 @@ class _Porter:
                 continue
             if trans:
                 t_keys = [k for it in trans for k in it.targets]
-                reason = (f"the file stores {role} weights {stored} (the model has {model}): {len(t_keys)} non-square "
-                          f"weight{'s' if len(t_keys) != 1 else ''} fit only transposed ({_listed(t_keys)}) and "
-                          f"none as stored")
+                n_all = sum(len(it.targets) for it in trans + square)
+                n_sq = n_all - len(t_keys)
+                reason = (f"the file stores {role} weights {stored}, the model {model}: {len(t_keys)} non-square "
+                          f"fit only transposed ({_listed(t_keys, 2)}), none as stored; so all {n_all} are "
+                          f"transposed" + (f", the {n_sq} square too" if n_sq else ""))
                 for it in trans + square:
-                    out[id(it)] = (True, reason + ("; square, transposed with its role" if it.fit == "both" else ""))
+                    out[id(it)] = (True, reason)
                 continue
             if asis:
                 for it in group:
@@ -632,7 +634,9 @@ class _Porter:
                 self.set(d.target, action="load", reason=f"{_base_reason(d)}; transposed "
                          f"{_shape(d.source_shape or ())} -> {_shape(d.target_shape)}",
                          transform=Transform("transpose", f"{_shape(d.source_shape or ())} -> "
-                                                          f"{_shape(d.target_shape)}", reason))
+                                                          f"{_shape(d.target_shape)}"
+                                             + (" (square: transposed with its role)" if it.fit == "both" else ""),
+                                             reason))
                 self.used.add(d.source)
             elif it.kind == "split":
                 self._apply_split(it, transpose, reason)

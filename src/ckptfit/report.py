@@ -34,6 +34,7 @@ _STAGE_LABELS = {
     "user": "by your mapping",
     "tie": "through a tie",
     "harmless": "harmless",
+    "port": "split or joined",
     "none": "unmatched",
 }
 _STAGE_ORDER = {stage: i for i, stage in enumerate(("exact", "prefix", "user", "rule", "structural"))}
@@ -80,8 +81,14 @@ def _decision_dict(d: Decision) -> dict[str, Any]:
         "target_dtype": _dtype_name(d.target_dtype),
         "source_dtype": _dtype_name(d.source_dtype),
         "tied_to": d.tied_to,
+        **({"transform": _transform_dict(d.transform)} if d.transform is not None else {}),  # ckptfit.porting
         **({"evidence": d.evidence} if d.evidence else {}),  # structural: what carried the alignment
     }
+
+
+def _transform_dict(t: Any) -> dict[str, Any]:
+    return {"kind": t.kind, "detail": t.detail, "reason": t.reason, "sources": list(t.sources),
+            "part": t.part, "parts": t.parts, "dim": t.dim, "transpose": t.transpose}
 
 
 @dataclass(frozen=True)
@@ -316,6 +323,8 @@ class LoadReport:
             lines.append(f"  container: {self.container_reason}")
         if self.transforms:
             lines.append("  names: " + "; ".join(self.transforms))
+        for kind, keys, why in _ported(self.loaded):  # tensors transposed, split or joined (ckptfit.porting)
+            lines.append(f"  {kind}: {', '.join(fold_keys(keys))} — {why}")
         stages = _group(sorted(self.loaded, key=lambda d: _STAGE_ORDER.get(d.stage, 99)), lambda d: d.stage)
         if stages and (len(stages) > 1 or "exact" not in stages):
             counts = (f"{len(g)} {_STAGE_LABELS.get(str(s), str(s))}" for s, g in stages.items())
@@ -405,6 +414,16 @@ class LoadReport:
     def __rich__(self) -> Group:
         """A rich renderable: the summary line and a Key | Status | Detail table, keys folded."""
         return _rich_group(self, self._head_lines("Loaded"), ())
+
+
+def _ported(decisions: Sequence[Decision]) -> list[tuple[str, list[str], str]]:
+    """``[(kind, model keys, reason)]`` of the decisions that carry a transform, by kind and reason."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for d in decisions:
+        t = getattr(d, "transform", None)
+        if t is not None:
+            groups.setdefault((t.kind, t.reason), []).append(d.target)
+    return [(k, keys, why) for (k, why), keys in groups.items()]
 
 
 def _rows_by_reason(decisions: Sequence[Decision], status: str) -> tuple[_Row, ...]:
