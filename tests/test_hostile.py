@@ -477,10 +477,10 @@ def test_scan_reports_anomalies_and_every_pickle(tmp_path: pathlib.Path) -> None
     assert set(report.pickles) == {"archive/data.pkl", "archive/constants.pkl"}
     assert any("archive/data/0: CRC mismatch" in a for a in report.anomalies)
     assert any("4 byte(s) of trailing data after STOP" in a for a in report.anomalies)
-    assert [r.qualname for r in report.unknown] == ["argparse.Namespace"]
-    assert report.verdict == "unknown classes" and report.exit_code == 0
+    assert [r.qualname for r in report.inert] == ["argparse.Namespace"] and not report.unknown  # allowlisted
+    assert report.verdict not in ("dangerous", "not known to be safe")
     d = report.to_dict()
-    assert d["crc_checked"] == len(zipfile.ZipFile(path).namelist()) and d["unknown"] == ["argparse.Namespace"]
+    assert d["crc_checked"] == len(zipfile.ZipFile(path).namelist()) and d["inert"] == ["argparse.Namespace"]
     assert "argparse.Namespace" in str(report)
 
 
@@ -505,7 +505,7 @@ def test_scan_legacy_and_torchscript_are_clean(tmp_path: pathlib.Path) -> None:
     assert r.format == "torch-legacy" and r.verdict == "clean" and len(r.pickles) == 5
     torch.jit.save(torch.jit.trace(nn.Linear(3, 4), torch.randn(1, 3)), tmp_path / "ts.pt")
     r = scan(tmp_path / "ts.pt")
-    assert r.format == "torchscript" and r.verdict in ("clean", "unknown classes")
+    assert r.format == "torchscript" and r.verdict == "clean"
     assert any(p.endswith("constants.pkl") for p in r.pickles)
 
 

@@ -1,6 +1,7 @@
 """``ckptfit scan PATH [--json]``: what a file's pickles would run, without running anything.
 
-Exit status: 0 clean (or only inert unknown classes), 2 dangerous, 1 error (one line on stderr).
+Exit status: 0 clean (every global known to be safe), 1 error (one line on stderr), 2 dangerous,
+3 not known to be safe (would import something outside the allowlist).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ __all__ = ["scan_command"]
 Examples:
   ckptfit scan downloaded.pth
   ckptfit scan model.ckpt --json | jq .dangerous
-Exit status: 0 clean, 2 dangerous, 1 error.
+Exit status: 0 clean, 1 error, 2 dangerous, 3 not known to be safe.
 """)
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
@@ -27,7 +28,11 @@ def scan_command(path: str, as_json: bool, debug: bool) -> None:
     """Show what a file's pickles would run, without running it.
 
     Lists every global, call and object construction in the file's pickles, classed as tensor
-    machinery, known data, unknown or dangerous, plus anomalies (CRC, trailing data, extra pickles).
+    machinery, known data, known inert classes, unknown or dangerous, plus anomalies (CRC,
+    trailing data, extra pickles). The verdict is "clean" only when every global is known to be
+    safe: torch.load(weights_only=False) would then run no code from the file. Anything else
+    the file would import is "not known to be safe" (exit 3), even though ckptfit itself loads
+    it as an inert placeholder.
     Every pickle is run on ckptfit's restricted interpreter, the one the loader uses: nothing in
     the file runs and no module it names is imported. Works on torch zip and TorchScript
     archives, legacy torch files, plain pickles, .npy/.npz, safetensors and checkpoint folders.

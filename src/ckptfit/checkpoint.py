@@ -17,7 +17,7 @@ from .errors import CheckpointError, ResourceLimitExceeded
 from .lazy import LazyTensor
 from .safety import PickleScan, Placeholder, to_plain
 
-__all__ = ["Checkpoint", "StateDictCandidate", "Safety"]
+__all__ = ["Checkpoint", "StateDictCandidate", "Safety", "Choice"]
 
 CandidateKind = Literal["model", "ema", "optimizer", "module", "other"]
 
@@ -28,6 +28,10 @@ _EMA_WORDS = ("ema", "average", "swa", "shadow", "polyak")
 _OPT_WORDS = ("optim", "opt_state", "optimizer")
 _SCHED_WORDS = ("sched", "lr_")
 _META_KEYS = {"_metadata"}
+# Names that say "the model's own weights" and nothing more; two complete state dicts under such
+# names, or two under role names ("student", "teacher"), are equally plausible.
+_GENERIC_NAMES = frozenset(("state_dict", "model_state_dict", "model", "module", "net", "network", "params",
+                            "weights", "model_weights"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,16 +131,18 @@ def _module_state(obj: Placeholder) -> dict[str, LazyTensor] | None:
                                         f"submodules (shared submodules nested without end)",
                                         hint="no real model is this deep; the file is damaged or hostile")
         a = mod.attributes()
-        for name, p in (a.get("_parameters") or {}).items():
+        params, buffers, modules = (a.get(k) for k in ("_parameters", "_buffers", "_modules"))
+        for name, p in (params.items() if isinstance(params, dict) else ()):
             if isinstance(p, LazyTensor):
                 out[prefix + str(name)] = p
         nonpersistent = a.get("_non_persistent_buffers_set")
-        skip = set(nonpersistent) if isinstance(nonpersistent, set | frozenset | list) else set()
-        for name, b in (a.get("_buffers") or {}).items():
+        skip = {n for n in nonpersistent if isinstance(n, str)} if isinstance(nonpersistent, set | frozenset | list) \
+            else set()
+        for name, b in (buffers.items() if isinstance(buffers, dict) else ()):
             if isinstance(b, LazyTensor) and name not in skip:
                 out[prefix + str(name)] = b
         inner = ancestors | {id(mod)}
-        children = [(prefix + str(n) + ".", m, inner) for n, m in (a.get("_modules") or {}).items()
+        children = [(prefix + str(n) + ".", m, inner) for n, m in (modules.items() if isinstance(modules, dict) else ())
                     if isinstance(m, Placeholder)]
         stack.extend(reversed(children))
     return out
@@ -288,16 +294,44 @@ class Checkpoint:
     def state_dict(self, use: str | None = None) -> StateDictCandidate:
         """The candidate chosen by ``use`` (a name, a key path, or ``"ema"``), else the default.
 
+        The same choice :func:`ckptfit.load` makes (:meth:`choose`), without a model to fit.
+
         Raises:
-            CheckpointError: nothing matches ``use``, or the file holds no tensors at all.
+            CheckpointError: nothing matches ``use``, the file holds no tensors at all, or it
+                holds two complete, equally plausible state dicts and ``use`` does not say which.
+        """
+        choice = self.choose(use)
+        if choice.ambiguous:
+            raise CheckpointError(choice.ambiguity, path=self.path, hint=choice.hint)
+        return choice.candidate
+
+    def choose(self, use: str | None = None, *,
+               fit: Callable[[StateDictCandidate], tuple[bool, int]] | None = None) -> "Choice":
+        """Which state dict inside the file to load: the one chooser behind ``load``, ``plan`` and ``convert``.
+
+        Args:
+            use: a candidate's key path (``"teacher"``, ``"model.ema"``, or ``"model/ema"``), its
+                last segment, a kind (``"ema"``, ``"model"``), or a key prefix inside one state
+                dict (``"model_ema"`` in a Lightning file holding ``model.*`` and ``model_ema.*``).
+            fit: for a model at hand, ``candidate -> (fits, tensors loaded)``. Without ``use``,
+                a candidate that fits the model clearly better than the default is taken instead.
+
+        Returns:
+            A :class:`Choice`. Its ``ambiguous`` is non-empty when, without ``use``, two or more
+            complete state dicts are equally plausible (``{"student": sd, "teacher": sd}``): the
+            caller refuses rather than guesses. The model's own weights beside an EMA copy are
+            not ambiguous: the model's own are the default, the EMA copy is ``use="ema"``.
+
+        Raises:
+            CheckpointError: the file holds no tensors, or ``use`` matches nothing.
         """
         cands = self.state_dicts()
         if not cands:
             raise CheckpointError("the file holds no tensors that could be model weights", path=self.path,
                                   hint="run `ckptfit inspect` on it to see what it contains")
-        if use is None:
-            return next(c for c in cands if c.default)
-        return select_candidate(cands, use, path=self.path)
+        if use is not None:
+            return _choose_by_use(cands, use, self.path)
+        return _choose_default(cands, fit)
 
 
 def _format_internal(fmt: str, module: str) -> bool:
@@ -312,12 +346,134 @@ def _format_internal(fmt: str, module: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The state dict chosen inside a file, and why.
+
+    Attributes:
+        candidate: the chosen one (for ``use=`` naming a key prefix inside a state dict, a
+            candidate of just those tensors, the prefix taken off).
+        reason: why, in words, for the report.
+        ambiguous: when non-empty, the equally plausible candidates (``candidate`` among them):
+            nothing should be loaded until ``use=`` names one.
+    """
+
+    candidate: StateDictCandidate
+    reason: str
+    ambiguous: tuple[StateDictCandidate, ...] = ()
+
+    @property
+    def ambiguity(self) -> str:
+        """The refusal, in words ("" when not ambiguous)."""
+        if not self.ambiguous:
+            return ""
+        listed = ", ".join(f"{c.label} ({c.num_tensors} tensors)" for c in self.ambiguous)
+        return (f"the file holds {len(self.ambiguous)} complete, equally plausible state dicts: {listed}; "
+                f"ckptfit does not guess which one is meant")
+
+    @property
+    def hint(self) -> str:
+        """What to pass to choose one (both the Python and the CLI spelling)."""
+        names = [c.name for c in self.ambiguous if c.name]
+        return "choose one: " + " or ".join(f"use={n!r} (CLI: --use {n})" for n in names)
+
+
+def _use_key(use: str) -> str:
+    """``use`` as a dotted key path: ``"model/ema"`` and ``"model.ema."`` are ``"model.ema"``."""
+    return ".".join(part for part in use.replace("/", ".").split(".") if part)
+
+
+def _choose_by_use(cands: list[StateDictCandidate], use: str, path: str | None) -> Choice:
+    try:
+        return Choice(select_candidate(cands, use, path=path), f"chosen with use={use!r}")
+    except CheckpointError:
+        inner = _prefix_inside(cands, _use_key(use))
+        if inner is None:
+            raise
+    outer, prefix = inner  # e.g. Lightning: one state dict holding 'model.*' and 'model_ema.*'
+    name = f"{outer.name}.{prefix[:-1]}" if outer.name else prefix[:-1]
+    tensors = {k[len(prefix):]: t for k, t in outer.tensors.items() if k.startswith(prefix)}
+    kind: CandidateKind = "ema" if use == "ema" or _kind_of(prefix[:-1]) == "ema" else outer.kind
+    return Choice(StateDictCandidate(name, tensors, kind),
+                  f"use={use!r}: the tensors under {prefix!r} inside {outer.label}")
+
+
+def _prefix_inside(cands: list[StateDictCandidate], use: str) -> tuple[StateDictCandidate, str] | None:
+    """``use`` naming a key prefix inside one state dict rather than a container of its own.
+
+    ``use="ema"`` finds the one leading segment with an EMA word (``model_ema.``, ``ema_model.``);
+    any other ``use`` must be leading segments as written, after the state dict's own key path
+    or not (``"state_dict.model_ema"`` and ``"model_ema"`` in a Lightning file).
+    """
+    found: list[tuple[StateDictCandidate, str]] = []
+    for c in cands:
+        if use == "ema":
+            firsts = dict.fromkeys(k.split(".", 1)[0] for k in c.tensors if "." in k)
+            found.extend((c, f + ".") for f in firsts if any(w in f.lower() for w in _EMA_WORDS))
+            continue
+        inner = use[len(c.name) + 1:] if c.name and use.startswith(c.name + ".") else use
+        if inner and any(k.startswith(inner + ".") for k in c.tensors):
+            found.append((c, inner + "."))
+    found = list({(id(c.tensors), p): (c, p) for c, p in found}.values())  # one dict saved under two names
+    return found[0] if len(found) == 1 else None
+
+
+def _same_weights(a: StateDictCandidate, b: StateDictCandidate) -> bool:
+    """Whether two candidates hold the same stored tensors (one dict saved twice, or views of one storage)."""
+    if a.tensors is b.tensors:
+        return True
+
+    def where(c: StateDictCandidate) -> list:
+        return sorted((t.storage_key, t.storage_offset, t.shape) if t.storage_key is not None else (id(t),)
+                      for t in c.tensors.values())
+
+    return len(a.tensors) == len(b.tensors) and where(a) == where(b)
+
+
+def _plausibility(c: StateDictCandidate) -> tuple[str, bool]:
+    last = c.name.rsplit(".", 1)[-1].lower()
+    return c.kind, last in _GENERIC_NAMES
+
+
+def _choose_default(cands: list[StateDictCandidate],
+                    fit: Callable[[StateDictCandidate], tuple[bool, int]] | None) -> Choice:
+    default = next(c for c in cands if c.default)
+    if len(cands) == 1:
+        return Choice(default, default.reason)
+    contenders = [c for c in cands if c.kind in ("model", "module") or c is default]
+    chosen, reason = default, default.reason
+    if fit is not None:
+        # the default, unless another (non-EMA, non-optimizer) one fits the model clearly better
+        scored = sorted(((*fit(c), c is default, i, c) for i, c in enumerate(contenders)),
+                        key=lambda s: (s[0], s[1], s[2], -s[3]), reverse=True)
+        ok, n, is_default, _, best = scored[0]
+        if not is_default:
+            n_default = next(s[1] for s in scored if s[2])
+            chosen, reason = best, (f"it fits the model ({n} tensors) better than the default {default.name!r} "
+                                    f"({n_default} tensors)")
+        equal = [s[4] for s in scored if s[0] == ok and s[1] == n]
+    else:
+        equal = [c for c in contenders if c.num_tensors == chosen.num_tensors
+                 and sorted(t.shape for t in c.tensors.values()) == sorted(t.shape for t in chosen.tensors.values())]
+    rivals = [c for c in equal if c is not chosen and c.kind in ("model", "module")
+              and _plausibility(c) == _plausibility(chosen) and not _same_weights(c, chosen)]
+    if chosen.kind in ("model", "module") and rivals and (fit is None or ok):
+        return Choice(chosen, reason, (chosen, *rivals))
+    return Choice(chosen, reason)
+
+
 def select_candidate(cands: list[StateDictCandidate], use: str, *, path: str | None = None) -> StateDictCandidate:
-    """Pick the candidate named by ``use``: exact key path, last segment, or a kind (``ema``, ``model``)."""
+    """Pick the candidate named by ``use``: exact key path (dotted or slash), last segment, or a kind
+    (``ema``, ``model``). A key prefix inside one state dict is :meth:`Checkpoint.choose`'s business."""
     names = [c.name for c in cands]
     for c in cands:
         if c.name == use:
             return c
+    key = _use_key(use)
+    for c in cands:
+        if c.name == key:
+            return c
+    use = key or use
     tail = [c for c in cands if c.name.rsplit(".", 1)[-1] == use]
     if len(tail) == 1:
         return tail[0]

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ._gc import gc_paused
-from .checkpoint import Checkpoint, StateDictCandidate, select_candidate
+from .checkpoint import Checkpoint, StateDictCandidate
 from .errors import CheckpointError, LoadError
 from .formats import open_checkpoint
 from ._progress import progress
@@ -200,7 +201,8 @@ def _options(model: Any, source: Any, partial: Any, use: Any, rename: Any, inclu
         if not isinstance(flag, bool):
             raise TypeError(f"{name}= must be True or False, not {flag!r}")
     if use is not None and not isinstance(use, str):
-        raise TypeError(f"use= must be a name such as 'ema' or a key path, not {type(use).__name__}")
+        raise TypeError(f"use= must be a name such as 'ema' or 'teacher', or a key path such as 'model.ema' "
+                        f"(or 'model/ema'), not {type(use).__name__}")
     return dict(partial=partial, use=use, rename=_rules(rename), include=_patterns(include, "include"),
                 exclude=_patterns(exclude, "exclude"), device=_check_device(device), dtype=_dtype(dtype), trust=trust,
                 transforms=parse_rules(transforms))
@@ -220,64 +222,32 @@ def _plan_for(target: _Target, cand: StateDictCandidate, *, partial: bool, renam
     return port(p, layouts_of(target.model), specs, transforms)  # transposed / fused weights (ckptfit.porting)
 
 
-_EMA_WORDS = ("ema", "shadow", "average", "swa", "polyak")
-
-
-def _prefix_inside(cands: list[StateDictCandidate], use: str) -> tuple[StateDictCandidate, str] | None:
-    """``use`` naming a key prefix inside one state dict rather than a container of its own.
-
-    ``use="ema"`` finds the one leading segment with an EMA word (``model_ema.``, ``ema_model.``);
-    any other ``use`` must be a leading segment (or dotted segments) as written.
-    """
-    found: list[tuple[StateDictCandidate, str]] = []
-    for c in cands:
-        firsts = dict.fromkeys(k.split(".", 1)[0] for k in c.tensors if "." in k)
-        if use == "ema":
-            hits = [f for f in firsts if any(w in f.lower() for w in _EMA_WORDS)]
-        else:
-            hits = [use.rstrip(".")] if any(k.startswith(use.rstrip(".") + ".") for k in c.tensors) else []
-        found.extend((c, h + ".") for h in hits)
-    return found[0] if len(found) == 1 else None
-
-
 def _choose(target: _Target, ckpt: Checkpoint, *, use: str | None, partial: bool, rename, include,
             exclude, transforms=()) -> tuple[StateDictCandidate, Plan, str]:
-    cands = ckpt.state_dicts()
-    if not cands:
-        raise CheckpointError("the checkpoint holds no tensors that could be model weights", path=ckpt.path,
-                              hint="run `ckptfit inspect` on it to see what it contains")
+    """The state dict to load (:meth:`Checkpoint.choose`, fitting each candidate to the model) and its plan.
+
+    Two complete, equally plausible state dicts (``{"student": sd, "teacher": sd}``) give a plan
+    that is refused, listing them and the ``use=`` that picks one.
+    """
     opts = dict(partial=partial, rename=rename, include=include, exclude=exclude, transforms=transforms)
-    if use is not None:
-        try:
-            c = select_candidate(cands, use, path=ckpt.path)
-        except CheckpointError:
-            inner = _prefix_inside(cands, use)
-            if inner is None:
-                raise
-            outer, prefix = inner  # e.g. Lightning: one state dict holding 'model.*' and 'model_ema.*'
-            name = f"{outer.name}.{prefix[:-1]}" if outer.name else prefix[:-1]
-            c = StateDictCandidate(name, {k[len(prefix):]: t for k, t in outer.tensors.items()
-                                          if k.startswith(prefix)}, "ema" if use == "ema" else outer.kind)
-            return c, _plan_for(target, c, **opts), (f"use={use!r}: the tensors under {prefix!r} inside "
-                                                     f"{outer.label}")
-        return c, _plan_for(target, c, **opts), f"chosen with use={use!r}"
-    default = next(c for c in cands if c.default)
-    if len(cands) == 1:
-        return default, _plan_for(target, default, **opts), default.reason
-    # Several candidates: the default unless another (non-EMA, non-optimizer) one fits the model clearly better.
-    scored = []
-    for c in cands:
-        if c.kind in ("ema", "optimizer") and c is not default:
-            continue
-        p = _plan_for(target, c, **opts)
-        scored.append((p.ok, len(p.loads), c is default, c, p))
-    scored.sort(key=lambda s: (s[0], s[1], s[2]), reverse=True)
-    ok, n, is_default, c, p = scored[0]
-    if is_default:
-        return c, p, default.reason
-    dp = next(s for s in scored if s[2])
-    return c, p, (f"it fits the model ({n} tensors) better than the default {default.name!r} "
-                  f"({len(dp[4].loads)} tensors)")
+    plans: dict[int, Plan] = {}
+
+    def plan_of(c: StateDictCandidate) -> Plan:
+        if id(c) not in plans:
+            plans[id(c)] = _plan_for(target, c, **opts)
+        return plans[id(c)]
+
+    def fit(c: StateDictCandidate) -> tuple[bool, int]:
+        p = plan_of(c)
+        return p.ok, len(p.loads)
+
+    choice = ckpt.choose(use, fit=fit)
+    c = choice.candidate
+    p = plans.get(id(c)) or _plan_for(target, c, **opts)
+    if choice.ambiguous:
+        p = replace(p, problems=p.problems + (choice.ambiguity,),
+                    suggestions=(choice.hint,) + p.suggestions)
+    return c, p, choice.reason
 
 
 def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | None = None,
@@ -781,43 +751,61 @@ def _parameters_on_meta() -> Iterator[None]:
     the value ``__init__`` gave them on the side, for a partial load to fall back on. Meanwhile
     ``torch.nn.init``'s in-place initialisers return at once when handed a meta tensor, which
     they could not fill anyway (``reset_parameters`` of every layer calls them).
+
+    Only the calling thread is affected: parameters move to meta through torch's parameter
+    registration hook, which does nothing outside a thread inside this context, and init is
+    skipped by a :class:`~torch.overrides.TorchFunctionMode`, which is per thread. Nothing of
+    ``torch`` is patched, so another thread building modules meanwhile gets real, initialised
+    parameters, and two threads may build at once.
     """
-    with _META_LOCK:  # the patches below are process-wide: one model is built on meta at a time
-        with _parameters_on_meta_unlocked():
-            yield
-
-
-_META_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def _parameters_on_meta_unlocked() -> Iterator[None]:
-    original = nn.Module.register_parameter
-    kept = [0]  # elements kept so far
-
-    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            cls = type(param) if isinstance(param, nn.Parameter) else nn.Parameter
-            meta = cls(param.detach().to("meta"), requires_grad=param.requires_grad)
-            n = param.numel()
-            if (n <= _INIT_MAX_NUMEL and kept[0] + n <= _INIT_MAX_TOTAL and param.device.type == "cpu"
-                    and not callable(getattr(self, "reset_parameters", None))
-                    and not callable(getattr(self, "_reset_parameters", None))):
-                setattr(meta, _INIT_ATTR, param.detach().clone())
-                kept[0] += n
-            param = meta
-        original(self, name, param)
-
-    inits = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if callable(getattr(nn.init, name, None))}
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-    for name, fn in inits.items():
-        setattr(nn.init, name, _skip_on_meta(fn))
+    _install_registration_hook()
+    outer = getattr(_BUILDING, "kept", None)
+    if outer is None:
+        _BUILDING.kept = [0]  # elements kept so far, shared by nested uses
     try:
-        yield
+        with _SkipInitOnMeta():
+            yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-        for name, fn in inits.items():
-            setattr(nn.init, name, fn)
+        if outer is None:
+            _BUILDING.kept = None
+
+
+_BUILDING = threading.local()  # .kept is set while this thread builds on meta (see _parameters_on_meta)
+_HOOK_LOCK = threading.Lock()
+_hook_installed = False
+
+
+def _install_registration_hook() -> None:
+    """Register :func:`_parameter_to_meta` with torch once; it stays, and acts only in a building thread.
+
+    Installed once and never removed: removing a global hook while another thread iterates
+    torch's hook table would break that thread's ``register_parameter``.
+    """
+    global _hook_installed
+    if _hook_installed:
+        return
+    with _HOOK_LOCK:
+        if not _hook_installed:
+            from torch.nn.modules.module import register_module_parameter_registration_hook
+
+            register_module_parameter_registration_hook(_parameter_to_meta)
+            _hook_installed = True
+
+
+def _parameter_to_meta(module: nn.Module, name: str, param: nn.Parameter) -> nn.Parameter | None:
+    """In a thread inside :func:`_parameters_on_meta`: the meta twin of ``param`` (else None: unchanged)."""
+    kept = getattr(_BUILDING, "kept", None)
+    if kept is None or param is None or param.is_meta:
+        return None
+    cls = type(param) if isinstance(param, nn.Parameter) else nn.Parameter
+    meta = cls(param.detach().to("meta"), requires_grad=param.requires_grad)
+    n = param.numel()
+    if (n <= _INIT_MAX_NUMEL and kept[0] + n <= _INIT_MAX_TOTAL and param.device.type == "cpu"
+            and not callable(getattr(module, "reset_parameters", None))
+            and not callable(getattr(module, "_reset_parameters", None))):
+        setattr(meta, _INIT_ATTR, param.detach().clone())
+        kept[0] += n
+    return meta
 
 
 # ``torch.nn.init`` functions that fill a tensor in place. On a meta parameter (every parameter
@@ -828,17 +816,23 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_",
                    "sparse_")
 
 
-def _skip_on_meta(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn``, except that a plain meta tensor or parameter is returned as it is (it has no values to fill)."""
+class _SkipInitOnMeta(TorchFunctionMode):
+    """``torch.nn.init``'s in-place initialisers return a plain meta tensor as it is (no values to fill).
 
-    def init(*args: Any, **kwargs: Any) -> Any:
-        t = args[0] if args else kwargs.get("tensor")
-        if type(t) in (torch.Tensor, nn.Parameter) and t.is_meta:
-            return t
-        return fn(*args, **kwargs)
+    A torch function mode is active in the thread that entered it only.
+    """
 
-    init.__wrapped__ = fn  # type: ignore[attr-defined]
-    return init
+    def __init__(self) -> None:
+        super().__init__()
+        self._inits = {fn for fn in (getattr(nn.init, n, None) for n in _INIT_FUNCTIONS) if callable(fn)}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self._inits:
+            t = args[0] if args else kwargs.get("tensor")
+            if type(t) in (torch.Tensor, nn.Parameter) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
 
 
 def build(factory: Callable[[], nn.Module] | str, source: Any, **load_options: Any) -> tuple[nn.Module, LoadReport]:

@@ -323,6 +323,7 @@ class _Evidence:
         # perhaps in another order); an nn.Sequential counts its activations, named layers don't.
         digits = s_nums == t_nums and any(s_nums)
         self.determined: dict[str, str] = {}
+        self.all_s, self.all_t = list(s_mods), list(t_mods)
         self.rest_s, self.rest_t = list(s_mods), list(t_mods)
         self.silent = True
         if len(s_mods) * len(t_mods) > _MAX_NAME_PAIRS:
@@ -813,7 +814,7 @@ class _Matcher:
             return [(sm, tm, "name", ", not declaration order") for sm, tm in settled.items()]
         if not agree:
             self._refuse_group(ev, order, s_mods, "their names and their declaration order disagree, "
-                                                  "and the names do not settle it")
+                                                  "and the names do not settle it", whole=True)
             return []
         out = [(sm, tm, "name and order", "") for sm, tm in settled.items()]
         rest_t = [order[sm] for sm in ev.rest_s]
@@ -827,9 +828,10 @@ class _Matcher:
         return out
 
     def _refuse_group(self, ev: _Evidence, order: Mapping[str, str] | None,
-                      s_mods: Mapping[str, Mapping[str, int]], why: str) -> None:
-        """Load nothing through the modules the evidence leaves open; suggest the rename that would."""
-        rest_s, rest_t = ev.rest_s, ev.rest_t
+                      s_mods: Mapping[str, Mapping[str, int]], why: str, whole: bool = False) -> None:
+        """Load nothing through the modules the evidence leaves open (``whole``: the whole group);
+        suggest the rename that would."""
+        rest_s, rest_t = (ev.all_s, ev.all_t) if whole else (ev.rest_s, ev.rest_t)
         guess = {sm: tm for sm, tm in ev.guess(order).items() if sm in rest_s}
         self.explained_s.update(rest_s)
         what = (f"checkpoint module{'s' if len(rest_s) > 1 else ''} {_fold(rest_s)} and model "

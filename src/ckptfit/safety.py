@@ -52,6 +52,7 @@ __all__ = [
     "short_repr",
     "check_depth",
     "refuse_if_dangerous",
+    "is_inert",
 ]
 
 Kind = Literal["tensor", "data", "unknown", "dangerous"]
@@ -95,6 +96,11 @@ _DANGEROUS_MODULES = {
     "torch.utils._import_utils", "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib",
     "_posixsubprocess", "_winapi", "msvcrt", "winreg", "mmap", "select", "ssl", "uuid._uuid", "atexit",
     "readline", "rlcompleter", "idlelib", "tkinter", "transformers.dynamic_module_utils", "huggingface_hub",
+    # write files, compile or evaluate source, run commands, load shared libraries
+    "py_compile", "compileall", "logging.handlers", "torch.utils.collect_env", "torch.utils.data.datapipes",
+    "torch.library", "torch.utils.benchmark", "numpy.lib._npyio_impl", "numpy.lib.npyio", "numpy.lib.format",
+    "numpy._core.records", "numpy.core.records", "numpy.rec", "numpy.ma.mrecords", "numpy.lib._datasource",
+    "numpy.lib._utils_impl", "builtins.__import__", "_bootlocale", "tokenize", "ast", "symtable", "dis",
 }
 # Harmless names inside otherwise dangerous modules: building them runs nothing by itself
 # (``functools.partial(f, ...)`` only calls ``f``, itself a global that is classified on its own).
@@ -112,6 +118,12 @@ _DANGEROUS_NAMES = {
     ("numpy.lib.npyio", "load"), ("torch.storage", "_load_from_bytes"), ("torch", "_load_from_bytes"),
     ("copyreg", "add_extension"), ("torch._utils", "_import_dotted_name"), ("pandas", "read_pickle"),
     ("numpy", "frompyfunc"), ("numpy", "vectorize"),
+    # evaluate or compile a string, open or write a file, load a library
+    ("typing", "get_type_hints"), ("typing", "_eval_type"), ("typing", "ForwardRef"), ("typing", "evaluate_forward_ref"),
+    ("codecs", "open"), ("codecs", "EncodedFile"), ("codecs", "StreamReaderWriter"), ("codecs", "StreamRecoder"),
+    ("logging", "FileHandler"), ("logging", "basicConfig"), ("logging", "config"), ("numpy", "savetxt"),
+    ("numpy", "savez"), ("numpy", "savez_compressed"), ("numpy", "save"), ("numpy", "tofile"), ("numpy", "fromregex"),
+    ("numpy", "DataSource"), ("torch", "load_library"), ("torch.ops", "load_library"),
 }
 # Names that mean "run code" whatever module they come from (a re-export of os.system is os.system).
 _DANGEROUS_BARE = {
@@ -126,7 +138,9 @@ _DANGEROUS_WORDS = _DANGEROUS_BARE | {
     "__reduce__", "__reduce_ex__", "__subclasses__", "__class__", "__bases__", "__mro__", "__code__",
     "__dict__", "__init__", "__new__", "__call__", "__setstate__", "__getattr__", "open", "remove", "rmtree",
     "unlink", "fork", "kill", "write", "write_text", "write_bytes", "attrgetter", "methodcaller", "setattr",
-    "delattr", "exit",
+    "delattr", "exit", "touch", "mkdir", "rmdir", "rename", "replace", "chmod", "lchmod", "symlink_to",
+    "hardlink_to", "link_to", "read_text", "read_bytes", "load_library", "savetxt", "save", "dump", "dumps",
+    "tofile", "system", "get_type_hints", "_eval_type", "_evaluate", "evaluate", "spawn", "start", "exec_module",
 }
 
 _STORAGE_DTYPES = {
@@ -165,6 +179,18 @@ def _is_dangerous(module: str, name: str) -> bool:
         for i in range(len(top), 0, -1):
             if ".".join(top[:i]) in _DANGEROUS_MODULES:
                 return True
+    if f"{module}.{name}" in _DANGEROUS_MODULES:  # ('torch', 'ops'), ('torch', 'hub'): the module itself
+        return True
+    if "." in name:
+        # a dotted name is an attribute path that pickle (protocol 4+) resolves from the module:
+        # ('torch', 'ops.load_library') is torch.ops.load_library, ('numpy', 'lib._npyio_impl.load')
+        # is numpy.lib._npyio_impl.load. Every split of the full path is checked like a plain global.
+        parts = f"{module}.{name}".split(".")
+        for i in range(1, len(parts)):
+            mod, attr = ".".join(parts[:i]), parts[i]
+            if mod in _DANGEROUS_MODULES or (mod, attr) in _DANGEROUS_NAMES or attr in _DANGEROUS_BARE:
+                if (mod, attr) not in _SAFE_IN_DANGEROUS:
+                    return True
     if any(p.startswith("__") and p.endswith("__") and p not in _DUNDER_MODULES for p in module.split(".")):
         return True  # ``__builtins__``, ``x.__dict__`` ...
     if "." in name:  # dotted names are never resolved; one that spells an attack is dangerous
@@ -214,6 +240,9 @@ class PickleScan:
     end: int = 0  # offset just past STOP
     protocol: int = 0
     calls: dict[int, int] = field(default_factory=dict)  # index in globals -> times called
+    # uses of known globals that would run code under real unpickling all the same (a class's
+    # ``__init__`` called by ``copyreg._reconstructor``): not known to be safe, though ckptfit runs none
+    unsafe_uses: list[str] = field(default_factory=list)
 
     def calls_of(self, index: int) -> int:
         """How many times ``globals[index]`` was called or instantiated (a memoised global can be many)."""
@@ -409,6 +438,10 @@ def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
+    if isinstance(func, _Dangerous):
+        raise _would_call(func, "torch._tensor._rebuild_from_type_v2")
+    if isinstance(new_type, _Dangerous):
+        raise _would_call(new_type, "torch._tensor._rebuild_from_type_v2 (as the tensor's class)")
     if not isinstance(func, _Handler) or func.fn is None or func.kind != "tensor":
         raise CorruptCheckpoint("tensor subclass rebuilt by something that is not torch's tensor machinery")
     if not isinstance(args, tuple):
@@ -517,7 +550,24 @@ def _torch_device(*args):
     return str(torch.device(*args))
 
 
+def _would_call(obj: _Dangerous, by: str) -> UnsafeCheckpoint:
+    """The refusal for a dangerous callable handed to a function that real unpickling runs."""
+    q = f"{obj.module}.{obj.name}"
+    return UnsafeCheckpoint(f"refusing to load: its pickled data passes {q} to {by}, which would call it on load",
+                            globals=[q], hint="nothing was executed. Do not load this file unless you wrote it "
+                                              "yourself; `ckptfit scan` lists every reference. No automatic unsafe "
+                                              "fallback is performed.")
+
+
+# Bases whose ``__init__`` copyreg._reconstructor may call without running anything the file chose
+_PLAIN_BASES = {("builtins", n) for n in ("object", "dict", "list", "set", "frozenset", "tuple", "int", "float",
+                                          "str", "bytes", "bytearray", "complex")}
+
+
 def _reconstructor(cls, base, state=None):
+    for obj, what in ((cls, "class"), (base, "base")):
+        if isinstance(obj, _Dangerous):
+            raise _would_call(obj, f"copyreg._reconstructor (as the {what})")
     if isinstance(cls, PlaceholderClass):
         return Placeholder(cls, ())
     if isinstance(cls, _Handler) and cls.fn is not None and cls.kind == "data":
@@ -526,6 +576,8 @@ def _reconstructor(cls, base, state=None):
 
 
 def _newobj(cls, *args):
+    if isinstance(cls, _Dangerous):
+        raise _would_call(cls, "copyreg.__newobj__ (as the class)")
     if isinstance(cls, PlaceholderClass):
         return Placeholder(cls, args)
     if isinstance(cls, _Handler) and cls.fn is not None:
@@ -713,6 +765,53 @@ def classify(module: str, name: str) -> Kind:
     return "unknown"
 
 
+# Classes ckptfit reads as inert placeholders that are also inert under real unpickling
+# (``torch.load(weights_only=False)``): importing their module runs only library code, and
+# creating them (``cls.__new__``, ``cls(*args)``, ``__setstate__`` / ``__dict__`` update) runs
+# nothing the file chose. Matched exactly, like every table here; a dotted name never matches.
+_INERT: frozenset[tuple[str, str]] = frozenset({
+    ("argparse", "Namespace"),
+    *(("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")),
+    *(("pathlib._local", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath",
+                                      "PureWindowsPath")),
+    ("typing", "Any"),
+    ("torch.torch_version", "TorchVersion"),
+    # OmegaConf configs (Lightning's hyper_parameters): containers, nodes and their metadata
+    ("omegaconf.dictconfig", "DictConfig"), ("omegaconf.listconfig", "ListConfig"),
+    ("omegaconf.base", "ContainerMetadata"), ("omegaconf.base", "Metadata"),
+    *(("omegaconf.nodes", n) for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode",
+                                       "BytesNode", "PathNode", "EnumNode")),
+    # torch.distributed.checkpoint's .metadata: plain dataclasses and one enum
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+})
+_TORCH_NN_PREFIX = "torch.nn.modules."
+
+
+def is_inert(module: str, name: str) -> bool:
+    """Whether the class ``module.name`` is known to be inert under real unpickling too.
+
+    True for the exact entries of a fixed table (``argparse.Namespace``, ``pathlib`` paths,
+    OmegaConf containers, DCP metadata classes, ``typing.Any``) and for the ``nn.Module``
+    classes of ``torch.nn`` itself (``torch.nn.modules.linear.Linear``): torch has already
+    imported them, and their ``__new__``/``__setstate__`` only store attributes. A module class
+    from anywhere else is not: importing its module runs that module's code.
+    """
+    module, name = _normalise(module, name)
+    if (module, name) in _INERT:
+        return True
+    if module.startswith(_TORCH_NN_PREFIX) and name.isidentifier() and not name.startswith("_"):
+        import sys
+
+        mod = sys.modules.get(module)  # never imported here: torch imports all of torch.nn.modules
+        cls = vars(mod).get(name) if mod is not None else None
+        return (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and cls.__module__ == module
+                and cls.__qualname__ == name)
+    return False
+
+
 def _torch_constant(name: str) -> Any:
     """``torch.float32``, ``torch.strided``, ``torch.channels_last`` ... looked up without ``getattr``
     (``torch.__getattr__`` imports submodules lazily; a pickle must never trigger an import)."""
@@ -841,9 +940,16 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 if fn.value in ("Tensor", "Parameter", "Buffer") and not args:
                     return Placeholder(PlaceholderClass(fn.module, fn.name), args)
                 return Placeholder(PlaceholderClass(fn.module, fn.name), args, kwargs)
+            if fn.fn is _reconstructor and len(args) >= 2:
+                base = args[1]
+                if not (isinstance(base, _Handler) and (base.module, base.name) in _PLAIN_BASES):
+                    bq = base.qualname if isinstance(base, PlaceholderClass) else (
+                        f"{base.module}.{base.name}" if isinstance(base, _Handler | _Dangerous) else type(base).__name__)
+                    scan.unsafe_uses.append(f"copyreg._reconstructor at byte {at} would call {bq}.__init__ "
+                                            f"(a base other than object)")
             try:
                 return fn.fn(*args, **kwargs) if kwargs else fn.fn(*args)
-            except (CorruptCheckpoint, UnsupportedFormat):
+            except (CorruptCheckpoint, UnsupportedFormat, UnsafeCheckpoint):
                 raise
             except (TypeError, ValueError, OverflowError, KeyError, IndexError, AttributeError,
                     RuntimeError) as e:
@@ -1247,6 +1353,8 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
         if e.path is None and path is not None:
             e.path = path
             e.args = (f"{path}: {e.args[0]}",) if e.args else e.args
+        if not isinstance(e, UnsafeCheckpoint) and scan.dangerous:
+            raise _unsafe_instead(e, scan, path) from e
         e.partial_scan = scan  # type: ignore[attr-defined]  # what was referenced before the error
         raise
     except RecursionError as e:  # pragma: no cover - the machine is iterative
@@ -1260,11 +1368,30 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
     except (ValueError, UnicodeDecodeError, OverflowError, struct.error, IndexError, TypeError, KeyError,
             AttributeError) as e:
         err = fail(f"{type(e).__name__}: {e}"[:300])
+        if scan.dangerous:
+            raise _unsafe_instead(err, scan, path) from e
         err.partial_scan = scan  # type: ignore[attr-defined]
         raise err from e
     finally:
         if gc_was_enabled:
             gc.enable()
+
+
+def _unsafe_instead(e: Exception, scan: PickleScan, path: str | None) -> UnsafeCheckpoint:
+    """A pickle that names code to run and then fails to rebuild is refused as unsafe, not as damaged.
+
+    Whatever stopped the interpreter (a dangerous callable passed as an argument, used as a
+    class, built upon), real unpickling would have reached the code first; users catch
+    :class:`UnsafeCheckpoint` to quarantine such files.
+    """
+    names = list(dict.fromkeys(g.qualname for g in scan.dangerous))
+    detail = getattr(e, "detail", str(e)).splitlines()[0]
+    err = UnsafeCheckpoint(f"refusing to load: its pickled data references code that would run on load: "
+                           f"{', '.join(names)} (and then: {detail})", path=path, globals=names,
+                           hint="nothing was executed. Do not load this file unless you wrote it yourself; "
+                                "`ckptfit scan` lists every reference. No automatic unsafe fallback is performed.")
+    err.partial_scan = scan  # type: ignore[attr-defined]
+    return err
 
 
 def _inert_persistent(pid: Any) -> Placeholder:
