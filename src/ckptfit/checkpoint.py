@@ -288,7 +288,7 @@ class Checkpoint:
         if self._cached is None:
             with gc_paused():
                 found = self._candidates if self._candidates is not None else _find_candidates(self.tree)
-                self._cached = _mark_default(found)
+                self._cached = _mark_ambiguous(_mark_default(found))
         return list(self._cached)
 
     def state_dict(self, use: str | None = None) -> StateDictCandidate:
@@ -458,8 +458,20 @@ def _choose_default(cands: list[StateDictCandidate],
     rivals = [c for c in equal if c is not chosen and c.kind in ("model", "module")
               and _plausibility(c) == _plausibility(chosen) and not _same_weights(c, chosen)]
     if chosen.kind in ("model", "module") and rivals and (fit is None or ok):
-        return Choice(chosen, reason, (chosen, *rivals))
+        names = " and ".join(repr(c.name) for c in (chosen, *rivals))
+        return Choice(chosen, f"none: {names} are equally plausible", (chosen, *rivals))
     return Choice(chosen, reason)
+
+
+def _mark_ambiguous(cands: list[StateDictCandidate]) -> list[StateDictCandidate]:
+    """The default's reason says so when an equally plausible state dict stands beside it."""
+    if len(cands) < 2:
+        return cands
+    choice = _choose_default(cands, None)
+    if not choice.ambiguous:
+        return cands
+    why = f"ambiguous: {choice.reason.removeprefix('none: ')}; pick one with use="
+    return [StateDictCandidate(c.name, c.tensors, c.kind, c.default, why) if c.default else c for c in cands]
 
 
 def select_candidate(cands: list[StateDictCandidate], use: str, *, path: str | None = None) -> StateDictCandidate:
