@@ -1,6 +1,6 @@
 """Every example in the docs runs, so the docs cannot rot.
 
-Each ``## `` section of ``docs/troubleshooting.md`` and ``README.md`` runs in a fresh empty
+Each ``## `` section of ``docs/troubleshooting.md``, ``docs/porting.md`` and ``README.md`` runs in a fresh empty
 directory, its blocks in order, sharing one namespace:
 
 - a ```` ```python ```` block is executed; a line ending in ``# raises Name: fragment`` must
@@ -30,7 +30,7 @@ from click.testing import CliRunner
 from ckptfit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "docs" / "troubleshooting.md", ROOT / "README.md"]
+DOCS = [ROOT / "docs" / "troubleshooting.md", ROOT / "README.md", ROOT / "docs" / "porting.md"]
 
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 _RAISES = re.compile(r"^(?P<indent>[ \t]*)(?P<stmt>\S.*?)\s+# raises (?P<exc>\w+)(?::\s*(?P<msg>.*))?$")
