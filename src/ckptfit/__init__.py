@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # the public names, for type checkers and IDEs; at run time t
     from .plan import Decision as Decision
     from .plan import Plan as Plan
     from .report import LoadReport as LoadReport
+    from .resume import ResumeReport as ResumeReport
+    from .resume import resume as resume
     from .verify import VerifyResult as VerifyResult
     from .verify import verify as verify
 
@@ -55,6 +57,8 @@ _LAZY = {
     "Decision": ".plan",
     "Plan": ".plan",
     "LoadReport": ".report",
+    "ResumeReport": ".resume",
+    "resume": ".resume",
     "VerifyResult": ".verify",
     "verify": ".verify",
 }
@@ -107,12 +111,14 @@ __all__ = [
     "build",
     "from_checkpoint",
     "verify",
+    "resume",
     "Checkpoint",
     "StateDictCandidate",
     "LazyTensor",
     "Plan",
     "Decision",
     "LoadReport",
+    "ResumeReport",
     "VerifyResult",
     "CheckpointError",
     "NotACheckpoint",

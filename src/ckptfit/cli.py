@@ -298,14 +298,17 @@ def _save_state_dict(model, path: str) -> None:
 Examples:
   ckptfit plan dp_model.pth --model mypkg.models:SimpleCNN
   ckptfit plan resnet18_imagenet.pth --model torchvision:resnet18 --model-arg num_classes=10 --partial
+  ckptfit plan last.ckpt --model mypkg.models:SimpleCNN --resume
 """)
 @click.argument("ckpt", type=click.Path(exists=True))
 @_load_options
 @click.option("--json", "as_json", is_flag=True, help="Print every decision as JSON.")
+@click.option("--resume", "resume_", is_flag=True,
+              help="Also show how ckptfit.resume would map the saved optimizer state onto the model.")
 @handle_errors
 def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
-         as_json: bool, transform_rules: tuple[str, ...] = ()) -> None:
+         as_json: bool, transform_rules: tuple[str, ...] = (), resume_: bool = False) -> None:
     """Show what would be loaded where, and why, without loading.
 
     A dry run of `load`: decides from names, shapes and dtypes only, reads no tensor data,
@@ -318,13 +321,22 @@ def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     with _parameters_on_meta():
         model = factory()
     p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust, transform_rules))
+    resumed = None
+    if resume_:  # how ckptfit.resume would map the optimizer state (described by the saved groups)
+        from .resume import describe_resume
+
+        resumed = describe_resume(model, ckpt, p, trust=trust)
     if as_json:
         d = LoadReport.from_plan(p).to_dict()
         d.update(ok=p.ok, problems=list(p.problems), suggestions=list(p.suggestions))
+        if resumed is not None:
+            d["resume"] = resumed.to_dict()
         click.echo(json.dumps(d, indent=2, default=str))
     else:
         click.echo(render_plan(p, max_lines=40))
-    if not p.ok:
+        if resumed is not None:
+            click.echo(str(resumed))
+    if not p.ok or (resumed is not None and not resumed.ok):
         sys.exit(1)
 
 
