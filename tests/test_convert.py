@@ -12,7 +12,7 @@ import torch.nn as nn
 from click.testing import CliRunner
 
 import ckptfit
-from ckptfit import convert as convert_module
+from ckptfit import writing
 from ckptfit.cli import main
 from ckptfit.convert import convert, parse_size
 from ckptfit.errors import CheckpointError
@@ -219,38 +219,45 @@ def test_failure_mid_write_leaves_no_destination(trained, tmp_path, monkeypatch)
     _net, _sd, src = trained
     before = _sha(src)
     calls = {"n": 0}
-    real = convert_module._tensor_bytes
+    real = writing._write_safetensors_file
 
-    def flaky(value):
+    def flaky(tensors, path, metadata):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a file")
             raise OSError("disk full (simulated)")
-        return real(value)
+        return real(tensors, path, metadata)
 
-    monkeypatch.setattr(convert_module, "_tensor_bytes", flaky)
+    monkeypatch.setattr(writing, "_write_safetensors_file", flaky)
     out = tmp_path / "out"
     out.mkdir()
+    calls["n"] = 1
     with pytest.raises(OSError, match="disk full"):
         convert(src, out / "model.safetensors")
     calls["n"] = 0
     with pytest.raises(OSError, match="disk full"):
-        convert(src, out / "shards", shard_size=100)
+        convert(src, out / "shards", shard_size=100)  # the second shard fails
     assert os.listdir(out) == []  # no destination, no temporary left behind
     assert _sha(src) == before
 
 
 def test_verification_failure_leaves_no_destination(trained, tmp_path, monkeypatch):
     _net, _sd, src = trained
-    real = convert_module._read_safetensors
+    real = writing._read_back
 
-    def corrupting(buf):
-        got, md = real(buf)
-        return {k: v.clone() + 1 if v.is_floating_point() else v for k, v in got.items()}, md
+    def corrupting(path):
+        ckpt, md = real(path)
+        for k, t in list(ckpt.tree.items()):
+            if t.dtype.is_floating_point:
+                ckpt.tree[k] = ckptfit.lazy.LazyTensor.of(t.load() + 1)
+        return ckpt, md
 
-    monkeypatch.setattr(convert_module, "_read_safetensors", corrupting)
+    monkeypatch.setattr(writing, "_read_back", corrupting)
     with pytest.raises(CheckpointError, match="verification of the output failed"):
         convert(src, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".partial")] == []
 
 
 def test_refuses_to_write_over_the_source(trained):

@@ -20,15 +20,13 @@ from .errors import CheckpointError
 __all__ = ["main"]
 
 def parse_dtype(name: str | None):
-    """``"bf16"`` -> ``torch.bfloat16`` (None stays None); the names ``ckptfit.load(dtype=)`` accepts."""
-    if name is None:
-        return None
-    from .loading import _dtype
+    """``"bf16"`` -> ``torch.bfloat16`` (None stays None): :func:`ckptfit.dtypes.parse_dtype` as a usage error."""
+    from .dtypes import parse_dtype as parse
 
     try:
-        return _dtype(name)
-    except ValueError as e:
-        raise click.BadParameter(f"unknown dtype {name!r}; use one of fp32, fp16, bf16") from e
+        return parse(name)
+    except CheckpointError as e:
+        raise click.BadParameter(e.detail, param_hint="--dtype") from e
 
 
 def parse_device(name: str | None) -> str | None:
@@ -52,7 +50,10 @@ def parse_device(name: str | None) -> str | None:
 
 
 def _stderr(msg: str) -> None:
-    click.echo(msg, err=True)
+    """One message on stderr; text from a file inside it (keys, class names) cannot drive the terminal."""
+    from .report import printable
+
+    click.echo(printable(msg), err=True)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,10 +71,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if "\n" not in str(e):
                 _stderr("(run with --debug for the full traceback)")
             sys.exit(1)
-        except (OSError, ValueError, TypeError, ImportError, RuntimeError) as e:
+        except (OSError, ValueError, TypeError, ImportError, RuntimeError, MemoryError) as e:
             if debug:
                 raise
-            _stderr(f"error: {type(e).__name__}: {e}")
+            _stderr(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             _stderr("(run with --debug for the full traceback)")
             sys.exit(1)
 
@@ -261,37 +262,24 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
                     + ("; not saved" if save_path else ""))
             sys.exit(1)
     if save_path:
-        _save_state_dict(model, save_path)
+        written = _save_state_dict(model, save_path, ckpt)
         result["saved"] = save_path
+        result["save"] = written.to_dict()
         if not as_json:
             click.echo(f"saved {save_path}")
+            if written.aliases:
+                click.echo(f"  tied, written once ({len(written.aliases)}): "
+                           + ", ".join(f"{a} = {c}" for a, c in list(written.aliases.items())[:3])
+                           + (" ..." if len(written.aliases) > 3 else ""))
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
 
 
-def _save_state_dict(model, path: str) -> None:
-    import torch
+def _save_state_dict(model, path: str, source: str):
+    """The model's state dict through the one writer (safetensors for ``*.safetensors``, else torch.save)."""
+    from .writing import write_checkpoint
 
-    from ._atomic import atomic_write
-
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save
-
-        seen: dict[int, str] = {}
-        unique = {}
-        for k, v in sd.items():  # safetensors refuses shared tensors: keep the first of each tie
-            ptr = v.untyped_storage().data_ptr()
-            if ptr in seen and v.numel():
-                continue
-            seen[ptr] = k
-            unique[k] = v
-        data = save(unique)
-        with atomic_write(path) as f:
-            f.write(data)
-    else:
-        with atomic_write(path) as f:
-            torch.save(sd, f)
+    return write_checkpoint(path, model.state_dict(), source=source)
 
 
 @main.command(epilog="""\b

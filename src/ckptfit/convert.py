@@ -7,53 +7,45 @@ legacy, Hugging Face folders, DCP, TorchScript, whole pickled models), picks its
 - **safetensors**: one file, or ``model-0000i-of-0000N.safetensors`` shards plus
   ``model.safetensors.index.json`` (when ``shard_size`` is given or the destination is a
   folder). Plain-data metadata (epoch, hyper_parameters ...) goes into the header's
-  ``__metadata__`` (JSON-encoded strings). Tensors that share storage (tied weights) are
-  written once; the others are recorded under ``__metadata__["ckptfit.aliases"]``.
+  ``__metadata__`` (JSON-encoded strings). Tied tensors (one storage, same offset, shape and
+  stride) are written once and the others named under ``__metadata__["ckptfit.aliases"]``.
 - **torch** (``.pt``/``.pth``/``.bin``/``.ckpt``): the whole container (weights, optimizer state,
-  plain metadata) or, with ``only_weights``, the state dict alone.
+  plain metadata) or, with ``only_weights``, the state dict alone; ties stay ties.
 - **dcp** (a folder, ``format="dcp"``): ``torch.distributed.checkpoint.save`` in one process.
 
-The output is written beside the destination and re-read *before* it is moved into place:
-every tensor must be ``torch.equal`` to its source (or to the source cast to ``dtype``). A
-failure leaves no destination. The source is only ever read.
+Files are written by :func:`ckptfit.writing.write_checkpoint`, the one writer (also behind
+``ckptfit load --save``): views of one buffer are written whole, each file is written beside
+the destination and re-read by ckptfit's own reader *before* it is moved into place, and
+every tensor must be bit-for-bit equal to its source (or to the source cast to ``dtype``). A
+failure leaves no destination. The source is only ever read. What the output does not hold
+(other state dicts, optimizer state, metadata it has no place for) is listed in
+:attr:`ConvertResult.dropped`.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import mmap
 import os
 import re
-import shutil
-import struct
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ._atomic import atomic_dir
 from .checkpoint import Checkpoint, StateDictCandidate
-from .errors import CheckpointError, CorruptCheckpoint
+from .dtypes import dtype_name, parse_dtype
+from .errors import CheckpointError
 from .lazy import LazyTensor
 from .safety import Placeholder, to_plain
+from .writing import compare, header_metadata, write_checkpoint
 
 __all__ = ["convert", "ConvertResult", "parse_size"]
 
 _TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt", ".tar")
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
-                     ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):
-        _ST_DTYPES[getattr(torch, _name)] = _code
-_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 _DEFAULT_SHARD = 5 * 10**9
 
 
@@ -156,11 +148,12 @@ def _target_dtype(t: LazyTensor, dtype: torch.dtype | None) -> torch.dtype:
 
 
 class _Reader:
-    """Loads source tensors (cast where asked), each shared storage once."""
+    """Loads source tensors (cast where asked); tied tensors come back as one tensor object."""
 
     def __init__(self, dtype: torch.dtype | None):
         self.dtype = dtype
         self.cache: dict[Any, torch.Tensor] = {}
+        self.bar: Any = _NoBar()
 
     def get(self, t: LazyTensor, cast: bool = True) -> torch.Tensor:
         key = (_alias_key(t) or id(t), cast)
@@ -170,6 +163,8 @@ class _Reader:
             if value.dtype != want:
                 value = value.to(want)
             self.cache[key] = value
+        if cast:
+            self.bar.advance(t.numel * _target_dtype(t, self.dtype).itemsize)
         return self.cache[key]
 
 
@@ -180,6 +175,8 @@ def _plain_metadata(ckpt: Checkpoint) -> dict[str, Any]:
             continue  # optimizer / scheduler summaries: not plain data
         if ckpt.format == "hf-folder" and k in ("file", "index"):
             continue  # where the reader found the shards, not the checkpoint's own metadata
+        if ckpt.format == "safetensors" and k == "format" and v == "pt":
+            continue  # safetensors' own tag for torch tensors, not the checkpoint's metadata
         md[str(k)] = v
     return md
 
@@ -214,164 +211,27 @@ class _NoBar:
         pass
 
 
-# ------------------------------------------------------------------------------------ safetensors
-
-def _st_header(items: list[tuple[str, LazyTensor]], dtype: torch.dtype | None,
-               metadata: Mapping[str, str]) -> tuple[bytes, list[tuple[str, LazyTensor, int]]]:
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    layout = []
-    for key, t in items:
-        want = _target_dtype(t, dtype)
-        if want not in _ST_DTYPES:
-            raise CheckpointError(f"tensor {key!r} has dtype {want}, which safetensors cannot hold",
-                                  hint="convert to torch format instead (--format torch)")
-        n = t.numel * want.itemsize
-        header[key] = {"dtype": _ST_DTYPES[want], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        layout.append((key, t, n))
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, layout
-
-
-def _tensor_bytes(value: torch.Tensor) -> memoryview:
-    flat = value.contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def _write_safetensors(f, items: list[tuple[str, LazyTensor]], reader: _Reader, metadata: Mapping[str, str],
-                       bar) -> None:
-    head, layout = _st_header(items, reader.dtype, metadata)
-    f.write(head)
-    for _key, t, n in layout:
-        value = reader.get(t)
-        data = _tensor_bytes(value)
-        if len(data) != n:
-            raise CheckpointError(f"internal error: tensor wrote {len(data)} bytes, expected {n}")
-        f.write(data)
-        bar.advance(n)
-
-
-def _read_safetensors(buf) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse a safetensors buffer (a mapped file) into tensor views, checking every offset."""
-    (n,) = struct.unpack("<Q", buf[:8])
-    header = json.loads(bytes(buf[8:8 + n]))
-    md = header.pop("__metadata__", {}) or {}
-    base = 8 + n
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a read-only map: these views are only compared, never written
-        for key, info in header.items():
-            dt = _ST_CODES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            count = (end - begin) // dt.itemsize
-            t = torch.frombuffer(buf, dtype=dt, count=count, offset=base + begin) if count else torch.empty(0, dtype=dt)
-            out[key] = t.reshape(info["shape"])
-    return out, md
-
-
-# ------------------------------------------------------------------------------------ verification
-
-def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.dtype.is_floating_point:  # NaNs equal to themselves, bit for bit
-        return torch.equal(a.contiguous().view(-1).view(torch.uint8) if a.numel() else a,
-                           b.contiguous().view(-1).view(torch.uint8) if b.numel() else b)
-    return torch.equal(a, b)
-
-
-def _check(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], where: str) -> None:
-    problems = []
-    for k, v in expected.items():
-        if k not in got:
-            problems.append(f"{k}: missing from the output")
-        elif not _equal(v, got[k]):
-            problems.append(f"{k}: differs after writing (output {got[k].dtype} {list(got[k].shape)}, "
-                            f"expected {v.dtype} {list(v.shape)})")
-    if problems:
-        raise CorruptCheckpoint(f"verification of the output failed for {len(problems)} tensor(s): "
-                                + "; ".join(problems[:5]), path=where,
-                                hint="nothing was written; please report this with the source file")
-
-
-class _FdReader(io.RawIOBase):
-    """A read-only file over a mapped buffer (to re-read an output before it is moved into place)."""
-
-    def __init__(self, buf):
-        self.buf, self.pos = buf, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = min(len(b), len(self.buf) - self.pos)
-        b[:n] = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = [offset, self.pos + offset, len(self.buf) + offset][whence]
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-
-@contextlib.contextmanager
-def _mapped(f) -> Iterator[Any]:
-    """Map what was written to ``f`` so far, read-only (by name: ``atomic_write``'s file is write-only)."""
-    f.flush()
-    with open(f.name, "rb") if isinstance(f.name, str) else contextlib.nullcontext(f) as r:
-        mm = mmap.mmap(r.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        yield mm
-    finally:
-        with contextlib.suppress(BufferError):
-            mm.close()
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    stack = [(prefix, tree)]
-    while stack:
-        p, obj = stack.pop()
-        if isinstance(obj, torch.Tensor):
-            out[p] = obj
-        elif isinstance(obj, dict):
-            stack.extend((f"{p}.{k}" if p else str(k), v) for k, v in obj.items())
-        elif isinstance(obj, list | tuple):
-            stack.extend((f"{p}.{i}" if p else str(i), v) for i, v in enumerate(obj))
-    return out
-
-
 # ------------------------------------------------------------------------------------ torch output
 
 def _real_tree(obj: Any, reader: _Reader, cast_ids: set[int], dropped: list[str], path: str = "") -> Any:
-    """The source tree with tensors loaded; unknown objects (inert placeholders) left out."""
+    """The source tree with tensors loaded; unknown objects (inert placeholders) left out, each reported."""
     if isinstance(obj, LazyTensor):
         return reader.get(obj, cast=id(obj) in cast_ids)
+    if isinstance(obj, Placeholder):
+        dropped.append(f"{path or 'the root'}: an object of class {obj.qualname} (not plain data)")
+        return None
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
+            where = f"{path}.{k}" if path else str(k)
             if isinstance(v, Placeholder):
-                dropped.append(f"{path + '.' if path else ''}{k}: an object of class {v.qualname} (not plain data)")
+                dropped.append(f"{where}: an object of class {v.qualname} (not plain data)")
                 continue
-            out[k] = _real_tree(v, reader, cast_ids, dropped, f"{path}.{k}" if path else str(k))
+            out[k] = _real_tree(v, reader, cast_ids, dropped, where)
         return out
     if isinstance(obj, list | tuple):
         items = [_real_tree(v, reader, cast_ids, dropped, f"{path}.{i}" if path else str(i)) for i, v in enumerate(obj)]
         return type(obj)(items) if isinstance(obj, list) or type(obj) is tuple else items
-    if isinstance(obj, Placeholder):
-        return None
     return to_plain(obj)
 
 
@@ -396,15 +256,6 @@ def _output_format(dst: str, fmt: str | None, shard_size: int | None) -> str:
         return "safetensors-sharded"
     raise CheckpointError(f"cannot tell the output format from {os.path.basename(dst)!r}",
                           hint="end the name in .safetensors or .pt/.pth/.bin, or pass format= (--format)")
-
-
-def _header_metadata(md: Mapping[str, Any], aliases: Mapping[str, str]) -> dict[str, str]:
-    out = {"format": "pt"}
-    for k, v in md.items():
-        out[k] = v if isinstance(v, str) else json.dumps(v, default=str, sort_keys=True)
-    if aliases:
-        out["ckptfit.aliases"] = json.dumps(dict(aliases), sort_keys=True)
-    return out
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -435,8 +286,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, dtype: 
         A :class:`ConvertResult` (``print()`` it).
 
     Raises:
-        CheckpointError: the source cannot be read, the destination is the source or an unsafe
-            place, or verification failed (then nothing is written).
+        CheckpointError: the source cannot be read, ``dtype`` is not a dtype name (the message
+            lists them), the destination is the source or an unsafe place, or verification
+            failed (then nothing is written).
 
     Example:
         >>> from ckptfit.convert import convert
@@ -448,10 +300,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, dtype: 
 
     start = time.perf_counter()
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
-    if isinstance(dtype, str):
-        from .cli import parse_dtype
-
-        dtype = parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     shard_bytes = parse_size(shard_size)
     fmt = _output_format(dst, format, shard_bytes)
     if _same_path(src, dst) or os.path.abspath(src) == dst:
@@ -470,33 +319,34 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, dtype: 
         md = _plain_metadata(ckpt)
         total = sum(t.numel * _target_dtype(t, dtype).itemsize for _, t in items)
         with _progress(total, f"converting {os.path.basename(src.rstrip(os.sep))}") as bar:
+            reader.bar = bar
             if fmt == "torch":
-                files, kept, dropped, aliases = _convert_torch(ckpt, cand, dst, src, reader, only_weights, md, bar)
+                files, kept, dropped, aliases = _convert_torch(ckpt, cand, dst, src, reader, only_weights, md)
             else:
-                aliases, unique = _dedupe(items)
                 dropped = _dropped(ckpt, cand, kept_tree=False)
                 if fmt == "safetensors":
-                    files = _convert_safetensors(dst, src, unique, reader, _header_metadata(md, aliases), bar)
+                    written = write_checkpoint(dst, {k: reader.get(t) for k, t in items}, format="safetensors",
+                                               metadata=md, source=src)
+                    files, aliases, kept = [os.path.basename(dst)], dict(written.aliases), written.metadata
                 elif fmt == "safetensors-sharded":
-                    files = _convert_sharded(dst, unique, reader, md, aliases, shard_bytes or _DEFAULT_SHARD, bar,
-                                             ckpt)
+                    files, aliases = _convert_sharded(dst, items, reader, md, shard_bytes or _DEFAULT_SHARD, ckpt)
+                    kept = tuple(md)
                 else:
-                    files = _convert_dcp(dst, items, reader, bar)
-                    aliases = {}
+                    files = _convert_dcp(dst, items, reader)
+                    aliases, kept = {}, ()
                     if md:
                         dropped.append(f"metadata ({', '.join(md)}): the DCP output holds the weights only")
-                kept = tuple(md) if fmt != "dcp" else ()
             expected = len(items)
     finally:
         ckpt.close()
     size = sum(os.path.getsize(os.path.join(dst, f)) for f in files) if os.path.isdir(dst) else os.path.getsize(dst)
     return ConvertResult(src, dst, fmt, tuple(files), cand.name, expected, size,
-                         str(dtype).removeprefix("torch.") if dtype is not None else None, tuple(kept),
+                         dtype_name(dtype) if dtype is not None else None, tuple(kept),
                          tuple(dropped), dict(aliases), True, round(time.perf_counter() - start, 3))
 
 
 def _dedupe(items: list[tuple[str, LazyTensor]]) -> tuple[dict[str, str], list[tuple[str, LazyTensor]]]:
-    """Tensors sharing storage exactly (ties) are written once: ``({alias: canonical}, unique items)``."""
+    """Tensors sharing storage exactly (ties): ``({alias: canonical}, the other items)``."""
     first: dict[Any, str] = {}
     aliases: dict[str, str] = {}
     unique = []
@@ -510,77 +360,39 @@ def _dedupe(items: list[tuple[str, LazyTensor]]) -> tuple[dict[str, str], list[t
     return aliases, unique
 
 
-def _expected(items: list[tuple[str, LazyTensor]], reader: _Reader) -> dict[str, torch.Tensor]:
-    return {k: reader.get(t) for k, t in items}
-
-
-def _convert_safetensors(dst: str, src: str, items, reader: _Reader, header_md: dict[str, str], bar) -> list[str]:
-    from ._atomic import atomic_write
-
-    with atomic_write(dst, source=src) as f:
-        _write_safetensors(f, items, reader, header_md, bar)
-        with _mapped(f) as mm:
-            got, _ = _read_safetensors(mm)
-            _check(_expected(items, reader), got, dst)
-            del got
-    return [os.path.basename(dst)]
-
-
-@contextlib.contextmanager
-def _temp_dir_beside(dst: str) -> Iterator[str]:
-    """A temporary folder next to ``dst``, moved into place on success, removed on failure."""
-    parent = os.path.dirname(dst)
-    if not os.path.isdir(parent):
-        raise CheckpointError("the destination's parent folder does not exist", path=parent,
-                              hint="create it first, or choose another output path")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=parent)
-    try:
-        yield tmp
-        # mkdtemp makes the folder private (0o700); the result gets what os.mkdir would give it
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)
-        if os.path.isdir(dst):
-            os.rmdir(dst)  # empty (checked before writing)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _convert_sharded(dst: str, items, reader: _Reader, md: Mapping[str, Any], aliases: Mapping[str, str],
-                     shard_bytes: int, bar, ckpt: Checkpoint) -> list[str]:
-    shards: list[list[tuple[str, LazyTensor]]] = [[]]
+def _convert_sharded(dst: str, items, reader: _Reader, md: Mapping[str, Any], shard_bytes: int,
+                     ckpt: Checkpoint) -> tuple[list[str], dict[str, str]]:
+    """Shards of at most ``shard_bytes`` (a tie in the shard of the tensor it is tied to) plus an index."""
+    ties, unique = _dedupe(items)
+    by_key = dict(items)
+    shards: list[list[str]] = [[]]
     size = 0
-    for k, t in items:
+    for k, t in unique:
         n = t.numel * _target_dtype(t, reader.dtype).itemsize
         if shards[-1] and size + n > shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((k, t))
+        shards[-1].append(k)
         size += n
+    for alias, canonical in ties.items():
+        next(s for s in shards if canonical in s).append(alias)
     count = len(shards)
     names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" if count > 1 else "model.safetensors"
              for i in range(count)]
     files = []
     weight_map: dict[str, str] = {}
-    with _temp_dir_beside(dst) as tmp:
+    aliases: dict[str, str] = {}
+    with atomic_dir(dst) as tmp:
         for name, shard in zip(names, shards):
-            path = os.path.join(tmp, name)
-            header = _header_metadata(md, {a: c for a, c in aliases.items() if any(c == k for k, _ in shard)})
-            with open(path, "wb") as f:
-                _write_safetensors(f, shard, reader, header, bar)
-            with open(path, "rb") as f, _mapped(f) as mm:
-                got, _ = _read_safetensors(mm)
-                _check(_expected(shard, reader), got, path)
-                del got
-            weight_map.update({k: name for k, _ in shard})
+            written = write_checkpoint(os.path.join(tmp, name), {k: reader.get(by_key[k]) for k in shard},
+                                       format="safetensors", metadata=md)
+            aliases.update(written.aliases)
+            weight_map.update({k: name for k in shard if k not in written.aliases})
             files.append(name)
             reader.cache.clear()  # one shard in memory at a time
         if count > 1:
-            total = sum(t.numel * _target_dtype(t, reader.dtype).itemsize for _, t in items)
-            index = {"metadata": {"total_size": total, **{k: v for k, v in _header_metadata(md, aliases).items()}},
-                     "weight_map": weight_map}
+            total = sum(t.numel * _target_dtype(t, reader.dtype).itemsize for _, t in unique)
+            index = {"metadata": {"total_size": total, **header_metadata(md, aliases)}, "weight_map": weight_map}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
             files.append("model.safetensors.index.json")
@@ -589,28 +401,25 @@ def _convert_sharded(dst: str, items, reader: _Reader, md: Mapping[str, Any], al
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(cfg, f, indent=2)
             files.append("config.json")
-    return files
+    return files, aliases
 
 
-def _convert_dcp(dst: str, items, reader: _Reader, bar) -> list[str]:
+def _convert_dcp(dst: str, items, reader: _Reader) -> list[str]:
     import torch.distributed.checkpoint as dcp
 
     from .loading import open as open_checkpoint
 
     state = {k: reader.get(t).clone() for k, t in items}  # DCP writes from owned memory
-    for _, t in items:
-        bar.advance(t.numel * _target_dtype(t, reader.dtype).itemsize)
-    with _temp_dir_beside(dst) as tmp:
+    with atomic_dir(dst) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.save(state, checkpoint_id=tmp, no_dist=True) if _takes_no_dist(dcp.save) else \
                 dcp.save(state, checkpoint_id=tmp)
         back = open_checkpoint(tmp)
         try:
-            got = {k: t.load() for k, t in back.state_dict().tensors.items()}
+            compare(state, back.state_dict().tensors, dst)
         finally:
             back.close()
-        _check(state, got, dst)
         files = sorted(os.listdir(tmp))
     return files
 
@@ -625,29 +434,24 @@ def _takes_no_dist(fn) -> bool:
 
 
 def _convert_torch(ckpt: Checkpoint, cand: StateDictCandidate, dst: str, src: str, reader: _Reader,
-                   only_weights: bool, md: Mapping[str, Any], bar):
-    from ._atomic import atomic_write
-
+                   only_weights: bool, md: Mapping[str, Any]):
     dropped: list[str] = []
-    aliases: dict[str, str] = {}
     weights = {k: reader.get(t) for k, t in cand.tensors.items()}  # ties stay ties: one tensor object
-    for t in cand.tensors.values():
-        bar.advance(t.numel * _target_dtype(t, reader.dtype).itemsize)
     cast_ids = {id(t) for t in cand.tensors.values()}
-    if only_weights or not isinstance(ckpt.tree, dict) or cand.kind == "module":
-        obj: Any = weights
-        dropped = _dropped(ckpt, cand, kept_tree=False)
-        if not only_weights and md:
-            dropped.append(f"metadata ({', '.join(md)}): the source is not a plain container")
-        kept: tuple[str, ...] = ()
+    whole = not only_weights and isinstance(ckpt.tree, dict) and cand.kind != "module"
+    if whole:
+        obj: Any = _real_tree(ckpt.tree, reader, cast_ids, dropped)
     else:
-        obj = _real_tree(ckpt.tree, reader, cast_ids, dropped)
-        kept = tuple(md)
-    with atomic_write(dst, source=src) as f:
-        torch.save(obj, f)
-        with _mapped(f) as mm:
-            back = torch.load(io.BufferedReader(_FdReader(mm)), map_location="cpu", weights_only=True)
-            expected = _flatten(obj)
-            _check(expected, _flatten(back), dst)
-            del back
-    return [os.path.basename(dst)], kept, dropped, aliases
+        obj = weights
+        dropped = _dropped(ckpt, cand, kept_tree=False)
+    written = write_checkpoint(dst, obj, format="torch", source=src)
+    # metadata is kept only where it is in what was written: a bare state dict has no place for it
+    kept = tuple(k for k in md if isinstance(obj, dict) and k in obj and obj is not weights)
+    in_tree = isinstance(ckpt.tree, dict)
+    lost = [k for k in md if k not in kept and not (whole and in_tree and k in ckpt.tree)]  # the others: above
+    if lost:
+        why = ("only_weights writes the state dict alone" if only_weights else
+               "the output is a bare state dict, which has no place for it (write .safetensors to keep it in "
+               "the header)" if whole else "the source is not a plain container")
+        dropped.append(f"metadata ({', '.join(map(str, lost))}): {why}")
+    return [os.path.basename(dst)], kept, dropped, dict(written.aliases)
