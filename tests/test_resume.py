@@ -567,11 +567,12 @@ def test_cli_plan_resume_shows_the_optimizer_mapping(tmp_path: Path) -> None:
 def test_docs_page_runs(tmp_path: Path, monkeypatch) -> None:
     import test_docs
 
-    monkeypatch.chdir(tmp_path)
     page = Path(__file__).resolve().parents[1] / "docs" / "resume.md"
     sections = test_docs._sections(page)
     assert sections
-    for heading, blocks in sections:
+    for i, (heading, blocks) in enumerate(sections):  # as tests/test_docs.py: each section on its own
+        (tmp_path / str(i)).mkdir()
+        monkeypatch.chdir(tmp_path / str(i))
         namespace: dict = {"__name__": "__doc__", "__raises__": test_docs._raises}
         for block in blocks:
             where = f"docs/resume.md:{block.line} ({heading})"

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -239,16 +238,11 @@ def _read_json(path: str) -> dict:
 
 
 def _write_json(path: str, data: dict) -> None:
+    from ._atomic import atomic_write
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, separators=(",", ":"))
 
 
 # ------------------------------------------------------------------------------------ building signatures
