@@ -1,6 +1,7 @@
 """atomic_write: all or nothing, never over its source, no partial file left behind."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -116,3 +117,60 @@ def test_permissions_like_a_plain_open(tmp_path):
     with atomic_write(plain) as f:
         f.write(b"y")
     assert stat.S_IMODE(os.stat(plain).st_mode) == 0o640
+
+
+def test_atomic_path_for_writers_that_take_a_file_name(tmp_path):
+    from ckptfit._atomic import atomic_path
+
+    dest = tmp_path / "w.bin"
+    with atomic_path(dest) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and not dest.exists()
+        with open(tmp, "wb") as f:
+            f.write(b"by name")
+    assert dest.read_bytes() == b"by name" and _leftovers(tmp_path) == []
+    with pytest.raises(OSError):
+        with atomic_path(dest) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"half")
+            raise OSError("disk full")
+    assert dest.read_bytes() == b"by name" and _leftovers(tmp_path) == []
+
+
+def test_atomic_dir_all_or_nothing(tmp_path):
+    from ckptfit._atomic import atomic_dir
+
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp_path / "out-never").mkdir()
+            open(os.path.join(tmp, "a"), "wb").close()
+            raise RuntimeError("boom")
+    assert sorted(os.listdir(tmp_path)) == ["out-never"]
+    with atomic_dir(tmp_path / "out") as tmp:
+        with open(os.path.join(tmp, "a"), "wb") as f:
+            f.write(b"a")
+    assert (tmp_path / "out" / "a").read_bytes() == b"a"
+    with pytest.raises(CheckpointError, match="not empty"):
+        with atomic_dir(tmp_path / "out"):
+            pass
+
+
+def test_identify_cache_goes_through_the_one_atomic_writer(tmp_path, monkeypatch):
+    """The cache file is written like every other file: atomically, with a plain file's permissions."""
+    from ckptfit import _atomic, identify
+
+    calls = []
+    real = _atomic.atomic_path
+
+    def spy(path, **kw):
+        calls.append(os.fspath(path))
+        return real(path, **kw)
+
+    monkeypatch.setattr(_atomic, "atomic_path", spy)
+    path = tmp_path / "cache" / "index.json"
+    identify._write_json(str(path), {"x": [1, 2]})
+    assert calls == [str(path)]
+    assert json.loads(path.read_text()) == {"x": [1, 2]}
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)  # not mkstemp's 0o600
+    assert [n for n in os.listdir(path.parent) if n != "index.json"] == []
