@@ -469,3 +469,43 @@ def test_no_transform_no_change():
     p = ckptfit.plan(LinearMLP(), src.state_dict())
     assert p.ok and all(d.transform is None for d in p.decisions)
     assert not math.isnan(0.0)
+
+
+class MHANet(nn.Module):
+    def __init__(self, d=24):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        with torch.no_grad():
+            self.attn.in_proj_bias.normal_()
+            self.attn.out_proj.bias.normal_()
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False, is_causal=True,
+                         attn_mask=nn.Transformer.generate_square_subsequent_mask(x.shape[1]))[0]
+
+
+@pytest.mark.parametrize("mha_src", [True, False])
+def test_multihead_attention_in_proj_and_separate_projections(mha_src):
+    src = _seeded(MHANet if mha_src else (lambda: SeparateNet(out="out_proj")), 0)
+    dst = _seeded((lambda: SeparateNet(out="out_proj")) if mha_src else MHANet, 1)
+    ckptfit.load(dst, src.state_dict())
+    x = torch.randn(2, 5, 24)
+    assert _close(dst(x), src(x))
+
+
+def test_conflict_advice_none_keeps_other_layers_at_init_under_partial():
+    class Other(nn.Module):  # fc_out really is another layer: [64, 16] where the model has [16, 64]
+        def __init__(self):
+            super().__init__()
+            self.fc_in = nn.Linear(16, 64)
+            self.fc_mid = nn.Linear(64, 64)
+            self.fc_out = nn.Linear(16, 64)
+
+    src = Other()
+    dst = LinearMLP()
+    with pytest.raises(LoadError, match="evidence conflicts") as e:
+        ckptfit.load(dst, src.state_dict(), partial=True)
+    rules = _advised("\n".join(e.value.plan.suggestions), "none")
+    report = ckptfit.load(dst, src.state_dict(), partial=True, transforms=rules)
+    assert [d.target for d in report.skipped_shape] == ["fc_out.weight", "fc_out.bias"]
+    assert torch.equal(dst.fc_mid.weight, src.fc_mid.weight)

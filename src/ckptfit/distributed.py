@@ -205,6 +205,11 @@ def load_sharded(model: nn.Module, source: Any, *, partial: bool = False, use: s
                             exclude=exclude)
             if not p.ok:
                 raise _load_error(p, model)
+            ported = [d.target for d in p.loads if d.transform is not None]
+            if ported:  # the sharded reads copy stored bytes as they are (ckptfit.porting: not here)
+                raise LoadError(f"the checkpoint needs transposed, split or joined tensors ('{ported[0]}' and "
+                                f"{len(ported) - 1} more), which a sharded load does not do; load into the "
+                                f"unsharded model, save it, then shard", path=ckpt.path, plan=p)
             problems = _check_target(target, [d.target for d in p.loads if d.source is not None], device, dtype)
             if problems:
                 raise LoadError(f"cannot load into the sharded {type(model).__name__}: {len(problems)} "

@@ -558,8 +558,9 @@ class _Porter:
                 self.problems.append(
                     f"{role} weights: evidence conflicts: {len(t_keys)} fit only transposed ({_listed(t_keys)}), "
                     f"{len(a_keys)} only as stored ({_listed(a_keys)}); nothing is transposed")
-                self.suggestions.append(f"if the file mixes layouts on purpose, say which to transpose, e.g. "
-                                        f"{self.advice(t_keys, 'transpose')}")
+                self.suggestions.append(f"if the file mixes layouts, pass {self.advice(t_keys, 'transpose')}; if "
+                                        f"those are other layers that only have the reversed shape, pass "
+                                        f"{self.advice(t_keys, 'none')} (with partial=True to keep them at init)")
                 for it in group:
                     if it.kind != "pair":
                         self.problems.append(f"{it.targets[0]}: not ported, the {role} layout evidence conflicts")
