@@ -1385,9 +1385,9 @@ def _unsafe_instead(e: Exception, scan: PickleScan, path: str | None) -> UnsafeC
     :class:`UnsafeCheckpoint` to quarantine such files.
     """
     names = list(dict.fromkeys(g.qualname for g in scan.dangerous))
-    detail = getattr(e, "detail", str(e)).splitlines()[0]
+    detail = getattr(e, "detail", str(e)).splitlines()[0].replace("_Dangerous", "dangerous callable")
     err = UnsafeCheckpoint(f"refusing to load: its pickled data references code that would run on load: "
-                           f"{', '.join(names)} (and then: {detail})", path=path, globals=names,
+                           f"{', '.join(names)} (the pickle then stops: {detail})", path=path, globals=names,
                            hint="nothing was executed. Do not load this file unless you wrote it yourself; "
                                 "`ckptfit scan` lists every reference. No automatic unsafe fallback is performed.")
     err.partial_scan = scan  # type: ignore[attr-defined]
