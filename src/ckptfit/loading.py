@@ -797,14 +797,15 @@ def _parameter_to_meta(module: nn.Module, name: str, param: nn.Parameter) -> nn.
     kept = getattr(_BUILDING, "kept", None)
     if kept is None or param is None or param.is_meta:
         return None
-    cls = type(param) if isinstance(param, nn.Parameter) else nn.Parameter
-    meta = cls(param.detach().to("meta"), requires_grad=param.requires_grad)
-    n = param.numel()
-    if (n <= _INIT_MAX_NUMEL and kept[0] + n <= _INIT_MAX_TOTAL and param.device.type == "cpu"
-            and not callable(getattr(module, "reset_parameters", None))
-            and not callable(getattr(module, "_reset_parameters", None))):
-        setattr(meta, _INIT_ATTR, param.detach().clone())
-        kept[0] += n
+    with torch._C.DisableTorchFunction():  # plain tensor work: past _SkipInitOnMeta, at full speed
+        cls = type(param) if isinstance(param, nn.Parameter) else nn.Parameter
+        meta = cls(param.detach().to("meta"), requires_grad=param.requires_grad)
+        n = param.numel()
+        if (n <= _INIT_MAX_NUMEL and kept[0] + n <= _INIT_MAX_TOTAL and param.device.type == "cpu"
+                and not callable(getattr(module, "reset_parameters", None))
+                and not callable(getattr(module, "_reset_parameters", None))):
+            setattr(meta, _INIT_ATTR, param.detach().clone())
+            kept[0] += n
     return meta
 
 
