@@ -297,3 +297,43 @@ def test_folder_output_is_not_private_and_sizes_read_well(trained, tmp_path):
     assert os.stat(dst).st_mode & 0o777 == 0o777 & ~mask  # as os.mkdir would make it, not mkdtemp's 0o700
     head = str(result).splitlines()[0]
     assert " 0.0 MB" not in head and (" KB" in head or " B" in head)
+
+
+# ------------------------------------------------------------------------------------ dtype names: one table
+
+
+def test_unknown_dtype_is_a_ckptfit_error_listing_the_names(trained, tmp_path):
+    _net, _sd, src = trained
+    with pytest.raises(CheckpointError, match=r"unknown dtype 'bf17'; use one of fp32 \(float32, float\), "
+                                              r"fp16 \(float16, half\), bf16 \(bfloat16\), fp64"):
+        convert(src, tmp_path / "x.safetensors", dtype="bf17")
+    with pytest.raises(CheckpointError, match="not a floating dtype"):
+        convert(src, tmp_path / "x.safetensors", dtype=torch.int8)  # floats were cast to int8 before
+    assert os.listdir(tmp_path) == ["train.pth"]
+    result = convert(src, tmp_path / "x.safetensors", dtype=torch.float16)
+    assert result.dtype == "float16"
+
+
+def test_the_library_does_not_need_the_cli(trained, tmp_path):
+    import subprocess
+    import sys
+
+    _net, _sd, src = trained
+    code = ("import sys; from ckptfit.convert import convert; "
+            f"convert({str(src)!r}, {str(tmp_path / 'y.safetensors')!r}, dtype='bf16'); "
+            "print(sorted(m for m in ('click', 'ckptfit.cli') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_cli_dtype_names_come_from_the_same_table(trained, tmp_path):
+    from ckptfit.dtypes import CAST_DTYPES, dtype_name, parse_dtype, short_name
+
+    assert parse_dtype("BF16") is torch.bfloat16 and parse_dtype("torch.half") is torch.float16
+    assert parse_dtype(None) is None and dtype_name(torch.bfloat16) == "bfloat16"
+    assert short_name(torch.float32) == "fp32" and short_name(torch.int64) == "int64"
+    assert set(CAST_DTYPES.values()) == {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+    _net, _sd, src = trained
+    res = CliRunner().invoke(main, ["load", str(src), "--model", "tests.test_convert:Net", "--dtype", "bf17"])
+    assert res.exit_code == 2
+    assert "unknown dtype 'bf17'; use one of fp32 (float32, float), fp16 (float16, half)" in res.output

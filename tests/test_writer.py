@@ -305,3 +305,25 @@ def test_torch_metadata_claims_match_the_file(tmp_path):
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         md = f.metadata()
     assert set(st.metadata) == {"epoch", "cfg"} and json.loads(md["epoch"]) == 4
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_output_is_reread_by_ckptfits_own_readers_before_the_rename(tmp_path, monkeypatch, ext):
+    """convert and --save verify with the readers ckptfit loads with, not a private second reader."""
+    import ckptfit.formats as formats
+
+    opened: list[tuple[str, str]] = []
+    real = formats.open_checkpoint
+
+    def spy(path, **kw):
+        ckpt = real(path, **kw)
+        opened.append((os.path.basename(os.fspath(path)), ckpt.format))
+        return ckpt
+
+    monkeypatch.setattr(formats, "open_checkpoint", spy)
+    fmt = "safetensors" if ext == "safetensors" else "torch-zip"
+    _save_via_convert(Views, tmp_path, f"c.{ext}")
+    assert [(n.startswith(".c.") and n.endswith(".partial"), f) for n, f in opened] == [(True, fmt)]
+    opened.clear()
+    _save_via_cli(Views, tmp_path, f"s.{ext}")
+    assert [(n.startswith(".s.") and n.endswith(".partial"), f) for n, f in opened if n != "src.pth"] == [(True, fmt)]
