@@ -509,3 +509,22 @@ def test_conflict_advice_none_keeps_other_layers_at_init_under_partial():
     report = ckptfit.load(dst, src.state_dict(), partial=True, transforms=rules)
     assert [d.target for d in report.skipped_shape] == ["fc_out.weight", "fc_out.bias"]
     assert torch.equal(dst.fc_mid.weight, src.fc_mid.weight)
+
+
+def test_whole_model_pickle_records_conv1d_so_all_square_ports(tmp_path):
+    """A model saved whole (torch.save(model)) records each layer's class: evidence even when all are square."""
+    src = _seeded(lambda: Conv1DMLP(32, 32, 32), 0)
+    path = tmp_path / "whole.pt"
+    torch.save(src, path)
+    dst = _seeded(lambda: LinearMLP(32, 32, 32), 1)
+    p = ckptfit.plan(dst, path)
+    assert p.ok, str(p)
+    assert "records 3 square ones as Conv1D layers" in str(p)
+    ckptfit.load(dst, path)
+    x = torch.randn(2, 32)
+    assert _close(dst(x), src(x))
+
+    same = _seeded(lambda: Conv1DMLP(32, 32, 32), 2)  # and into Conv1D: as stored, no refusal
+    report = ckptfit.load(same, path)
+    assert not any(d.transform for d in report.loaded)
+    assert _close(same(x), src(x))

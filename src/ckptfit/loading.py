@@ -29,7 +29,7 @@ from ._progress import progress
 from .lazy import LazyTensor, MappedFile, _itemsize, buffer_of, locate
 from .matching import match
 from .plan import Plan, TensorSpec
-from .porting import apply_transform, layouts_of, parse_rules, port
+from .porting import apply_transform, layouts_of, parse_rules, port, recorded_layouts
 from .report import LoadReport
 
 __all__ = ["open", "plan", "load", "build", "Source"]
@@ -215,11 +215,12 @@ def _specs_of(cand: StateDictCandidate) -> list[TensorSpec]:
 
 
 def _plan_for(target: _Target, cand: StateDictCandidate, *, partial: bool, rename, include, exclude,
-              transforms=()) -> Plan:
+              transforms=(), recorded=None) -> Plan:
     specs = _specs_of(cand)
     p = match(target.specs, specs, partial=partial, rename=rename, include=include, exclude=exclude,
               tied=target.tied)
-    return port(p, layouts_of(target.model), specs, transforms)  # transposed / fused weights (ckptfit.porting)
+    rec = {k: recorded[id(t)] for k, t in cand.tensors.items() if id(t) in recorded} if recorded else None
+    return port(p, layouts_of(target.model), specs, transforms, rec)  # transposed / fused weights (ckptfit.porting)
 
 
 def _choose(target: _Target, ckpt: Checkpoint, *, use: str | None, partial: bool, rename, include,
@@ -229,7 +230,8 @@ def _choose(target: _Target, ckpt: Checkpoint, *, use: str | None, partial: bool
     Two complete, equally plausible state dicts (``{"student": sd, "teacher": sd}``) give a plan
     that is refused, listing them and the ``use=`` that picks one.
     """
-    opts = dict(partial=partial, rename=rename, include=include, exclude=exclude, transforms=transforms)
+    opts = dict(partial=partial, rename=rename, include=include, exclude=exclude, transforms=transforms,
+                recorded=recorded_layouts(ckpt.tree))  # layer classes a pickled whole model records (porting)
     plans: dict[int, Plan] = {}
 
     def plan_of(c: StateDictCandidate) -> Plan:

@@ -103,6 +103,50 @@ def layouts_of(model: nn.Module) -> dict[str, Layout]:
     return out
 
 
+# Objects visited when looking for pickled modules in a checkpoint's tree (a bound on hostile files).
+_MAX_TREE_NODES = 1_000_000
+
+
+def recorded_layouts(tree: Any) -> dict[int, Layout]:
+    """``{id(LazyTensor): Layout}`` for 2-D weights of pickled modules whose class has a known layout.
+
+    A whole model saved with ``torch.save(model)`` records each layer's class (``Conv1D``,
+    ``Linear``); that is evidence of how each weight is stored, read without running anything.
+    Empty for formats that hold bare tensors (safetensors, a state dict).
+    """
+    from .lazy import LazyTensor
+    from .safety import Placeholder
+
+    out: dict[int, Layout] = {}
+    stack = [tree]
+    seen: set[int] = set()
+    while stack and len(seen) < _MAX_TREE_NODES:
+        obj = stack.pop()
+        if isinstance(obj, LazyTensor | str | bytes | int | float) or obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Placeholder):
+            attrs = obj.attributes()
+            params = attrs.get("_parameters")
+            if isinstance(params, dict):
+                w = params.get("weight")
+                hit = _LAYOUTS.get(obj.cls.name)
+                if hit is not None and isinstance(w, LazyTensor) and len(w.shape) == 2:
+                    out[id(w)] = Layout(*hit)
+                w = params.get("in_proj_weight")
+                if obj.cls.name == "MultiheadAttention" and isinstance(w, LazyTensor) and len(w.shape) == 2:
+                    out[id(w)] = Layout(OUT_IN, "nn.Linear")
+            stack.extend(attrs.values())
+            stack.extend(obj.args)
+            stack.extend(obj.list_items)
+            stack.extend(obj.dict_items.values())
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple):
+            stack.extend(obj)
+    return out
+
+
 # ---------------------------------------------------------------------------------- rules
 
 _KINDS = ("transpose", "none")
@@ -284,6 +328,8 @@ class _Item:
     sources: list[str]  # checkpoint keys of the weights (pair / split: one; concat: one per part)
     fit: str = "neither"  # "as-is", "transposed", "both" (square: shapes cannot tell), "neither"
     forced: bool | None = None  # a user rule: True transpose, False as stored
+    declared: str | None = None  # the file records the source layer's class: "transposed" or "as-is"
+    declared_label: str = ""  # that class ("Conv1D")
     rule: Any = None
     parts: tuple[str, ...] = ()  # split / concat: part names in order
     biases: list[tuple[list[str], list[str]]] = field(default_factory=list)  # (targets, sources) of the biases
@@ -291,9 +337,10 @@ class _Item:
 
 class _Porter:
     def __init__(self, plan: Plan, layouts: Mapping[str, Layout], source: Sequence[TensorSpec],
-                 rules: Sequence[Rule]):
+                 rules: Sequence[Rule], recorded: Mapping[str, Layout] | None = None):
         self.plan = plan
         self.layouts = layouts
+        self.recorded = recorded or {}
         self.rules = list(rules)
         self.rule_hits = [0] * len(self.rules)
         self.decs = list(plan.decisions)
@@ -378,6 +425,10 @@ class _Porter:
             rule = self.rule_for(d.target, d.source)
             if rule is not None:
                 item.forced, item.rule = rule.transpose, rule
+            rec = self.recorded.get(d.source)
+            if rec is not None:
+                item.declared = "as-is" if rec.layout == lay.layout else "transposed"
+                item.declared_label = rec.label
             items.append(item)
         items.extend(self.collect_splits())
         items.extend(self.collect_concats())
@@ -546,12 +597,22 @@ class _Porter:
                 continue
             roles.setdefault(it.role, []).append(it)
         for role, group in roles.items():
-            trans = [it for it in group if it.fit == "transposed"]
-            asis = [it for it in group if it.fit == "as-is"]
-            square = [it for it in group if it.fit == "both"]
             layout = group[0].layout
             stored = "[in, out]" if layout == OUT_IN else "[out, in]"
             model = "[out, in]" if layout == OUT_IN else "[in, out]"
+            lying = [it for it in group if it.declared and it.fit in ("as-is", "transposed") and it.fit != it.declared]
+            if lying:
+                keys = [it.targets[0] for it in lying]
+                self.problems.append(f"{role} weights: the file records {_listed(keys)} as "
+                                     f"{lying[0].declared_label} layers, but the shapes say otherwise; nothing is "
+                                     f"transposed")
+                continue
+            declared = [it for it in group if it.declared and it.fit == "both"]
+            for it in declared:  # square, but the file records the layer's class: that settles it
+                it.fit = it.declared
+            trans = [it for it in group if it.fit == "transposed"]
+            asis = [it for it in group if it.fit == "as-is"]
+            square = [it for it in group if it.fit == "both"]
             if trans and asis:
                 t_keys = [k for it in trans for k in it.targets]
                 a_keys = [k for it in asis for k in it.targets]
@@ -566,12 +627,18 @@ class _Porter:
                         self.problems.append(f"{it.targets[0]}: not ported, the {role} layout evidence conflicts")
                 continue
             if trans:
-                t_keys = [k for it in trans for k in it.targets]
+                rec_ids = {id(it) for it in declared}
+                t_keys = [k for it in trans if id(it) not in rec_ids for k in it.targets]
+                r_keys = [k for it in trans if id(it) in rec_ids for k in it.targets]
                 n_all = sum(len(it.targets) for it in trans + square)
-                n_sq = n_all - len(t_keys)
-                reason = (f"the file stores {role} weights {stored}, the model {model}: {len(t_keys)} non-square "
-                          f"fit only transposed ({_listed(t_keys, 2)}), none as stored; so all {n_all} are "
-                          f"transposed" + (f", the {n_sq} square too" if n_sq else ""))
+                n_sq = n_all - len(t_keys) - len(r_keys)
+                why = []
+                if t_keys:
+                    why.append(f"{len(t_keys)} non-square fit only transposed ({_listed(t_keys, 2)}), none as stored")
+                if r_keys:
+                    why.append(f"the file records {len(r_keys)} square ones as {declared[0].declared_label} layers")
+                reason = (f"the file stores {role} weights {stored}, the model {model}: {'; '.join(why)}; so all "
+                          f"{n_all} are transposed" + (f", the {n_sq} square too" if n_sq else ""))
                 for it in trans + square:
                     out[id(it)] = (True, reason)
                 continue
@@ -735,7 +802,7 @@ def _base_reason(d: Decision) -> str:
 
 
 def port(plan: Plan, layouts: Mapping[str, Layout], source: Sequence[TensorSpec],
-         rules: Sequence[Rule] = ()) -> Plan:
+         rules: Sequence[Rule] = (), recorded: Mapping[str, Layout] | None = None) -> Plan:
     """Add the transforms the evidence (or the user's rules) call for to a matcher's plan.
 
     Args:
@@ -743,6 +810,8 @@ def port(plan: Plan, layouts: Mapping[str, Layout], source: Sequence[TensorSpec]
         layouts: :func:`layouts_of` the model.
         source: the checkpoint's tensors (names, shapes, dtypes), in file order.
         rules: :func:`parse_rules` of ``transforms=``.
+        recorded: ``{checkpoint key: Layout}`` of weights whose layer class the file records
+            (a pickled whole model, :func:`recorded_layouts`).
 
     Returns:
         The plan with transposed / split / joined decisions, the problems they solve removed,
@@ -761,7 +830,7 @@ def port(plan: Plan, layouts: Mapping[str, Layout], source: Sequence[TensorSpec]
     """
     if not layouts and not rules:
         return plan
-    porter = _Porter(plan, layouts, source, rules)
+    porter = _Porter(plan, layouts, source, rules, recorded)
     items = porter.collect()
     chosen = porter.decide(items)
     porter.apply(items, chosen)
