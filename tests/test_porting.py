@@ -528,3 +528,18 @@ def test_whole_model_pickle_records_conv1d_so_all_square_ports(tmp_path):
     report = ckptfit.load(same, path)
     assert not any(d.transform for d in report.loaded)
     assert _close(same(x), src(x))
+
+
+def test_rule_transposes_a_weight_of_a_layer_type_without_known_layout():
+    class Custom(nn.Module):
+        def __init__(self, rows, cols):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(rows, cols))
+
+    src, dst = Custom(4, 6), Custom(6, 4)
+    with pytest.raises(LoadError):  # no layout evidence for a custom parameter: never moved on its own
+        ckptfit.load(dst, src.state_dict())
+    report = ckptfit.load(dst, src.state_dict(), transforms={"table": "transpose"})
+    assert torch.equal(dst.table, src.table.t())
+    assert report.to_dict()["tensor_transforms"] == [
+        {"kind": "transpose", "targets": ["table"], "reason": "your rule transforms={'table': 'transpose'}"}]

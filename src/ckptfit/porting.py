@@ -412,6 +412,9 @@ class _Porter:
         items: list[_Item] = []
         for d in self.decs:
             lay = self.layouts.get(d.target)
+            unknown = lay is None  # a 2-D tensor of a layer type without a known layout: only a rule moves it
+            if unknown and self.rules:
+                lay = Layout(OUT_IN, "2-D")
             if lay is None or d.source is None or d.action not in ("load", "skip_shape") or len(d.target_shape) != 2:
                 continue
             if d.transform is not None or d.source_shape is None or len(d.source_shape) != 2:
@@ -425,6 +428,8 @@ class _Porter:
             rule = self.rule_for(d.target, d.source)
             if rule is not None:
                 item.forced, item.rule = rule.transpose, rule
+            elif unknown:
+                continue
             rec = self.recorded.get(d.source)
             if rec is not None:
                 item.declared = "as-is" if rec.layout == lay.layout else "transposed"

@@ -396,6 +396,8 @@ class LoadReport:
                 "unused": len(self.unused),
             },
             "transforms": list(self.transforms),
+            "tensor_transforms": [{"kind": k, "targets": keys, "reason": why}  # ckptfit.porting
+                                  for k, keys, why in _ported(self.loaded)],
             "warnings": list(self.warnings),
             "loaded": [_decision_dict(d) for d in self.loaded],
             "tied": [_decision_dict(d) for d in self.tied],
