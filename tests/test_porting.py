@@ -543,3 +543,30 @@ def test_rule_transposes_a_weight_of_a_layer_type_without_known_layout():
     assert torch.equal(dst.table, src.table.t())
     assert report.to_dict()["tensor_transforms"] == [
         {"kind": "transpose", "targets": ["table"], "reason": "your rule transforms={'table': 'transpose'}"}]
+
+
+def test_old_gpt2_file_with_mask_buffers_and_module_prefix_into_nanogpt(tmp_path):
+    """Older transformers saved ``attn.bias`` / ``attn.masked_bias``; DataParallel adds ``module.``."""
+    src = _seeded(_gpt2, 0)
+    _randomize_gpt2(src)
+    sd = dict(src.state_dict())
+    for i in range(N_LAYER):
+        sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(N_POS, N_POS, dtype=torch.bool)).view(1, 1, N_POS, N_POS)
+        sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({f"module.{k}": v for k, v in sd.items()}, path)
+    dst = _seeded(NanoGPT, 1)
+    report = ckptfit.load(dst, path)
+    assert {u.source.rsplit(".", 1)[1] for u in report.unused} <= {"bias", "masked_bias", "weight"}
+    assert all("attn.bias" in u.source or "masked_bias" in u.source or "lm_head" in u.source for u in report.unused)
+    idx = torch.randint(0, VOCAB, (2, 16))
+    assert _close(_logits(dst, idx), _logits(src, idx))
+
+
+def test_gpt2_into_nanogpt_built_on_meta_in_bf16(tmp_path):
+    src = _seeded(_gpt2, 0)
+    src.save_pretrained(tmp_path)
+    model, report = ckptfit.build(NanoGPT, tmp_path, dtype=torch.bfloat16)
+    w = model.transformer.h[0].attn.c_attn.weight
+    assert w.dtype == torch.bfloat16
+    assert torch.equal(w, src.transformer.h[0].attn.c_attn.weight.t().to(torch.bfloat16))
