@@ -190,6 +190,10 @@ def test_dcp_records_in_a_file_with_any_name_are_scanned(tmp_path: pathlib.Path)
     assert any(m.startswith("notes.txt@") for r in report.dangerous for m in r.members)
     with pytest.raises(UnsafeCheckpoint):
         _load_all(folder)
+    with pytest.raises(UnsafeCheckpoint, match=r"os\.system"):  # at open, not at the first tensor read
+        ckptfit.open(folder)
+    r = CliRunner().invoke(main, ["inspect", str(folder)])
+    assert r.exit_code == 1 and "safety: safe" not in r.output
     _agrees(folder)
 
 

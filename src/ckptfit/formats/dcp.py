@@ -197,7 +197,30 @@ def open_dcp(path: str, trust: bool = False) -> Checkpoint:
         t = LazyTensor(size, dtype, read, device="cpu", requires_grad=bool(props.get("requires_grad")))
         flat[fqn] = t
     tree = _nest(flat, planner)
-    return Checkpoint(path=path, format="dcp", tree=tree, scans=(scan,), closers=(mapped.clear,))
+    return Checkpoint(path=path, format="dcp", tree=tree, scans=(scan, *_record_scans(path, locations, mapped)),
+                      closers=(mapped.clear,))
+
+
+def _record_scans(path: str, locations: dict, mapped: dict[str, MappedFile]) -> list:
+    """The pickle of every record stored as a torch archive, interpreted at open rather than at the first read:
+    a record that would run code refuses the checkpoint now, so open and inspect never call safe what loading
+    refuses (and ``ckptfit scan`` reads the same records)."""
+    from .torch_zip import read_torch_zip_at
+
+    scans = []
+    for rel, off, length in dict.fromkeys(locations.values()):
+        fpath = os.path.join(path, rel)
+        mf = mapped.get(fpath)
+        if mf is None:
+            mf = mapped[fpath] = MappedFile(fpath)
+        with open(fpath, "rb") as f:  # (not through the map: no tensor bytes are read here)
+            f.seek(off)
+            head = f.read(4) if length >= 4 else b""
+        if head == b"PK\x03\x04":
+            _, rscan, _ = read_torch_zip_at(fpath, base=off, length=length, mapped=mf,
+                                            what=f"DCP record in {rel} at byte {off}")
+            scans.append(rscan)
+    return scans
 
 
 def _numel(shape: tuple[int, ...]) -> int:
