@@ -214,7 +214,8 @@ Examples:
 @click.option("--verify", "do_verify", is_flag=True,
               help="Run one forward pass and check for NaN/Inf; exit 1 (and do not --save) if it fails.")
 @click.option("--save", "save_path", type=click.Path(), default=None,
-              help="Write the loaded model's state dict here (.safetensors, else torch.save).")
+              help="Write the loaded model's state dict here (.safetensors, else torch.save); every tensor kept, "
+                   "tied weights once, atomic and re-read to verify.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
