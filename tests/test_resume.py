@@ -581,3 +581,55 @@ def test_docs_page_runs(tmp_path: Path, monkeypatch) -> None:
             else:
                 test_docs._run_console(block, where)
     assert re.search(r"ckptfit\.resume\(", page.read_text())
+
+
+def test_lightning_with_two_optimizers(tmp_path: Path) -> None:
+    """A GAN-style LightningModule: each saved optimizer holds part of the parameters."""
+    torch.manual_seed(0)
+    net = Net()
+    make = lambda m: (torch.optim.Adam([p for n, p in m.named_parameters() if not n.startswith("fc.")], lr=1e-2),  # noqa: E731
+                      torch.optim.SGD(m.fc.parameters(), lr=0.1, momentum=0.9))
+    ref = Net()
+    ref.load_state_dict(net.state_dict())
+    opts, ref_opts = make(net), make(ref)
+
+    def train2(m, os_, batches):
+        losses = []
+        for x, y in batches:
+            for o in os_:
+                o.zero_grad()
+            loss = nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            for o in os_:
+                o.step()
+            losses.append(loss.detach())
+        return losses
+
+    batches = data()
+    ref_losses = train2(ref, ref_opts, batches)[K:]
+    train2(net, opts, batches[:K])
+    path = tmp_path / "last.ckpt"
+    torch.save({"epoch": 0, "global_step": K, "pytorch-lightning_version": "2.4.0", "state_dict": net.state_dict(),
+                "optimizer_states": [o.state_dict() for o in opts], "lr_schedulers": []}, path)
+    new = Reordered()
+    new_opts = make(new)
+    report = ckptfit.resume(path, new, list(new_opts))
+    assert [o.where for o in report.optimizers] == ["optimizer_states.0", "optimizer_states.1"]
+    assert [len(o.mapped) for o in report.optimizers] == [8, 2]
+    assert_losses(train2(new, new_opts, batches[K:]), ref_losses)
+
+
+def test_scheduler_state_holding_an_object_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    import argparse
+
+    net = Net()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model_state_dict": net.state_dict(), "scheduler": {"last_epoch": 3, "fn": argparse.Namespace(a=1)}},
+               path)
+    new = Net()
+    before = {k: v.clone() for k, v in new.state_dict().items()}
+    sched = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(new.parameters(), lr=0.1), step_size=1)
+    with pytest.raises(LoadError, match=r"scheduler.fn holds an object of class argparse.Namespace"):
+        ckptfit.resume(path, new, scheduler=sched)
+    assert all(torch.equal(v, before[k]) for k, v in new.state_dict().items())
+

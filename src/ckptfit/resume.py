@@ -354,7 +354,7 @@ def _real(obj: Any, where: str) -> Any:
     if isinstance(obj, _NumpyArray):
         return obj.value
     if isinstance(obj, Placeholder | PlaceholderClass):
-        raise LoadError(f"{where} holds a {obj.qualname} object, which ckptfit does not rebuild (no code from the "
+        raise LoadError(f"{where} holds an object of class {obj.qualname}, which ckptfit does not rebuild (no code from the "
                         f"file is run)", hint="restore that part yourself, or leave it out (pass None for it)")
     if isinstance(obj, dict):
         items = [(k, _real(v, f"{where}.{k}")) for k, v in obj.items()]
