@@ -570,3 +570,42 @@ def test_gpt2_into_nanogpt_built_on_meta_in_bf16(tmp_path):
     w = model.transformer.h[0].attn.c_attn.weight
     assert w.dtype == torch.bfloat16
     assert torch.equal(w, src.transformer.h[0].attn.c_attn.weight.t().to(torch.bfloat16))
+
+
+class GQA(nn.Module):
+    """Grouped-query attention (4 query heads, 2 key/value heads of 6): fused ``qkv_proj`` or separate."""
+
+    def __init__(self, fused: bool, d=24, h=4, kv=2):
+        super().__init__()
+        self.fused, self.h, self.kv, self.hd = fused, h, kv, d // h
+        if fused:
+            self.qkv_proj = nn.Linear(d, (h + 2 * kv) * self.hd, bias=False)
+        else:
+            self.q_proj = nn.Linear(d, h * self.hd, bias=False)
+            self.k_proj = nn.Linear(d, kv * self.hd, bias=False)
+            self.v_proj = nn.Linear(d, kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.h, self.hd).transpose(1, 2)
+        k, v = (z.view(b, t, self.kv, self.hd).transpose(1, 2).repeat_interleave(self.h // self.kv, dim=1)
+                for z in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("fused_src", [True, False])
+def test_grouped_query_attention_fused_and_separate(fused_src):
+    src = _seeded(lambda: GQA(fused_src), 0)
+    dst = _seeded(lambda: GQA(not fused_src), 1)
+    report = ckptfit.load(dst, src.state_dict())
+    x = torch.randn(2, 5, 24)
+    assert _close(dst(x), src(x))
+    if fused_src:
+        k = next(d for d in report.to_dict()["loaded"] if d["target"] == "k_proj.weight")
+        assert k["transform"]["sizes"] == [24, 12, 12]

@@ -56,6 +56,7 @@ class Transform:
         part: for ``split``: which part (0-based); ``parts``: how many.
         dim: the dimension split or joined, in the model's layout.
         transpose: for ``split`` / ``concat``: the checkpoint tensors are transposed first.
+        sizes: for ``split`` into parts of different sizes (grouped-query attention): each part's size.
     """
 
     kind: Literal["transpose", "split", "concat"]
@@ -66,6 +67,7 @@ class Transform:
     parts: int = 1
     dim: int = 0
     transpose: bool = False
+    sizes: tuple[int, ...] = ()  # for ``split``: the parts' sizes along ``dim`` when they differ
 
 
 @dataclass(frozen=True)

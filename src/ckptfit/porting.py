@@ -43,9 +43,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .plan import Decision, Plan, TensorSpec, Transform, Unused
+from .plan import Decision, Plan, TensorSpec, Transform
 
-__all__ = ["port", "parse_rules", "layouts_of", "register_layout", "apply_transform", "Rule"]
+__all__ = ["port", "parse_rules", "layouts_of", "recorded_layouts", "register_layout", "apply_transform", "Rule",
+           "Layout"]
 
 OUT_IN = "out_in"  # nn.Linear: weight [out, in]
 IN_OUT = "in_out"  # GPT-2 Conv1D: weight [in, out]
@@ -333,6 +334,7 @@ class _Item:
     rule: Any = None
     parts: tuple[str, ...] = ()  # split / concat: part names in order
     biases: list[tuple[list[str], list[str]]] = field(default_factory=list)  # (targets, sources) of the biases
+    sizes: tuple[int, ...] = ()  # split: the parts' sizes when they differ (else equal parts)
 
 
 class _Porter:
@@ -460,8 +462,7 @@ class _Porter:
             self.warnings.append(f"not split: the model declares {_listed(named)} in another order than "
                                  f"the fused tensor's ({', '.join(want)})")
             return None
-        shapes = {self.decs[self.pos[f"{m}.{leaves[0]}"]].target_shape for m in named}
-        return named if len(shapes) == 1 else None
+        return named  # named parts may differ in size (grouped-query attention: k, v smaller than q)
 
     def collect_splits(self) -> list[_Item]:
         items = []
@@ -496,20 +497,29 @@ class _Porter:
             lay = self.layouts.get(tw[0])
             if lay is None:
                 continue
-            td = self.decs[self.pos[tw[0]]]
-            a, b = td.target_shape
+            tds = [self.decs[self.pos[w]] for w in tw]
+            if any(len(d.target_shape) != 2 or _kind(d.target_dtype) != _kind(self.src[leaves["weight"]].dtype)
+                   for d in tds):
+                continue
+            o = 0 if lay.layout == OUT_IN else 1  # the out dimension in the model's layout
+            outs = [d.target_shape[o] for d in tds]
+            ins = {d.target_shape[1 - o] for d in tds}
+            if len(ins) != 1:
+                continue
+            inn, total = ins.pop(), sum(outs)
             sshape = tuple(self.src[leaves["weight"]].shape)
-            asis = (n * a, b) if lay.layout == OUT_IN else (a, n * b)
-            trans = (b, n * a) if lay.layout == OUT_IN else (n * b, a)
+            asis = (total, inn) if o == 0 else (inn, total)
+            trans = asis[::-1]
             fit = "both" if sshape == asis == trans else "as-is" if sshape == asis else \
                 "transposed" if sshape == trans else "neither"
             if fit == "neither":
                 if rule is not None:
                     self.problems.append(f"{rule.text}: '{leaves['weight']}' is {_shape(sshape)}, which is not "
-                                         f"{n} x {_shape((a, b))} stacked (as stored or transposed)")
+                                         f"{_listed(tw)} stacked (as stored or transposed)")
                 continue
             names = tuple(_part_of(_last(m)) or _last(m) for m in found)
-            item = _Item("split", lay.label, lay.layout, tw, [leaves["weight"]], fit=fit, parts=names, rule=rule)
+            item = _Item("split", lay.label, lay.layout, tw, [leaves["weight"]], fit=fit, parts=names, rule=rule,
+                         sizes=tuple(outs) if len(set(outs)) > 1 else ())
             if rule is not None and rule.transpose is not None:
                 item.forced = rule.transpose
             elif rule is None:
@@ -519,7 +529,7 @@ class _Porter:
             if "bias" in leaves:
                 tb = [f"{m}.bias" for m in found]
                 bshape = tuple(self.src[leaves["bias"]].shape)
-                if bshape != (n * self.decs[self.pos[tb[0]]].target_shape[0],):
+                if bshape != (total,) or [tuple(self.decs[self.pos[k]].target_shape) for k in tb] != [(x,) for x in outs]:
                     continue
                 item.biases.append((tb, [leaves["bias"]]))
             items.append(item)
@@ -549,10 +559,12 @@ class _Porter:
             n = len(found)
             sw = [f"{m}.weight" for m in found]
             lay = self.layouts[d.target]
-            a, b = self.src[sw[0]].shape
+            shapes = [tuple(self.src[w].shape) for w in sw]
+            if any(len(x) != 2 or _kind(self.src[w].dtype) != _kind(d.target_dtype) for x, w in zip(shapes, sw)):
+                continue
+            o = 0 if lay.layout == OUT_IN else 1
             t = tuple(d.target_shape)
-            asis = (n * a, b) if lay.layout == OUT_IN else (a, n * b)
-            trans = (n * b, a) if lay.layout == OUT_IN else (b, n * a)
+            asis, trans = _stacked(shapes, o), _stacked([x[::-1] for x in shapes], o)
             fit = "both" if t == asis == trans else "as-is" if t == asis else "transposed" if t == trans else "neither"
             if fit == "neither":
                 continue
@@ -578,8 +590,6 @@ class _Porter:
         if sorted(mods) != sorted(want):
             return None
         found = [mods[p] for p in want]
-        if len({tuple(self.src[f"{m}.weight"].shape) for m in found}) != 1:
-            return None
         if bias and not all(self.free_source(f"{m}.bias") for m in found):
             return None
         return found
@@ -730,7 +740,7 @@ class _Porter:
                      reason=f"part {j + 1} of {n} ({it.parts[j]}) of '{skey}'" + ("; transposed" if transpose else ""),
                      transform=Transform("split", f"part {j + 1} of {n} ({it.parts[j]}) along dim {dim}"
                                          + (", after a transpose" if transpose else ""), why,
-                                         part=j, parts=n, dim=dim, transpose=transpose))
+                                         part=j, parts=n, dim=dim, transpose=transpose, sizes=it.sizes))
         self.used.add(skey)
         for tb, sb in it.biases:
             s = self.src[sb[0]]
@@ -738,7 +748,7 @@ class _Porter:
                 self.set(t, action="load", source=sb[0], stage="port", source_shape=tuple(s.shape),
                          source_dtype=s.dtype, reason=f"part {j + 1} of {n} ({it.parts[j]}) of '{sb[0]}'",
                          transform=Transform("split", f"part {j + 1} of {n} ({it.parts[j]}) along dim 0", why,
-                                             part=j, parts=n, dim=0))
+                                             part=j, parts=n, dim=0, sizes=it.sizes))
             self.used.add(sb[0])
 
     def _apply_concat(self, it: _Item, transpose: bool, reason: str) -> None:
@@ -795,6 +805,15 @@ class _Porter:
                        problems=tuple(dict.fromkeys(problems + self.problems)),
                        suggestions=tuple(dict.fromkeys(suggestions + self.suggestions)),
                        warnings=tuple(dict.fromkeys(list(self.plan.warnings) + self.warnings)))
+
+
+def _stacked(shapes: Sequence[tuple[int, ...]], dim: int) -> tuple[int, ...] | None:
+    """The shape of 2-D ``shapes`` joined along ``dim``, or None when their other sizes differ."""
+    other = {s[1 - dim] for s in shapes}
+    if len(other) != 1:
+        return None
+    total = sum(s[dim] for s in shapes)
+    return (total, other.pop()) if dim == 0 else (other.pop(), total)
 
 
 def _base_reason(d: Decision) -> str:
@@ -856,7 +875,10 @@ def apply_transform(d: Decision, fetch: Callable[[str], torch.Tensor]) -> torch.
         x = fetch(d.source)
         if t.transpose and x.dim() == 2:
             x = x.t()
-        x = x.chunk(t.parts, dim=t.dim)[t.part]
+        pieces = x.split(list(t.sizes), dim=t.dim) if t.sizes else x.chunk(t.parts, dim=t.dim)
+        if len(pieces) != t.parts:
+            raise ValueError(f"{d.target}: '{d.source}' does not split into {t.parts} parts")
+        x = pieces[t.part]
     elif t.kind == "concat":
         xs = [fetch(s) for s in t.sources]
         if t.transpose:
@@ -869,11 +891,3 @@ def apply_transform(d: Decision, fetch: Callable[[str], torch.Tensor]) -> torch.
                          f"{_shape(d.target_shape)}")
     return x.contiguous().clone() if x.is_contiguous() else x.contiguous()
 
-
-def summary(decisions: Iterable[Decision]) -> list[tuple[str, list[str], str]]:
-    """``[(kind, model keys, reason)]`` of the transforms in ``decisions``, grouped by kind and reason."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for d in decisions:
-        if d.transform is not None:
-            groups.setdefault((d.transform.kind, d.transform.reason), []).append(d.target)
-    return [(k, keys, r) for (k, r), keys in groups.items()]

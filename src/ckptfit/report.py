@@ -88,7 +88,8 @@ def _decision_dict(d: Decision) -> dict[str, Any]:
 
 def _transform_dict(t: Any) -> dict[str, Any]:
     return {"kind": t.kind, "detail": t.detail, "reason": t.reason, "sources": list(t.sources),
-            "part": t.part, "parts": t.parts, "dim": t.dim, "transpose": t.transpose}
+            "part": t.part, "parts": t.parts, "dim": t.dim, "transpose": t.transpose,
+            "sizes": list(getattr(t, "sizes", ()))}
 
 
 @dataclass(frozen=True)
