@@ -19,12 +19,14 @@ decisions that need one. It never guesses:
   the load is refused. When every weight of a role is square the shapes cannot tell; for
   ``nn.Linear`` the file is taken to hold torch's own layout (what ``load_state_dict``
   assumes), for a transposed-layout type (``Conv1D``) the load is refused with the
-  ``transforms=`` rule that would settle it.
+  ``transforms=`` rule that would settle it. A whole model pickled with ``torch.save(model)``
+  records each layer's class; that settles square weights too (:func:`recorded_layouts`).
 - A **split** needs a checkpoint tensor whose name says it is fused and in which order
   (``qkv``, ``to_qkv``, ``Wqkv``, ``c_attn``, ``in_proj_weight``, ``kv``, ``gate_up``) and, beside
   where it would go, one unfilled model module per part whose names and declaration order
-  say the same (``q``/``k``/``v``, ``query``/``key``/``value``, ``q_proj``..., ``to_q``...), all of
-  one shape. A **concat** is the same the other way round. ``query_key_value`` is never split
+  say the same (``q``/``k``/``v``, ``query``/``key``/``value``, ``q_proj``..., ``to_q``...); the
+  parts take those modules' sizes (smaller ``k``, ``v`` under grouped-query attention) and must
+  add up exactly. A **concat** is the same the other way round. ``query_key_value`` is never split
   automatically: GPT-NeoX and BLOOM interleave it per head.
 
 What evidence cannot settle, the user says with ``transforms={pattern: kind}``
