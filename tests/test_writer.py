@@ -327,3 +327,16 @@ def test_output_is_reread_by_ckptfits_own_readers_before_the_rename(tmp_path, mo
     opened.clear()
     _save_via_cli(Views, tmp_path, f"s.{ext}")
     assert [(n.startswith(".s.") and n.endswith(".partial"), f) for n, f in opened if n != "src.pth"] == [(True, fmt)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_keep_views_and_ties(tmp_path):
+    flat = torch.arange(8.0, device="cuda")
+    w = torch.randn(3, 4, device="cuda")
+    sd = {"a": flat[:4], "b": flat[4:], "w": w, "tied": w, "t": w.t(), "h": torch.ones(2, device="cuda").half()}
+    for name in ("g.safetensors", "g.pt"):
+        written = write_checkpoint(tmp_path / name, sd)
+        assert written.aliases == {"tied": "w"}
+        got = _read(tmp_path / name)
+        cpu = {k: v.cpu() for k, v in sd.items()}
+        _assert_all_kept(cpu, got, {"tied": "w"} if name.endswith(".safetensors") else None)

@@ -30,6 +30,7 @@ import torch
 
 from ._atomic import atomic_path
 from .errors import CheckpointError, CorruptCheckpoint
+from .lazy import LazyTensor
 
 __all__ = ["write_checkpoint", "Written", "format_for", "compare", "header_metadata", "ALIASES_KEY"]
 
@@ -95,8 +96,6 @@ def _leaves(obj: Any, path: Path = ()) -> list[tuple[Path, Any]]:
 
 
 def _is_lazy(o: Any) -> bool:
-    from .lazy import LazyTensor
-
     return isinstance(o, LazyTensor)
 
 
@@ -164,7 +163,7 @@ def _prepare(leaves: list[tuple[Path, torch.Tensor]], fmt: str) -> tuple[dict[Pa
         groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((path, t))
     if problems:
         raise CheckpointError(f"cannot write {len(problems)} tensor(s): " + "; ".join(problems[:5]),
-                              hint="materialise them first (load the weights into the model)")
+                              hint="load real weights into meta tensors first; write sparse tensors to .pt")
     out: dict[Path, torch.Tensor] = {}
     aliases: dict[Path, Path] = {}
     for path, t in alone:
