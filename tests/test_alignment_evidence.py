@@ -35,11 +35,15 @@ def _linears(*names: str, dim: int = 8) -> nn.Module:
     return m
 
 
+def _renames_from(suggestions: tuple[str, ...]) -> list[list[tuple[str, str]]]:
+    """Every rename= list the suggestions print, read back as Python, in the order offered."""
+    return [ast.literal_eval(m) for s in suggestions for m in re.findall(r"rename=(\[.*?\])(?:;|$)", s)]
+
+
 def _rename_from(suggestions: tuple[str, ...]) -> list[tuple[str, str]]:
-    """The rename= list a suggestion prints, read back as Python."""
-    found = [m.group(1) for s in suggestions for m in [re.search(r"rename=(\[.*\])", s)] if m]
+    found = _renames_from(suggestions)
     assert len(found) == 1, suggestions
-    return ast.literal_eval(found[0])
+    return found[0]
 
 
 def _specs(sd: dict) -> list[TensorSpec]:
@@ -98,9 +102,9 @@ def test_names_and_order_agreeing_say_both():
                                   ("down", "downsample"), ("fc", "head"), ("fc", "classifier"),
                                   ("attn", "attention"), ("ln", "norm")])
 def test_plausible_names_are_similar(a, b):
-    from ckptfit.matching import _path_similarity, _split_path
+    from ckptfit.matching import _alpha_path, _path_similarity
 
-    assert _path_similarity(_split_path(a), _split_path(b), False) > 0
+    assert _path_similarity(_alpha_path(a), _alpha_path(b)) > 0
 
 
 def test_token_similarity_ranks_exact_over_synonym_over_prefix_over_nothing():
@@ -148,7 +152,7 @@ def test_names_contradicting_order_without_settling_it_are_refused_with_a_rename
     assert any("names and their declaration order disagree" in p for p in plan.suggestions)
     assert "query.weight: ambiguous: checkpoint modules 'q', 'mid_a', 'mid_b' could fill it, but nothing " \
            "tells which (see the suggestion)" in plan.problems
-    rename = _rename_from(plan.suggestions)
+    rename, by_order = _renames_from(plan.suggestions)  # the names' reading first, then the order's
     report = ckptfit.load(model, src.state_dict(), rename=rename)
     assert report.complete
     assert torch.equal(model.query.weight, src.q.weight)
@@ -196,3 +200,24 @@ def test_partial_keeps_ambiguous_look_alikes_at_init_and_says_why():
     assert plan.ok and plan.loads == ()
     assert all("ambiguous" in d.reason for d in plan.decisions)
     assert all("ambiguous" in u.reason for u in plan.unused)
+
+
+def _llama_like(names: tuple[str, ...], prefix: str, layers: int = 3) -> list[TensorSpec]:
+    return [TensorSpec(f"{prefix}layers.{i}.{n}.weight", (16,), torch.float32) for i in range(layers) for n in names]
+
+
+def test_misleading_names_against_order_are_refused_and_both_readings_offered():
+    # Meta's llama names the norm before attention 'attention_norm' and HF's 'input_layernorm';
+    # the word 'attention' pulls it towards 'post_attention_layernorm'. Names against order,
+    # without settling it: refused, both readings offered as one rule per kind of module.
+    src = _llama_like(("attention_norm", "ffn_norm"), "")
+    model = _llama_like(("input_layernorm", "post_attention_layernorm"), "model.")
+    plan = match(model, src)
+    assert not plan.ok and plan.loads == ()
+    by_names, by_order = _renames_from(plan.suggestions)
+    assert by_order == [(r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\g<1>.input_layernorm."),
+                        (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\g<1>.post_attention_layernorm.")]
+    plan = match(model, src, rename=by_order)
+    assert plan.ok and plan.mapping() == {
+        f"model.layers.{i}.{a}.weight": f"layers.{i}.{b}.weight"
+        for i in range(3) for a, b in (("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm"))}

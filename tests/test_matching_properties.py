@@ -8,6 +8,8 @@ checks that the plan never pairs a checkpoint key with any other model key.
 """
 from __future__ import annotations
 
+import ast
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ MODELS = {
 SEGMENTS = {name: sorted({seg for s in specs for seg in s.name.split(".")[:-1]}) for name, specs in MODELS.items()}
 WRAPPERS = ["module", "_orig_mod", "model", "net", "backbone", "encoder", "student", "body"]
 TARGET_PREFIXES = ["", "", "", "resnet.", "backbone.", "model."]
+LONG = os.environ.get("CKPTFIT_LONG", "") not in ("", "0")  # CKPTFIT_LONG=1: thousands of examples
 OLD_STYLE = re.compile(r"(?<=\b)(norm|conv)(\d+)(?=\.)")
 
 
@@ -73,7 +76,9 @@ def scenarios(draw) -> Scenario:
     undo = draw(st.lists(st.sampled_from(renamed), unique=True)) if renamed else []
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
 
-    new_name = {seg: f"renamed{k}x" for k, seg in enumerate(renamed)}
+    # opaque new names, without digits: numbers in module names are evidence (layer1 is stage1), so a
+    # rename that swaps them ("1" -> "renamed0x", "0" -> "renamed1x") would be a lie, not a rename
+    new_name = {seg: f"renamed{'abcdefgh'[k]}x" for k, seg in enumerate(renamed)}
     head = [s.name for s in base if s.name.endswith((".weight", ".bias"))][-2:]  # the classifier
 
     target = [TensorSpec(tprefix + s.name, s.shape, s.dtype) for s in base]
@@ -134,7 +139,7 @@ def check_plan(plan: Plan, sc: Scenario) -> None:
     assert all(d.action != "keep" or d.stage in ("harmless", "user", "none", "tie") for d in plan.decisions)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000 if LONG else 40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_never_a_wrong_mapping(sc: Scenario):
     plan = match(sc.target, sc.source, partial=sc.partial, rename=sc.rename)
@@ -148,12 +153,19 @@ def test_never_a_wrong_mapping(sc: Scenario):
                 assert d.action in ("load", "keep")
             else:
                 assert d.action == "load", d
-    if sc.clean_renames:
-        # renamed submodules with nothing lost line up by structure
-        assert all(d.action in ("load", "keep") for d in plan.decisions), plan.problems[:5]
+    if sc.clean_renames and not all(d.action in ("load", "keep") for d in plan.decisions):
+        # renamed submodules with nothing lost line up by structure, or, where only the order
+        # tells look-alikes apart and the names do not confirm it, are refused with a rename=
+        # that, followed literally (the declaration order's reading: nothing was reordered), loads it all
+        offered = [s for s in plan.suggestions if "have the same roles and shapes, but" in s]
+        assert offered, plan.problems[:5]
+        rules = [r for s in offered for r in ast.literal_eval(re.findall(r"rename=(\[.*?\])(?:;|$)", s)[-1])]
+        again = match(sc.target, sc.source, partial=sc.partial, rename=sc.rename + rules)
+        check_plan(again, sc)
+        assert all(d.action in ("load", "keep") for d in again.decisions), again.problems[:5]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=1000 if LONG else 30, deadline=None)
 @given(scenarios(), st.lists(st.sampled_from(["*.num_batches_tracked", "fc.*", "classifier.*", "layer1.*",
                                               "features.1*"]), max_size=2))
 def test_exclusions_never_load_an_excluded_key(sc: Scenario, exclude: list[str]):

@@ -215,10 +215,10 @@ _SYNONYMS = (
     {"fc", "linear", "lin", "dense"},
     {"down", "downsample", "downsampling", "downsampler"},
     {"up", "upsample", "upsampling", "upsampler"},
-    {"q", "query", "queries"},
-    {"k", "key", "keys"},
-    {"v", "value", "values", "val"},
-    {"o", "out", "output", "outputs"},
+    {"q", "query", "queries", "wq"},
+    {"k", "key", "keys", "wk"},
+    {"v", "value", "values", "val", "wv"},
+    {"o", "out", "output", "outputs", "wo"},
     {"enc", "encoder", "encode"},
     {"dec", "decoder", "decode"},
     {"attn", "attention", "att"},
@@ -266,39 +266,33 @@ def _token_similarity(a: str, b: str) -> float:
     return 0.0
 
 
-def _segment_similarity(a: tuple[str, ...], b: tuple[str, ...], digits: bool) -> float:
-    """Greedy one-to-one matching of two segments' tokens; digits count only when ``digits``."""
+def _segment_similarity(a: tuple[str, ...], b: tuple[str, ...]) -> float:
+    """Greedy one-to-one matching of two segments' name tokens."""
     scored = []
     for i, x in enumerate(a):
         for j, y in enumerate(b):
-            if not digits and (x.isdigit() or y.isdigit()):
-                continue
-            s = _token_similarity(x, y)
-            if s > 0:
-                scored.append((-s, i, j))
+            v = _token_similarity(x, y)
+            if v > 0:
+                scored.append((-v, i, j))
     scored.sort()
     used_a, used_b, total = set(), set(), 0.0
-    for s, i, j in scored:
+    for v, i, j in scored:
         if i not in used_a and j not in used_b:
             used_a.add(i)
             used_b.add(j)
-            total -= s
+            total -= v
     return total
 
 
-def _path_similarity(a: tuple[tuple[str, ...], ...], b: tuple[tuple[str, ...], ...], digits: bool) -> float:
+def _path_similarity(a: tuple[tuple[str, ...], ...], b: tuple[tuple[str, ...], ...]) -> float:
     """Best monotone alignment of two module paths' segments (the sum of segment similarities)."""
     n, m = len(a), len(b)
     best = [[0.0] * (m + 1) for _ in range(n + 1)]
     for i in range(1, n + 1):
         for j in range(1, m + 1):
             best[i][j] = max(best[i - 1][j], best[i][j - 1],
-                             best[i - 1][j - 1] + _segment_similarity(a[i - 1], b[j - 1], digits))
+                             best[i - 1][j - 1] + _segment_similarity(a[i - 1], b[j - 1]))
     return best[n][m]
-
-
-def _split_path(module: str) -> tuple[tuple[str, ...], ...]:
-    return tuple(_tokens(seg) for seg in module.split(".") if seg)
 
 
 def _numbered_in_order(modules: Sequence[str]) -> bool:
@@ -310,84 +304,97 @@ def _numbered_in_order(modules: Sequence[str]) -> bool:
 class _Evidence:
     """What the names say about one group of same-signature modules.
 
-    ``determined`` holds the pairs the names settle: each the other's unique best by name
-    (repeated after taking them out, so that the last one left is settled by elimination).
-    ``rest_s`` / ``rest_t`` are what the names leave open; ``silent`` tells whether the names
-    say nothing at all about those (every source name equally like every target name).
+    ``determined`` holds the pairs the names settle directly: each the other's unique best by
+    name among the whole group (never by elimination: a pair left over once the others are
+    taken is only as sure as the order that places it). ``rest_s`` / ``rest_t`` are what the
+    names leave open; ``silent`` tells whether the names say nothing about those (each source
+    name equally like every open target name).
     """
 
     def __init__(self, s_mods: Sequence[str], t_mods: Sequence[str]):
-        s_nums = sorted(tuple(_numbers(m)) for m in s_mods)
-        t_nums = sorted(tuple(_numbers(m)) for m in t_mods)
+        s_nums = {m: tuple(_numbers(m)) for m in s_mods}
+        t_nums = {m: tuple(_numbers(m)) for m in t_mods}
         # Digits are names only where both sides are numbered alike (the same numbers,
         # perhaps in another order); an nn.Sequential counts its activations, named layers don't.
-        digits = s_nums == t_nums and any(s_nums)
-        self.determined: dict[str, str] = {}
+        digits = sorted(s_nums.values()) == sorted(t_nums.values()) and any(s_nums.values())
         self.all_s, self.all_t = list(s_mods), list(t_mods)
+        self.determined: dict[str, str] = {}
         self.rest_s, self.rest_t = list(s_mods), list(t_mods)
+        self.w: dict[tuple[str, str], float] = {}
         self.silent = True
         if len(s_mods) * len(t_mods) > _MAX_NAME_PAIRS:
             self.silent = False  # too many to compare: the names neither settle nor allow anything
             return
-        s_paths = {m: _split_path(m) for m in s_mods}
-        t_paths = {m: _split_path(m) for m in t_mods}
+        s_alpha = {m: _alpha_path(m) for m in s_mods}
+        t_alpha = {m: _alpha_path(m) for m in t_mods}
         cache: dict[tuple, float] = {}
-        w: dict[tuple[str, str], float] = {}
+        w = self.w
         for sm in s_mods:
             for tm in t_mods:
-                key = (s_paths[sm], t_paths[tm])
+                key = (s_alpha[sm], t_alpha[tm])
                 v = cache.get(key)
                 if v is None:
-                    v = cache[key] = round(_path_similarity(*key, digits), 6)
-                w[(sm, tm)] = v
-        self.w = w
-        for _ in range(8):
-            if not self.rest_s or not self.rest_t:
-                break
-            if len(self.rest_s) == 1 and len(self.rest_t) == 1 and self.determined:
-                self.determined[self.rest_s[0]] = self.rest_t[0]  # the last one left
-                self.rest_s, self.rest_t = [], []
-                break
-            row = {sm: self._unique_best(sm, self.rest_t, lambda t, s=sm: w[(s, t)]) for sm in self.rest_s}
-            col = {tm: self._unique_best(tm, self.rest_s, lambda s, t=tm: w[(s, t)]) for tm in self.rest_t}
-            new = {sm: tm for sm, tm in row.items() if tm is not None and col.get(tm) == sm}
-            if not new:
-                break
-            self.determined.update(new)
-            taken = set(new.values())
-            self.rest_s = [m for m in self.rest_s if m not in new]
-            self.rest_t = [m for m in self.rest_t if m not in taken]
+                    v = cache[key] = round(_path_similarity(*key), 6)
+                w[(sm, tm)] = v + (_common_prefix(s_nums[sm], t_nums[tm]) if digits else 0)
+        row = {sm: _unique_best([(w[(sm, tm)], tm) for tm in t_mods]) for sm in s_mods}
+        col = {tm: _unique_best([(w[(sm, tm)], sm) for sm in s_mods]) for tm in t_mods}
+        self.determined = {sm: tm for sm, tm in row.items() if tm is not None and col.get(tm) == sm}
+        taken = set(self.determined.values())
+        self.rest_s = [m for m in s_mods if m not in self.determined]
+        self.rest_t = [m for m in t_mods if m not in taken]
         self.silent = all(len({w[(sm, tm)] for tm in self.rest_t}) <= 1 for sm in self.rest_s)
 
-    @staticmethod
-    def _unique_best(_who: str, among: Sequence[str], score) -> str | None:
-        best, second, arg = -1.0, -1.0, None
-        for x in among:
-            v = score(x)
-            if v > best:
-                best, second, arg = v, best, x
-            elif v > second:
-                second = v
-        return arg if best > 0 and best > second else None
+    @property
+    def complete(self) -> bool:
+        """The names pair every module of the group, on both sides."""
+        return not self.rest_s and not self.rest_t
 
     def guess(self, order: Mapping[str, str] | None) -> dict[str, str]:
-        """The settled pairs, completed by name (best first) then by ``order``: a suggestion, not a load."""
+        """The settled pairs, completed by ``order`` where the names do not prefer another, then by
+        name (best first): a suggestion, not a load."""
         out = dict(self.determined)
         rest_s, rest_t = list(self.rest_s), list(self.rest_t)
+        w = self.w
         if order:
             for sm in list(rest_s):
                 tm = order.get(sm)
-                if tm in rest_t and all(self.w.get((sm, x), 0) <= self.w.get((sm, tm), 0) for x in rest_t):
+                if tm in rest_t and all(w.get((sm, x), 0) <= w.get((sm, tm), 0) for x in rest_t):
                     out[sm] = tm
                     rest_s.remove(sm)
                     rest_t.remove(tm)
         for sm in rest_s:
             if not rest_t:
                 break
-            tm = max(rest_t, key=lambda t: self.w.get((sm, t), 0))
+            tm = max(rest_t, key=lambda t: w.get((sm, t), 0))
             out[sm] = tm
             rest_t.remove(tm)
         return out
+
+
+def _unique_best(scored: Sequence[tuple[float, str]]) -> str | None:
+    """The one with the highest positive score, or None when it is shared or zero."""
+    best, second, arg = -1.0, -1.0, None
+    for v, x in scored:
+        if v > best:
+            best, second, arg = v, best, x
+        elif v > second:
+            second = v
+    return arg if best > 0 and best > second else None
+
+
+def _alpha_path(module: str) -> tuple[tuple[str, ...], ...]:
+    """A module path's name tokens, segment by segment, without its numbers."""
+    segs = (tuple(t for t in _tokens(seg) if not t.isdigit()) for seg in module.split("."))
+    return tuple(seg for seg in segs if seg)
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 # --------------------------------------------------------------------------------------
@@ -798,33 +805,41 @@ class _Matcher:
 
     def _resolve_group(self, s_group: list[str], t_group: list[str], order: Mapping[str, str] | None,
                        s_mods: Mapping[str, Mapping[str, int]]) -> list[tuple[str, str, str, str]]:
-        """Pairs for modules that share roles and shapes with siblings: what names and order agree on."""
+        """Pairs for modules that share roles and shapes with siblings: what names and order agree on.
+
+        Names that pair the whole group are followed, against the declaration order if need be.
+        Otherwise order is taken where the names do not contradict it: for the one module left
+        once the names placed the others, or for siblings whose names say nothing and which both
+        sides number in that order. Whatever is left is refused, with the rename that loads it.
+        """
         ev = _Evidence(s_group, t_group)
         settled = ev.determined
         if order is None:
-            out = [(sm, tm, "name", "") for sm, tm in settled.items()]
-            if ev.rest_s and ev.rest_t:
-                self._refuse_group(ev, None, s_mods, "neither their names nor their order tell them apart"
-                                   if ev.silent else "their names do not tell them apart")
-            return out
+            if ev.complete:
+                return [(sm, tm, "name", "") for sm, tm in settled.items()]
+            self._refuse_group(ev, None, s_mods, "their names do not settle which is which" if not ev.silent
+                               else "neither their names nor their order tell them apart", whole=True)
+            return []
         agree = all(order[sm] == tm for sm, tm in settled.items())
-        if not ev.rest_s:
-            if agree:
-                return [(sm, tm, "name and order", "") for sm, tm in settled.items()]
-            return [(sm, tm, "name", ", not declaration order") for sm, tm in settled.items()]
         if not agree:
+            if ev.complete:
+                return [(sm, tm, "name", ", not declaration order") for sm, tm in settled.items()]
             self._refuse_group(ev, order, s_mods, "their names and their declaration order disagree, "
                                                   "and the names do not settle it", whole=True)
             return []
         out = [(sm, tm, "name and order", "") for sm, tm in settled.items()]
+        if ev.complete:
+            return out
         rest_t = [order[sm] for sm in ev.rest_s]
-        if ev.silent and _numbered_in_order(ev.rest_s) and _numbered_in_order(rest_t):
+        if len(ev.rest_s) == 1 and settled:
+            out.append((ev.rest_s[0], rest_t[0], "order", ", the one left once the names placed the others"))
+        elif ev.silent and _numbered_in_order(ev.rest_s) and _numbered_in_order(rest_t):
             out += [(sm, order[sm], "order", ", numbered alike") for sm in ev.rest_s]
         elif ev.silent:
             self._refuse_group(ev, order, s_mods, "only their declaration order tells them apart, "
                                                   "and their names do not confirm it")
         else:
-            self._refuse_group(ev, order, s_mods, "their names do not tell them apart")
+            self._refuse_group(ev, order, s_mods, "their names do not settle which is which")
         return out
 
     def _refuse_group(self, ev: _Evidence, order: Mapping[str, str] | None,
@@ -843,41 +858,78 @@ class _Matcher:
             self.t_note[tm] = (f"ambiguous: {what}; nothing loaded through them",
                                f"ambiguous: checkpoint module{'s' if len(rest_s) > 1 else ''} {_fold(rest_s)} "
                                f"could fill it, but nothing tells which (see the suggestion)")
-        rules = self._rename_rules(guess, s_mods)
-        if rules is None:
+        options = [guess]
+        by_order = {sm: order[sm] for sm in rest_s} if order else {}
+        if by_order and set(by_order.values()) == set(rest_t) and by_order != guess:
+            options.append(by_order)  # the names lean one way, the order the other: offer both
+        offers = []
+        for option, label in zip(options, ("", "by declaration order: ")):
+            rules = self._rename_rules(option, s_mods)
+            if rules is None:
+                continue
+            pairs = sorted(option.items(), key=lambda p: rest_s.index(p[0]))
+            told = ", ".join(f"'{sm}' is '{tm}'" for sm, tm in pairs[:_MAX_LISTED])
+            told += f" and {len(pairs) - _MAX_LISTED} more" if len(pairs) > _MAX_LISTED else ""
+            listed = ", ".join(f"(r'{pattern}', {'r' if chr(92) in replacement else ''}'{replacement}')"
+                               for pattern, replacement in rules)
+            offers.append(f"{'or, ' if label else 'if '}{label}{'if ' if label else ''}{told}, pass rename=[{listed}]")
+        if not offers:
             self.suggestions.append(f"{what}; nothing was loaded through them; rename the checkpoint's "
                                     f"modules to the model's with rename=")
             return
-        pairs = sorted(guess.items(), key=lambda p: rest_s.index(p[0]))
-        told = ", ".join(f"'{sm}' is '{tm}'" for sm, tm in pairs[:_MAX_LISTED])
-        told += f" and {len(pairs) - _MAX_LISTED} more" if len(pairs) > _MAX_LISTED else ""
-        listed = ", ".join(f"(r'{pattern}', '{replacement}')" for pattern, replacement in rules)
-        self.suggestions.append(f"{what}; nothing was loaded through them; if {told}, pass rename=[{listed}]")
+        self.suggestions.append(f"{what}; nothing was loaded through them; " + "; ".join(offers))
 
     def _rename_rules(self, guess: Mapping[str, str],
                       s_mods: Mapping[str, Mapping[str, int]]) -> list[tuple[str, str]] | None:
         """``rename=`` rules that send each checkpoint module of ``guess`` to its model module, or None.
 
-        A rule names the module's own tensors only when other keys start with the same path, and
-        the rules are ordered so that none rewrites what another produced (None for a cycle).
+        Numbered modules renamed alike become one rule (``layers.(\\d+).wq`` -> ``layers.\\1.q_proj``)
+        where it names no other module; a rule names the module's own tensors only when other keys
+        start with the same path; and the rules are ordered so that none rewrites what another
+        produced (None for a cycle, which rules applied in turn cannot express).
         """
-        rules: dict[str, tuple[str, str]] = {}
+        modules = {w.rpartition(".")[0] for w in self.work}
+        parents = {".".join(m.split(".")[:i]) for m in modules for i in range(1, m.count(".") + 1)}
+
+        def pattern(body: str, mods: Sequence[str]) -> str:
+            nested = any(m in parents for m in mods)
+            return "^" + body + r"\." + (r"(?=[^.]+$)" if nested else "")
+
+        by_template: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+        single: list[tuple[str, str]] = []
         for sm, tm in guess.items():
-            own = {self.work[si] for si in s_mods[sm].values()}
-            others = any(w.startswith(sm + ".") and w not in own for w in self.work)
-            rules[sm] = ("^" + re.escape(sm) + r"\." + (r"(?=[^.]+$)" if others else ""), tm + ".")
-        # a rule whose output starts with another rule's module must run after that rule
-        after = {sm: {other for other in guess if other != sm
-                      and (tm == other or tm.startswith(other + "."))} for sm, tm in guess.items()}
-        ordered: list[str] = []
+            if _numbers(sm) and _numbers(sm) == _numbers(tm):
+                by_template[(re.sub(r"\d+", "#", sm), re.sub(r"\d+", "#", tm))].append((sm, tm))
+            else:
+                single.append((sm, tm))
+        rules: list[tuple[str, str, list[str]]] = []  # (pattern, replacement, outputs)
+        for (s_tmpl, t_tmpl), pairs in by_template.items():
+            parts = [re.escape(x) for x in s_tmpl.split("#")]
+            body = r"(\d+)".join(parts)
+            rx = re.compile("^" + body + "$")
+            covered = {sm for sm, _ in pairs}
+            if len(pairs) < 2 or any(rx.match(m) and m not in covered for m in modules):
+                single += pairs
+                continue
+            t_parts = t_tmpl.split("#")
+            replacement = "".join(p + (f"\\g<{i + 1}>" if i < len(t_parts) - 1 else "")
+                                  for i, p in enumerate(t_parts)) + "."
+            rules.append((pattern(body, list(covered)), replacement, [tm for _, tm in pairs]))
+        for sm, tm in single:
+            rules.append((pattern(re.escape(sm), [sm]), tm + ".", [tm]))
+        # a rule whose output another rule's pattern matches must run after that one
+        compiled = [re.compile(r[0]) for r in rules]
+        after = {i: {j for j in range(len(rules)) if j != i
+                     and any(compiled[j].match(out + ".weight") for out in rules[i][2])} for i in range(len(rules))}
+        ordered: list[int] = []
         while after:
-            ready = [sm for sm, deps in after.items() if not deps - set(ordered)]
+            ready = [i for i, deps in after.items() if not deps - set(ordered)]
             if not ready:
                 return None
-            for sm in ready:
-                ordered.append(sm)
-                del after[sm]
-        return [rules[sm] for sm in ordered]
+            for i in ready:
+                ordered.append(i)
+                del after[i]
+        return [(rules[i][0], rules[i][1]) for i in ordered]
 
     @staticmethod
     def _monotone(pairs: list[tuple[str, str]], s_pos: Mapping[str, int]) -> list[tuple[str, str]]:
