@@ -354,8 +354,8 @@ def _real(obj: Any, where: str) -> Any:
     if isinstance(obj, _NumpyArray):
         return obj.value
     if isinstance(obj, Placeholder | PlaceholderClass):
-        raise LoadError(f"{where} holds an object of class {obj.qualname}, which ckptfit does not rebuild (no code from the "
-                        f"file is run)", hint="restore that part yourself, or leave it out (pass None for it)")
+        raise LoadError(f"{where} holds an object of class {obj.qualname}, which ckptfit does not rebuild "
+                        f"(no code from the file is run)", hint="restore that part yourself, or leave it out (pass None for it)")
     if isinstance(obj, dict):
         items = [(k, _real(v, f"{where}.{k}")) for k, v in obj.items()]
         if type(obj) in (dict, collections.OrderedDict, collections.Counter):
@@ -437,7 +437,8 @@ def _fits(state: tuple[int, ...], param: tuple[int, ...]) -> bool:
     return False
 
 
-def _state_problems(ids: Mapping[Any, str], state: Mapping[Any, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+def _state_problems(ids: Mapping[Any, str], state: Mapping[Any, Any],
+                    shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
     out = []
     for sid, src in ids.items():
         s = state.get(sid)
@@ -679,9 +680,8 @@ def _map_optimizer(where: str, saved: Any, tensors: Mapping[str, LazyTensor], m:
     if keep_hyperparams:
         hyper = "kept as the optimizer has them (keep_hyperparams=True)"
     else:
-        lrs = [g.get("lr") for g in groups]
-        hyper = "restored from the checkpoint" + (f" (lr {', '.join(f'{x:g}' for x in lrs if isinstance(x, float | int))})"
-                                                  if any(isinstance(x, float | int) for x in lrs) else "")
+        lrs = [f"{x:g}" for x in (g.get("lr") for g in groups) if isinstance(x, float | int)]
+        hyper = "restored from the checkpoint" + (f" (lr {', '.join(lrs)})" if lrs else "")
         if new_groups is not None and len(new_groups) > len(groups):
             hyper += f"; groups {len(groups)}..{len(new_groups) - 1} are new and keep theirs"
     if new_groups is not None:
