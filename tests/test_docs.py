@@ -188,7 +188,10 @@ def test_ci_runs_exactly_the_readme_setup_commands() -> None:
     setup = readme.split("\n## Set-up", 1)[1].split("\n## ", 1)[0]
     commands = [ln for m in re.finditer(r"^```bash\n(.*?)^```", setup, re.M | re.S) for ln in m.group(1).splitlines()
                 if ln.strip()]
-    assert commands == ['pip install -e ".[vision]" && ckptfit demo', 'pip install -e ".[dev]" && pytest']
+    assert commands == ['pip install -c constraints.txt -e ".[vision]" && ckptfit demo',
+                        'pip install -c constraints.txt -e ".[dev]" && pytest']
+    pins = (ROOT / "constraints.txt").read_text(encoding="utf-8")
+    assert "torch==" in pins and "torchvision==" in pins
     ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
           if ln.strip() and not ln.startswith("#")]
     assert "set -euo pipefail" in ci
