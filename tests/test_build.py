@@ -112,10 +112,10 @@ def test_build_gives_exactly_the_checkpoint_values(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["torch-zip", "safetensors", "torch-legacy"])
-def test_build_is_zero_copy_when_dtype_and_device_match(tmp_path, fmt):
+def test_build_mmap_is_zero_copy_when_dtype_and_device_match(tmp_path, fmt):
     sd = _untied(_source().state_dict())
     path = _write(fmt, sd, tmp_path)
-    model, _ = ckptfit.build(Tiny, path)
+    model, _ = ckptfit.build(Tiny, path, mmap=True)
     # the parameter's bytes lie inside the file's memory map: nothing was copied
     assert locate(model.body.weight) is not None
     assert locate(model.embed.weight) is not None

@@ -19,7 +19,7 @@ __all__ = ["scan_command"]
 Examples:
   ckptfit scan downloaded.pth
   ckptfit scan model.ckpt --json | jq .dangerous
-Exit status: 0 clean, 1 error, 2 dangerous, 3 not known to be safe.
+Exit status: 0 clean, 1 error, 2 dangerous, 3 not known to be safe, 4 damaged (a CRC mismatch).
 """)
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")

@@ -213,12 +213,17 @@ Examples:
 @click.option("--save", "save_path", type=click.Path(), default=None,
               help="Write the loaded model's state dict here (.safetensors, else torch.save); every tensor kept, "
                    "tied weights once, atomic and re-read to verify.")
+@click.option("--mmap", "zero_copy", is_flag=True,
+              help="Map the file into the model instead of copying it (zero-copy). Risk: if the file is rewritten "
+                   "in place later the weights change with it, and if it is truncated the process dies (SIGBUS).")
+@click.option("--no-crc", "no_crc", is_flag=True,
+              help="Do not check the CRC-32 of the bytes read (only for a file you verified yourself).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
          device: str | None, dtype: str | None, do_verify: bool, save_path: str | None, as_json: bool,
-         transform_rules: tuple[str, ...] = ()) -> None:
+         transform_rules: tuple[str, ...] = (), zero_copy: bool = False, no_crc: bool = False) -> None:
     """Load a checkpoint into a model and print the report.
 
     The model is built from --model SPEC without random init, then filled from the checkpoint.
@@ -228,6 +233,10 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
 
     opts = _common(partial, use, renames, include, exclude, trust, transform_rules)
     opts.update(device=parse_device(device), dtype=parse_dtype(dtype))
+    if zero_copy:
+        opts["mmap"] = True
+    if no_crc:
+        opts["verify"] = False
     if model_spec:
         model, report = build(_factory(model_spec, model_args), ckpt, **opts)
         chosen = None

@@ -106,6 +106,10 @@ class Inspection:
                                                    if self.safety.get("unknown_classes") else "")))
         for a in self.safety.get("anomalies", [])[:5]:
             console.print(Text(f"  anomaly: {a}", style="yellow"))
+        from ._crc import checksum_note
+
+        if checksum_note(self.format):
+            console.print(Text(f"bytes: {checksum_note(self.format)}"))
         if self.metadata:
             console.print(Text("metadata:", style="bold"))
             for k, v in list(self.metadata.items())[:20]:

@@ -3,23 +3,32 @@
 A :class:`LazyTensor` knows its shape, dtype, size and saved device; it reads its data only
 when :meth:`LazyTensor.load` is called, and then, where the format allows, straight from a
 private memory map of the file (no copy until a cast or a device move needs one).
+
+Formats that checksum their records (torch zip archives: a CRC-32 per storage) register each
+record on its :class:`MappedFile` (:class:`Record`) and call :func:`note_read` whenever they
+hand out a record's bytes: outside a load the whole record is CRC-checked there, once; inside
+``ckptfit.load`` (:func:`collecting_reads`) the loader checks it itself, fused with its copy.
 """
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
 import ctypes
 import mmap
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from ._crc import crc32
 from .errors import CorruptCheckpoint
 
-__all__ = ["LazyTensor", "MappedFile", "StorageRef", "dtype_name", "strided_reader", "locate", "buffer_of"]
+__all__ = ["LazyTensor", "MappedFile", "StorageRef", "Record", "dtype_name", "strided_reader", "locate", "buffer_of",
+           "note_read", "collecting_reads", "checking_reads", "CRC_CHUNK"]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -41,6 +50,69 @@ _MAPPINGS_LOCK = threading.Lock()
 
 # One pread asks for at most this much (Linux returns at most 2 GiB - 4 KiB per call).
 _MAX_READ = 1 << 30
+
+# Bytes read, then CRC-checked, at a time: small enough that the CRC reads them from the CPU cache
+# the read just filled, large enough that the number of reads does not matter.
+CRC_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class Record:
+    """A checksummed byte range of a file: one zip member's data and its CRC-32."""
+
+    name: str
+    offset: int
+    size: int
+    crc: int
+
+
+# Inside a load: the records readers hand out are collected here for the loader to check
+# (fused with its copy) instead of being checked when read.
+_COLLECT: contextvars.ContextVar[list | None] = contextvars.ContextVar("ckptfit_collect_reads", default=None)
+# False under ``verify=False``: the caller checked the file itself.
+_CHECK: contextvars.ContextVar[bool] = contextvars.ContextVar("ckptfit_check_reads", default=True)
+
+
+def note_read(mapped: "MappedFile", record: Record) -> None:
+    """A reader is handing out bytes of ``record``: check its CRC now (once per file), or leave it to the load.
+
+    Raises:
+        CorruptCheckpoint: the record's bytes do not match its CRC-32.
+    """
+    collected = _COLLECT.get()
+    if collected is not None:
+        collected.append((mapped, record))
+    elif _CHECK.get() and record.offset not in mapped.verified:
+        mapped.check_record(record)
+
+
+@contextlib.contextmanager
+def checking_reads(enabled: bool) -> Iterator[None]:
+    """Whether :func:`note_read` checks records in this context (``verify=False`` turns it off)."""
+    token = _CHECK.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CHECK.reset(token)
+
+
+@contextlib.contextmanager
+def collecting_reads() -> Iterator[list[tuple["MappedFile", Record]]]:
+    """Collect, instead of checking, the records read in this context: ``[(mapped_file, record)]``."""
+    collected: list[tuple[MappedFile, Record]] = []
+    token = _COLLECT.set(collected)
+    try:
+        yield collected
+    finally:
+        _COLLECT.reset(token)
+
+
+def crc_error(record: Record, path: str, tensor: str | None = None) -> CorruptCheckpoint:
+    """The error for a record whose bytes do not match its CRC-32 (naming the tensor when known)."""
+    what = f"the bytes of tensor {tensor!r}" if tensor else "its bytes"
+    return CorruptCheckpoint(f"tensor record {record.name!r} fails its CRC check (CRC-32): {what} differ from what "
+                             f"was written (file bytes {record.offset}..{record.offset + record.size})", path=path,
+                             hint="the file is damaged; download or copy it again (nothing was changed)")
 
 
 def buffer_of(t: torch.Tensor) -> memoryview:
@@ -69,6 +141,47 @@ class MappedFile:
         self._fd: int | None = None
         self._lock = threading.Lock()
         self.size = os.path.getsize(self.path)
+        self._records: list[Record] = []  # sorted by offset
+        self.verified: set[int] = set()  # offsets of records checked by note_read
+
+    def add_record(self, record: Record) -> None:
+        """Declare a checksummed range (a reader does, for each record it may hand out)."""
+        i = bisect.bisect_left(self._records, record.offset, key=_rec_start)
+        if i < len(self._records) and self._records[i].offset == record.offset:
+            return
+        self._records.insert(i, record)
+
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the format checksums this file's tensor bytes (any record declared)."""
+        return bool(self._records)
+
+    def record_at(self, offset: int) -> Record | None:
+        """The record whose bytes hold file byte ``offset``, if any."""
+        i = bisect.bisect_right(self._records, offset, key=_rec_start) - 1
+        if i >= 0:
+            r = self._records[i]
+            if r.offset <= offset < r.offset + max(r.size, 1):
+                return r
+        return None
+
+    def check_record(self, record: Record, *, tensor: str | None = None) -> None:
+        """Read ``record`` from the file (``pread``, in pieces) and compare its CRC-32.
+
+        Raises:
+            CorruptCheckpoint: the bytes differ (naming the record and ``tensor``), or the file
+                is shorter than the record.
+        """
+        buf = bytearray(min(record.size, CRC_CHUNK))
+        view = memoryview(buf)
+        crc = 0
+        for start in range(0, record.size, CRC_CHUNK):
+            piece = view[:min(CRC_CHUNK, record.size - start)]
+            self.readinto(record.offset + start, piece)
+            crc = crc32(piece, crc)
+        if crc != record.crc:
+            raise crc_error(record, self.path, tensor)
+        self.verified.add(record.offset)
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
@@ -192,6 +305,10 @@ def locate(t: torch.Tensor) -> tuple[MappedFile, int, int] | None:
 
 def _start(m: tuple) -> int:
     return m[0]
+
+
+def _rec_start(r: Record) -> int:
+    return r.offset
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,6 +9,7 @@ zero-copy into parameters that live on the meta device (:func:`build`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import re
 import threading
@@ -26,7 +27,9 @@ from .checkpoint import Checkpoint, StateDictCandidate
 from .errors import CheckpointError, LoadError
 from .formats import open_checkpoint
 from ._progress import progress
-from .lazy import LazyTensor, MappedFile, _itemsize, buffer_of, locate
+from ._crc import crc32
+from .lazy import (CRC_CHUNK, LazyTensor, MappedFile, Record, _itemsize, buffer_of, checking_reads,
+                   collecting_reads, crc_error, locate)
 from .matching import match
 from .plan import Plan, TensorSpec
 from .porting import apply_transform, layouts_of, parse_rules, port, recorded_layouts
@@ -301,7 +304,7 @@ def _plan(target: _Target, ckpt: Checkpoint, **opts) -> tuple[StateDictCandidate
 def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | None = None,
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
-         trust: bool = False, transforms: Mapping[str, str] | None = None) -> LoadReport:
+         trust: bool = False, transforms: Mapping[str, str] | None = None, verify: bool = True) -> LoadReport:
     """Put a checkpoint into ``model`` in place, loading only what provably belongs, and report it.
 
     The state dict inside the file is found (the model's own weights over EMA and optimizer
@@ -325,12 +328,18 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         trust: allow real unpickling; runs code from the file. Never needed for weights.
         transforms: ``{pattern: kind}`` for layouts the evidence cannot settle: ``"transpose"``,
             ``"none"`` (as stored), ``"split:N"``; see :mod:`ckptfit.porting` and docs/porting.md.
+        verify: check the CRC-32 of every record read (torch zip archives and DCP; fused with the
+            copy, about one more pass at memory speed). ``False`` only for a file you verified yourself.
 
     Returns:
-        A :class:`LoadReport`; ``print(report)`` for a summary.
+        A :class:`LoadReport`; ``print(report)`` for a summary (its ``bytes:`` line says whether
+        the bytes were checked).
 
     Raises:
         LoadError: names or shapes do not reconcile (all problems listed, model untouched).
+        CorruptCheckpoint: damaged bytes (a CRC mismatch, naming the record and the tensor) or
+            an unreadable file; the model is left exactly as it was, also when this happens
+            part way through the copy (as does any I/O error).
         CheckpointError: the file cannot be read (see :func:`open`).
 
     Example:
@@ -347,19 +356,22 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
 
     o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms)
     rename, include, exclude, device, dtype = o["rename"], o["include"], o["exclude"], o["device"], o["dtype"]
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify= must be True or False, not {verify!r}")
     if is_sharded(model):  # FSDP2 / DTensor / DDP in a process group: each rank reads its shards only
         if o["transforms"]:
             raise ValueError("transforms= is not supported for a sharded model; port the weights into the "
                              "unsharded model first, then save and shard it")
-        return load_sharded(model, source, partial=partial, use=use, rename=rename, include=include,
-                            exclude=exclude, device=device, dtype=dtype, trust=trust)
-    with gc_paused():
+        with checking_reads(verify):
+            return load_sharded(model, source, partial=partial, use=use, rename=rename, include=include,
+                                exclude=exclude, device=device, dtype=dtype, trust=trust)
+    with gc_paused(), checking_reads(verify):
         return _load(model, source, partial=partial, use=use, rename=rename, include=include, exclude=exclude,
-                     device=device, dtype=dtype, trust=trust, transforms=o["transforms"])
+                     device=device, dtype=dtype, trust=trust, transforms=o["transforms"], verify=verify)
 
 
 def _load(model: nn.Module, source: Any, *, partial: bool, use: str | None, rename, include, exclude, device: Any,
-          dtype: torch.dtype | None, trust: bool, transforms=()) -> LoadReport:
+          dtype: torch.dtype | None, trust: bool, transforms=(), verify: bool = True) -> LoadReport:
     start = time.perf_counter()
     ckpt, opened = _as_checkpoint(source, trust)
     try:
@@ -368,13 +380,19 @@ def _load(model: nn.Module, source: Any, *, partial: bool, use: str | None, rena
                         transforms=transforms)
         if not p.ok:
             raise _load_error(p, model)
-        if device is not None or dtype is not None:
-            _move_model(model, device, dtype)
-            target = _Target(model)
-        nbytes = _apply(target, cand, p, device=device, dtype=dtype)
+        rollback = _Rollback(model)  # an I/O error or a CRC mismatch from here on leaves the model as it was
+        try:
+            if device is not None or dtype is not None:
+                _move_model(model, device, dtype)
+                target = _Target(model)
+            nbytes, checked = _apply(target, cand, p, device=device, dtype=dtype, verify=verify, rollback=rollback)
+            _after_apply(target, cand, p, ckpt)  # the modules' own load logic (ckptfit.hooks)
+        except BaseException:
+            rollback.restore()
+            raise
         dev = str(device) if device is not None else _device_of(model)
         return LoadReport.from_plan(p, device=dev, dtype=dtype, seconds=time.perf_counter() - start,
-                                    bytes_read=nbytes)
+                                    bytes_read=nbytes, integrity=checked)
     finally:
         if opened:
             ckpt.close()
@@ -452,6 +470,24 @@ def _bump_version(t: torch.Tensor) -> None:
         increment(t)
 
 
+def _read_checked(mfile: MappedFile, offset: int, view: memoryview, check: bool, crc: int = 0) -> int:
+    """Fill ``view`` from the file at ``offset``; with ``check``, return the CRC-32 (continuing ``crc``).
+
+    The bytes are read in pieces of :data:`CRC_CHUNK`, each hashed right after it is read, while
+    it is still in the CPU cache: checking costs about one pass at cache speed, not a second
+    read of the file.
+    """
+    if not check:
+        mfile.readinto(offset, view)
+        return crc
+    n = len(view)
+    for start in range(0, n, CRC_CHUNK):
+        piece = view[start:start + CRC_CHUNK]
+        mfile.readinto(offset + start, piece)
+        crc = crc32(piece, crc)
+    return crc
+
+
 class _Streamer:
     """Copies checkpoint tensors into model tensors, reading the file itself where it can.
 
@@ -470,39 +506,53 @@ class _Streamer:
         self._cuda: dict[torch.device, tuple[Any, list[torch.Tensor], list[Any]]] = {}
         self._turn = 0
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, loc: tuple[MappedFile, int, int] | None = None) -> None:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, loc: tuple[MappedFile, int, int] | None = None,
+             record: Record | None = None, tensor: str | None = None) -> None:
         """``dst.copy_(src)`` (with the same dtype conversion), reading ``src``'s bytes from its file.
 
-        ``loc`` is ``locate(src)`` when the caller has it already.
+        ``loc`` is ``locate(src)`` when the caller has it already. With ``record`` (the file
+        record ``src`` spans exactly), the CRC-32 of the bytes is computed as they are read,
+        piece by piece while they are in the CPU cache, and compared at the end.
+
+        Raises:
+            CorruptCheckpoint: the bytes read do not match ``record``'s CRC-32 (naming it and
+                ``tensor``); ``dst`` is then partly written (the caller restores it).
         """
         if loc is None:
             loc = locate(src)
         if loc is None or dst.is_conj() or dst.is_neg() or src.is_conj() or src.is_neg():
+            if record is not None and loc is not None:  # a conjugate or negative view: check its record on its own
+                loc[0].check_record(record, tensor=tensor)
             dst.copy_(src)  # already in memory (a state dict, a DCP tensor gathered from chunks): one copy
             return
         mfile, offset, span = loc
         if not src.is_contiguous() or not dst.is_contiguous() or dst.numel() != src.numel():
             # a strided view of a stored tensor: read the bytes it spans, then one strided copy
             raw = torch.empty(span, dtype=torch.uint8)
-            mfile.readinto(offset, buffer_of(raw))
+            crc = _read_checked(mfile, offset, buffer_of(raw), record is not None)
             dst.copy_(torch.as_strided(raw.view(src.dtype), tuple(src.shape), tuple(src.stride())))
         elif dst.device.type == "cpu" and dst.dtype == src.dtype:
-            mfile.readinto(offset, buffer_of(dst))  # straight into the model's memory
+            crc = _read_checked(mfile, offset, buffer_of(dst), record is not None)  # straight into the model's memory
             _bump_version(dst)  # an in-place write autograd must know about, as copy_ would
         else:
-            self._pieces(dst.view(-1), mfile, offset, src.dtype)
+            crc = self._pieces(dst.view(-1), mfile, offset, src.dtype, record is not None)
+        if record is not None and crc != record.crc:
+            raise crc_error(record, mfile.path, tensor)
 
-    def _pieces(self, flat: torch.Tensor, mfile: MappedFile, offset: int, src_dtype: torch.dtype) -> None:
+    def _pieces(self, flat: torch.Tensor, mfile: MappedFile, offset: int, src_dtype: torch.dtype,
+                check: bool = False) -> int:
+        """Stream through the staging buffer(s); returns the CRC-32 of the bytes read when ``check``."""
         size = _itemsize(src_dtype)
         per = max(_CHUNK_BYTES // size, 1)
         n = flat.numel()
         cuda = flat.device.type == "cuda"
+        crc = 0
         if not cuda and n <= per:  # one piece (every small tensor): no loop, no new buffer view
             nbytes = n * size
             stage, view = self._cpu_stage(per * size)
-            mfile.readinto(offset, view[:nbytes])
+            crc = _read_checked(mfile, offset, view[:nbytes], check)
             flat.copy_(stage[:nbytes].view(src_dtype))
-            return
+            return crc
         if cuda:
             stream, bufs, events = self._cuda_state(flat.device, per * size)
             stream.wait_stream(torch.cuda.current_stream(flat.device))  # flat was made on the current stream
@@ -521,12 +571,13 @@ class _Streamer:
                     buf = bufs[j][: k * size]
                 else:
                     buf = self._stage[: k * size]  # type: ignore[index]
-                mfile.readinto(offset + start * size, buffer_of(buf))
+                crc = _read_checked(mfile, offset + start * size, buffer_of(buf), check, crc)
                 flat[start:start + k].copy_(buf.view(src_dtype), non_blocking=cuda)
                 if cuda:
                     ev = torch.cuda.Event()
                     ev.record(stream)
                     events[j] = ev
+        return crc
 
     def _cpu_stage(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:
         """The CPU staging buffer (at least ``nbytes``) and a byte view of it, made once and kept."""
@@ -569,54 +620,195 @@ def _file_order(item: tuple) -> tuple:
     return (0, loc[0].path, loc[1]) if loc is not None else (1, "", 0)
 
 
+# Set by build(mmap=True): parameters may be views of the memory-mapped file instead of copies.
+_ZERO_COPY: contextvars.ContextVar[bool] = contextvars.ContextVar("ckptfit_zero_copy", default=False)
+
+_NO_CHECKSUM = {"safetensors": "safetensors has no checksum", "torch-legacy": "legacy torch files have no checksum"}
+
+
+class _Checks:
+    """The CRC-32 checks of one load: each record read is checked once, with its copy where possible.
+
+    A record read whole by exactly one copy (a stored tensor, the common case) is hashed as the
+    copy reads it (:class:`_Streamer`). Any other record a reader handed out (a tensor that
+    views part of a storage, one storage behind several tensors, the sources of a transposed
+    or fused weight, a DCP chunk) is read and checked on its own before the model changes.
+    """
+
+    def __init__(self, verify: bool):
+        self.verify = verify
+        self.records: dict[tuple[int, int], tuple[MappedFile, Record, str]] = {}  # every record read
+        self.counts: dict[tuple[int, int], int] = {}
+        self.done: set[tuple[int, int]] = set()
+        self.no_checksum: set[str] = set()  # files read whose format has no checksum
+
+    def saw(self, reads: list[tuple[MappedFile, Record]], tensor: str) -> None:
+        """Records handed out while reading ``tensor``."""
+        for m, r in reads:
+            k = (id(m), r.offset)
+            self.records.setdefault(k, (m, r, tensor))
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def fused(self, loc: tuple[MappedFile, int, int] | None) -> Record | None:
+        """The record a copy from ``loc`` can check as it reads (it spans exactly that record, read once)."""
+        if loc is None:
+            return None
+        m, offset, span = loc
+        r = m.record_at(offset)
+        if r is None:
+            if not m.has_checksums:
+                self.no_checksum.add(m.path)
+            return None
+        k = (id(m), r.offset)
+        if not self.verify or r.offset != offset or r.size != span or self.counts.get(k, 0) != 1:
+            return None
+        self.done.add(k)  # by the copy, which raises if it fails
+        return r
+
+    def check_rest(self) -> None:
+        """Check, each on its own, every record read that no copy checks."""
+        if not self.verify:
+            return
+        for k, (m, r, tensor) in self.records.items():
+            if k not in self.done:
+                m.check_record(r, tensor=tensor)
+                self.done.add(k)
+
+    def check_new(self, reads: list[tuple[MappedFile, Record]], tensor: str) -> None:
+        """Records read again during the copy pass (a tensor a reader rebuilds): check any not checked yet."""
+        for m, r in reads:
+            k = (id(m), r.offset)
+            if self.verify and k not in self.done:
+                m.check_record(r, tensor=tensor)
+                self.done.add(k)
+
+    def summary(self, fmt: str | None) -> str | None:
+        """The report's ``bytes:`` line (``None`` for tensors handed over in memory)."""
+        n = len(self.records)
+        if not self.verify:
+            return "not checked (verify=False)" if n or self.no_checksum else None
+        if n and not self.no_checksum:
+            return f"CRC-32 checked ({n} record{'s' if n != 1 else ''})"
+        why = _NO_CHECKSUM.get(fmt or "")
+        if why is None:
+            kinds = {"safetensors" if path.endswith(".safetensors") else "torch-legacy" for path in self.no_checksum}
+            why = "; ".join(_NO_CHECKSUM[k] for k in sorted(kinds)) or "the format has no checksum"
+        if n:
+            return f"CRC-32 checked ({n} record{'s' if n != 1 else ''}); other files not checked ({why})"
+        return f"not checked ({why})" if self.no_checksum else None
+
+
+class _Rollback:
+    """Puts the model back exactly as it was if the load fails part way (all or nothing).
+
+    Taken before anything changes: every module's parameter and buffer entries and each
+    tensor's ``.data`` (references, no copy), which undoes device moves, casts and meta
+    tensors made real, all of which write to new memory. A tensor overwritten *in place*
+    (a load into the model's own memory) is first copied to the CPU (:meth:`keep`), one tensor
+    at a time just before it is written: a failed load then costs nothing to undo but the copy
+    back, and a successful one costs one memory copy of the tensors it overwrites, no more
+    device memory, and no change of any tensor's address.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.entries: list[tuple[dict, str, Any]] = []
+        self.datas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.storages: set[int] = set()
+        for mod in model.modules():
+            for store in (mod._parameters, mod._buffers):
+                for name, t in store.items():
+                    self.entries.append((store, name, t))
+                    if t is not None and id(t) not in self.datas:
+                        self.datas[id(t)] = (t, t.data)
+                        if not t.is_meta and t.numel():
+                            self.storages.add(t.untyped_storage().data_ptr())
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kept: set[int] = set()
+
+    def keep(self, t: torch.Tensor) -> None:
+        """``t`` is about to be written in place: keep a copy of its values if they are the model's own."""
+        if id(t) in self.kept or t.is_meta or not t.numel():
+            return
+        self.kept.add(id(t))
+        if t.untyped_storage().data_ptr() in self.storages:
+            self.saved.append((t.detach(), t.detach().to("cpu", copy=True)))
+
+    def restore(self) -> None:
+        """Undo every change since construction (values, tensors, dtypes, devices)."""
+        with torch.no_grad():
+            for t, data in self.datas.values():
+                t.data = data
+            for store, name, t in self.entries:
+                store[name] = t
+            for t, snap in reversed(self.saved):
+                t.copy_(snap)
+        self.saved.clear()
+
+
 def _apply(target: _Target, cand: StateDictCandidate, p: Plan, *, device: Any = None,
-           dtype: torch.dtype | None = None) -> int:
-    """Copy or assign every planned tensor. Returns bytes read from the checkpoint.
+           dtype: torch.dtype | None = None, verify: bool = True,
+           rollback: _Rollback | None = None) -> tuple[int, str | None]:
+    """Copy or assign every planned tensor. Returns (bytes read from the checkpoint, the ``bytes:`` line).
 
     First every source is read once (so a damaged file fails before the model changes): a
     view of a memory-mapped file costs no memory and is kept; a tensor a reader had to build
     in memory (a DCP tensor gathered from chunks, an inflated zip member) is dropped and read
-    again in its turn, so at most one of those exists at a time. Then, in file order, each
-    source is copied into its model tensor (:class:`_Streamer`) or, for a model tensor on
-    the meta device, assigned (:func:`_assign`: zero-copy where dtype and device match).
+    again in its turn, so at most one of those exists at a time. Records that no single copy
+    reads whole are CRC-checked now (:class:`_Checks`). Then, in file order, each source is
+    copied into its model tensor (:class:`_Streamer`, which checks the CRC-32 of each record
+    as it reads it) or, for a model tensor on the meta device, assigned (:func:`_assign`). A
+    failure at any point (I/O error, CRC mismatch) raises with ``rollback`` able to undo every
+    change: tensors overwritten in place are kept (:meth:`_Rollback.keep`) before they are.
     """
-    work: list[tuple[str, LazyTensor, torch.Tensor | None, tuple[MappedFile, int, int] | None]] = []
+    work: list[tuple[str, LazyTensor, torch.Tensor | None, tuple[MappedFile, int, int] | None, Record | None]] = []
     nbytes = 0
-    for d in p.loads:
-        if d.source is None:
-            continue
-        lazy = cand.tensors[d.source]
-        if d.transform is not None:  # transposed, split or joined: made in memory now, copied in its turn
-            work.append((d.target, lazy, apply_transform(d, lambda k: cand.tensors[k].load()), None))
-            nbytes += sum(cand.tensors[k].nbytes for k in d.transform.sources or (d.source,))
-            continue
-        t = lazy.load()
-        loc = locate(t)
-        work.append((d.target, lazy, t if loc is not None else None, loc))
-        nbytes += lazy.nbytes
+    checks = _Checks(verify)
+    pending = []
+    with collecting_reads() as reads:
+        for d in p.loads:
+            if d.source is None:
+                continue
+            lazy = cand.tensors[d.source]
+            first = len(reads)
+            if d.transform is not None:  # transposed, split or joined: made in memory now, copied in its turn
+                pending.append((d.target, lazy, apply_transform(d, lambda k: cand.tensors[k].load()), None))
+                nbytes += sum(cand.tensors[k].nbytes for k in d.transform.sources or (d.source,))
+            else:
+                t = lazy.load()
+                loc = locate(t)
+                pending.append((d.target, lazy, t if loc is not None else None, loc))
+                nbytes += lazy.nbytes
+            checks.saw(reads[first:], d.source)
+    for key, lazy, src, loc in pending:
+        work.append((key, lazy, src, loc, checks.fused(loc)))
+    checks.check_rest()  # partly read records, shared ones, transform sources: before the model changes
     dev = _device(device)
     holders: dict[int, list[tuple[nn.Module, str, bool]]] = {}
     if any(v.is_meta for v in target.tensors.values()):
-        _materialize_unloaded(target, {w[0] for w in work}, device, dtype)
+        _materialize_unloaded(target, {w[0] for w in work}, device, dtype, rollback)
         holders = _holders(target)
     work.sort(key=_file_order)  # sequential reads; stable, so ties keep the plan's order
     streamer = _Streamer()
     shared: dict[int, int] = {}  # data_ptr of a source assigned zero-copy -> id of the model tensor
     where = os.path.basename(p.path) if p.path else "checkpoint"
     try:
-        with _no_grad(), progress(nbytes, f"loading {where}") as bar:
-            for key, lazy, src, loc in work:
+        with _no_grad(), progress(nbytes, f"loading {where}") as bar, collecting_reads() as again:
+            for key, lazy, src, loc, record in work:
                 if src is None:
+                    first = len(again)
                     src = lazy.load()
+                    checks.check_new(again[first:], key)
                 dst = target.tensors[key]
                 if dst.is_meta:
-                    _assign(target, key, dst, src, loc, holders, streamer, shared, dev, dtype)
+                    _assign(target, key, dst, src, loc, holders, streamer, shared, dev, dtype, record)
                 else:
-                    streamer.copy(dst, src, loc)
+                    if rollback is not None:
+                        rollback.keep(dst)
+                    streamer.copy(dst, src, loc, record, key)
                 bar.advance(src.numel() * src.element_size())
     finally:
         streamer.finish()
-    return nbytes
+    return nbytes, checks.summary(p.format)
 
 
 def _device(device: Any) -> torch.device:
@@ -639,25 +831,30 @@ def _zero_copy_ok(src: torch.Tensor) -> bool:
 
 def _assign(target: _Target, key: str, dst: torch.Tensor, src: torch.Tensor, loc: tuple[MappedFile, int, int] | None,
             holders: Mapping[int, list[tuple[nn.Module, str, bool]]], streamer: _Streamer, shared: dict[int, int],
-            dev: torch.device, dtype: torch.dtype | None) -> None:
+            dev: torch.device, dtype: torch.dtype | None, record: Record | None = None) -> None:
     """Replace a meta tensor by the loaded one, in every module holding it (ties stay tied).
 
-    Where dtype and device already match, the new tensor *is* the source: a view of the
-    memory-mapped file (copy-on-write: the file is never written), or, for a state dict in
-    memory, the caller's tensor (as ``load_state_dict(assign=True)``). Otherwise one new
-    tensor of the model's dtype (or ``dtype``) is made on ``device`` and streamed into.
+    By default the new tensor is private memory of the model's dtype (or ``dtype``) on
+    ``device``, read from the file (CRC-checked against ``record`` as it is read): nothing done
+    to the file later can change it. Where dtype and device already match, the new tensor *is*
+    the source for a state dict in memory (the caller's tensor, as
+    ``load_state_dict(assign=True)``), and, under ``build(mmap=True)``, for a file too: a
+    copy-on-write view of the memory-mapped file.
     """
     _mod, _name, is_param = target.owner[key]
     want = dtype if dtype is not None and (dst.is_floating_point() or dst.is_complex()) else dst.dtype
     reuse = (src.device == dev and src.dtype == want and _zero_copy_ok(src)
+             and (loc is None or _ZERO_COPY.get())  # a view of the file only when asked for
              and shared.get(src.data_ptr(), id(dst)) == id(dst))  # two untied tensors never share memory
     if reuse:
+        if record is not None and loc is not None:
+            loc[0].check_record(record, tensor=key)  # nothing copies it: read it once to check it
         value = src
         if src.numel():
             shared[src.data_ptr()] = id(dst)
     else:
         value = torch.empty(tuple(dst.shape), dtype=want, device=dev)
-        streamer.copy(value, src, loc)
+        streamer.copy(value, src, loc, record, key)
     if is_param:
         cls = type(dst) if isinstance(dst, nn.Parameter) else nn.Parameter
         new: torch.Tensor = cls(value, requires_grad=dst.requires_grad)
@@ -668,7 +865,7 @@ def _assign(target: _Target, key: str, dst: torch.Tensor, src: torch.Tensor, loc
 
 
 def _materialize_unloaded(target: _Target, loaded: Collection[str], device: Any = None,
-                          dtype: torch.dtype | None = None) -> None:
+                          dtype: torch.dtype | None = None, rollback: _Rollback | None = None) -> None:
     """Give meta tensors that nothing loads real memory and their modules' own init.
 
     Every meta tensor of a module that holds an unloaded one is made real (on ``device``, in
@@ -709,6 +906,11 @@ def _materialize_unloaded(target: _Target, loaded: Collection[str], device: Any 
                     store[name] = made[id(t)]
     made_ids = {id(v) for v in made.values()}
     with _no_grad():
+        if rollback is not None:  # an init may also reset the module's real tensors (BatchNorm's running stats)
+            for mod in modules:
+                for t in (*mod._parameters.values(), *mod._buffers.values()):
+                    if t is not None and id(t) not in made_ids:
+                        rollback.keep(t)
         for mod in modules:
             reset = getattr(mod, "reset_parameters", None)
             if not callable(reset):
@@ -838,22 +1040,28 @@ class _SkipInitOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def build(factory: Callable[[], nn.Module] | str, source: Any, **load_options: Any) -> tuple[nn.Module, LoadReport]:
+def build(factory: Callable[[], nn.Module] | str, source: Any, *, mmap: bool = False,
+          **load_options: Any) -> tuple[nn.Module, LoadReport]:
     """Construct a model without random init and fill it straight from the checkpoint.
 
     The model is built with its parameters on the meta device (no memory, no init; buffers
     computed in ``__init__`` are real), then each parameter is materialised from the
-    checkpoint: zero-copy from the memory map where dtype and device already match
-    (safetensors, torch zip, sharded folders, DCP: the parameter *is* a copy-on-write view
-    of the file, so building costs no time and no memory until the weights are used), one
-    streamed copy where they do not (a cast, a GPU). Parameters the checkpoint lacks
-    (``partial=True``) get their module's own ``reset_parameters`` init.
+    checkpoint: read with ``pread`` into the model's own private memory (CRC-checked as it
+    is read, cast or sent to the GPU on the way where needed), so the built model's values
+    never change and the process never crashes whatever later happens to the file (a
+    training job rewriting ``last.pth`` in place, a truncation). Parameters the checkpoint
+    lacks (``partial=True``) get their module's own ``reset_parameters`` init.
 
     Args:
         factory: a zero-argument callable returning the model, or a model SPEC string
             (``"torchvision:resnet18"``, ``"timm:resnet50"``, ``"package.module:factory"``).
         source: as for :func:`load`.
-        **load_options: as for :func:`load` (``partial``, ``use``, ``rename``, ``device``, ``dtype`` ...).
+        mmap: zero-copy: where dtype and device already match, a parameter *is* a
+            copy-on-write view of the memory-mapped file (no copy, no memory until used).
+            Risk: if the file is later rewritten in place the model's weights change with it,
+            and if it is truncated the process dies with SIGBUS when they are used.
+        **load_options: as for :func:`load` (``partial``, ``use``, ``rename``, ``device``, ``dtype``,
+            ``verify`` ...).
 
     Returns:
         ``(model, report)``.
@@ -864,7 +1072,10 @@ def build(factory: Callable[[], nn.Module] | str, source: Any, **load_options: A
     Example:
         >>> model, report = ckptfit.build(lambda: torchvision.models.resnet50(), "r50.safetensors")  # doctest: +SKIP
         >>> model, report = ckptfit.build("torchvision:resnet50", "r50.pth", device="cuda")  # doctest: +SKIP
+        >>> model, report = ckptfit.build("torchvision:resnet50", "r50.pth", mmap=True)  # doctest: +SKIP
     """
+    if not isinstance(mmap, bool):
+        raise TypeError(f"mmap= must be True or False, not {mmap!r}")
     if isinstance(factory, nn.Module):
         raise TypeError(f"build() takes a factory that makes the model (e.g. {type(factory).__name__} or "
                         f"lambda: {type(factory).__name__}(...)), not a model; to fill an existing model use "
@@ -881,7 +1092,11 @@ def build(factory: Callable[[], nn.Module] | str, source: Any, **load_options: A
             model = factory()
         if not isinstance(model, nn.Module):
             raise TypeError(f"build's factory must return an nn.Module, not {type(model).__name__}")
-        report = load(model, source, **load_options)
+        token = _ZERO_COPY.set(mmap)
+        try:
+            report = load(model, source, **load_options)
+        finally:
+            _ZERO_COPY.reset(token)
         leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise LoadError(f"after loading, {len(leftover)} tensor(s) are still on the meta device: "

@@ -10,7 +10,11 @@ tensor. It runs in stages, each of which only looks at what the earlier ones lef
 3. **prefix**: leading segments stripped, added or replaced (``module.``, ``_orig_mod.``,
    ``backbone.body.`` ...), learned from the two key sets, never taken from a fixed list.
 4. **structural**: old key styles (``norm.1`` vs ``norm1``) and modules whose names differ
-   entirely, aligned by their roles and shapes, only where the alignment is unambiguous.
+   entirely. Roles and shapes are constraints; names (``q`` ~ ``query``, ``down`` ~
+   ``downsample``) and declaration order are evidence. Look-alike modules are paired by name
+   where the names settle it, by order only where the names do not contradict it, and
+   otherwise refused with the ``rename=`` that would load them; each decision says which
+   evidence carried it (``Decision.evidence``).
 5. **shapes / dtypes**: a tensor of another shape or another dtype kind is never loaded.
 6. **harmless**: ``num_batches_tracked``, tied weights, optional keys.
 7. **strictness**: whatever is left is ``missing`` (a problem) or, under ``partial=True``,

@@ -133,6 +133,8 @@ class LoadReport:
         bytes_read: how many tensor bytes were read, when measured.
         model: the architecture that was built, and why, when ckptfit chose it
             (:func:`ckptfit.auto.from_checkpoint`).
+        integrity: whether the tensor bytes were checked against the file's checksums
+            (``"CRC-32 checked (122 records)"``, ``"not checked (safetensors has no checksum)"``).
     """
 
     path: str | None
@@ -152,6 +154,7 @@ class LoadReport:
     seconds: float | None = None
     bytes_read: int | None = None
     model: str | None = None
+    integrity: str | None = None
 
     @classmethod
     def from_plan(
@@ -162,6 +165,7 @@ class LoadReport:
         dtype: torch.dtype | str | None = None,
         seconds: float | None = None,
         bytes_read: int | None = None,
+        integrity: str | None = None,
     ) -> LoadReport:
         """Build the report of a plan that was applied.
 
@@ -171,6 +175,7 @@ class LoadReport:
             dtype: the dtype they were cast to, if any.
             seconds: how long the load took.
             bytes_read: how many tensor bytes were read.
+            integrity: whether the bytes were checked (``"CRC-32 checked (122 records)"``).
 
         Returns:
             The report.
@@ -198,6 +203,7 @@ class LoadReport:
             dtype=_dtype_name(dtype),
             seconds=float(seconds) if seconds is not None else None,
             bytes_read=int(bytes_read) if bytes_read is not None else None,
+            integrity=integrity,
         )
 
     # ---- counts -------------------------------------------------------------------------
@@ -320,6 +326,8 @@ class LoadReport:
             where.append(f"in {self.seconds:.2f} s")
         if where:
             lines.append("  " + ", ".join(where))
+        if self.integrity:
+            lines.append(f"  bytes: {self.integrity}")
         if self.container_reason and len(self.containers) > 1:
             lines.append(f"  container: {self.container_reason}")
         if self.transforms:
@@ -385,6 +393,7 @@ class LoadReport:
             "dtype": self.dtype,
             "seconds": self.seconds,
             "bytes_read": self.bytes_read,
+            "integrity": self.integrity,
             "model": self.model,
             "ok": self.ok,
             "complete": self.complete,

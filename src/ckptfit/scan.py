@@ -46,7 +46,8 @@ __all__ = ["scan", "ScanReport", "Reference", "render_text", "render_rich", "EXI
 RefKind = Literal["tensor", "data", "inert", "unknown", "dangerous"]
 _KIND_ORDER: dict[str, int] = {"dangerous": 0, "unknown": 1, "inert": 2, "data": 3, "tensor": 4}
 # The CLI's exit status for each verdict
-EXIT_CODES: dict[str, int] = {"clean": 0, "error": 1, "dangerous": 2, "not known to be safe": 3}
+EXIT_CODES: dict[str, int] = {"clean": 0, "error": 1, "dangerous": 2, "not known to be safe": 3, "damaged": 4}
+_CRC_MISMATCH = "CRC mismatch"  # the anomaly that makes a file ``damaged``
 MAX_DIR_FILES = 100_000  # files a folder scan looks at
 MAX_NPY_HEADER = 10_000  # as numpy's own default for np.load
 MAX_SCAN_PICKLE = 1 << 31
@@ -129,12 +130,20 @@ class ScanReport:
         return [r for r in self.references if r.kind == "inert"]
 
     @property
+    def damaged(self) -> list[str]:
+        """Records whose bytes fail their CRC check (the anomalies that say so)."""
+        return [a for a in self.anomalies if _CRC_MISMATCH in a]
+
+    @property
     def verdict(self) -> str:
-        """``dangerous`` (would run code), ``error`` (unreadable parts, nothing dangerous seen),
+        """``dangerous`` (would run code), ``damaged`` (bytes fail their CRC check: the file is not
+        what was written), ``error`` (unreadable parts, nothing dangerous seen),
         ``not known to be safe`` (would import something outside the allowlist, or run code in another
         way) or ``clean`` (only tensors, plain data and known inert classes)."""
         if self.dangerous:
             return "dangerous"
+        if self.damaged:
+            return "damaged"
         if self.errors:
             return "error"
         if self.unknown or self.concerns:
@@ -143,7 +152,7 @@ class ScanReport:
 
     @property
     def exit_code(self) -> int:
-        """The CLI's exit status: 0 clean, 1 error, 2 dangerous, 3 not known to be safe (see :data:`EXIT_CODES`)."""
+        """The CLI's exit status: 0 clean, 1 error, 2 dangerous, 3 not known to be safe, 4 damaged (:data:`EXIT_CODES`)."""
         return EXIT_CODES[self.verdict]
 
     def to_dict(self) -> dict:
@@ -151,7 +160,8 @@ class ScanReport:
                 "pickles": list(self.pickles), "references": [r.to_dict() for r in self.references],
                 "dangerous": [r.qualname for r in self.dangerous], "unknown": [r.qualname for r in self.unknown],
                 "inert": [r.qualname for r in self.inert], "concerns": list(self.concerns),
-                "anomalies": list(self.anomalies), "errors": list(self.errors), "crc_checked": self.crc_checked}
+                "anomalies": list(self.anomalies), "errors": list(self.errors), "crc_checked": self.crc_checked,
+                "damaged": self.damaged}
 
     def __str__(self) -> str:
         return render_text(self)
@@ -171,6 +181,8 @@ def _row(r: Reference) -> tuple[str, str, str, str]:
 _VERDICT_TEXT = {
     "dangerous": "DANGEROUS: loading this with pickle / torch.load(weights_only=False) would run code",
     "error": "ERROR: parts of the file could not be read",
+    "damaged": "DAMAGED: some bytes differ from what was written (CRC mismatch); ckptfit refuses to load them: "
+               "download or copy the file again",
     "not known to be safe": "NOT KNOWN TO BE SAFE: {what}; do not pass --trust (ckptfit loads it without "
                             "importing anything)",
     "clean": "clean: only tensors, plain data and known inert classes; torch.load(weights_only=False) would "
@@ -216,7 +228,8 @@ def render_rich(report: ScanReport) -> Any:
     head = Text(f"{report.path}: {report.format}, {len(report.pickles)} pickle(s)"
                 + (f", {report.crc_checked} CRC(s) checked" if report.crc_checked else ""))
     verdict = Text(f"verdict: {_verdict_text(report)}",
-                   style={"dangerous": "bold red", "error": "red", "not known to be safe": "bold yellow"}.get(
+                   style={"dangerous": "bold red", "damaged": "bold red", "error": "red",
+                          "not known to be safe": "bold yellow"}.get(
                        report.verdict, "green"))
     parts: list[Any] = [head, verdict]
     if report.references:
@@ -594,7 +607,7 @@ def _scan_one_zip(w: _Walk, path: str, base: int, length: int | None, label: str
                     _read_and_run(sub, archive, n)
         bad = archive.verify_all()
         sub.crc_checked += len(archive.members)
-        sub.anomalies.extend(f"{n}: CRC mismatch (the bytes differ from what was written)" for n in bad)
+        sub.anomalies.extend(f"{n}: {_CRC_MISMATCH} (the bytes differ from what was written)" for n in bad)
     finally:
         archive.close()
     w.format = w.format or sub.format

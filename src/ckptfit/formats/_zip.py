@@ -4,9 +4,9 @@ It refuses duplicate or overlapping members, absolute or ``..`` names, encrypted
 names that differ between the local and central headers; it checks that every member lies
 inside the file; it caps inflated sizes and compression ratios before inflating anything;
 and it verifies the CRC of every member it reads whole (pickles). Tensor data members are
-stored uncompressed by torch and are memory-mapped in place; hashing all of them would cost
-more than the load itself, so the torch reader checks small ones lazily when they are first
-read and ``ckptfit scan`` checks every one (:meth:`ZipArchive.verify_all`).
+stored uncompressed by torch and are memory-mapped in place; their CRC-32 is checked by
+whoever reads their bytes (the loader fuses it with its copy, see :mod:`ckptfit.lazy`), and
+``ckptfit scan`` checks every one (:meth:`ZipArchive.verify_all`).
 Oddities that are not errors (bytes before the first member or after the end record, unused
 gaps) are kept in :attr:`ZipArchive.anomalies`.
 """
@@ -19,6 +19,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
+from .._crc import crc32
 from ..errors import CorruptCheckpoint, ResourceLimitExceeded, UnsupportedFormat
 
 __all__ = ["ZipArchive", "Member", "Window"]
@@ -264,7 +265,7 @@ class ZipArchive:
                                         path=self.path)
         else:
             data = raw
-        if zlib.crc32(data) != m.crc:
+        if crc32(data) != m.crc:
             raise CorruptCheckpoint(f"member {name!r} fails its CRC check: the bytes differ from what was written",
                                     path=self.path, hint="the file is damaged; download or copy it again")
         return data
@@ -288,13 +289,12 @@ class ZipArchive:
     def verify_crc(self, name: str) -> bool:
         """Whether a stored member's bytes match its CRC (reads the member once, in chunks)."""
         m = self.members[name]
-        self._f.seek(m.data_offset)
         crc = 0
-        left = m.compressed_size
-        while left:
-            chunk = self._f.read(min(left, 1 << 24))
+        done = 0
+        while done < m.compressed_size:
+            chunk = self._pread(min(m.compressed_size - done, 1 << 22), m.data_offset + done)
             if not chunk:
                 return False
-            crc = zlib.crc32(chunk, crc)
-            left -= len(chunk)
+            crc = crc32(chunk, crc)
+            done += len(chunk)
         return crc == m.crc

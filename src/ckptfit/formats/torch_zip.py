@@ -10,27 +10,19 @@ code is never run.
 from __future__ import annotations
 
 import collections
-import zlib
 from typing import Any
 
 import torch
 
 from ..checkpoint import Checkpoint, StateDictCandidate
 from ..errors import CorruptCheckpoint, UnsupportedFormat
-from ..lazy import LazyTensor, MappedFile, StorageRef
+from ..lazy import LazyTensor, MappedFile, Record, StorageRef, note_read
 from ..safety import (PickleScan, Placeholder, PlaceholderClass, StorageType, interpret, load_pickle, merge_extra,
                       refuse_if_dangerous, short_repr)
 from . import register
 from ._zip import ZipArchive
 
 __all__ = ["open_torch_zip", "read_torch_zip_at", "scan_other_pickles"]
-
-# CRC of stored tensor records: hashing every byte would cost more than the load itself
-# (~1.5 GB/s against a zero-copy map), so a record is checked when it is first read only if it
-# is small, within a per-file budget; `ckptfit scan` checks every record.
-LAZY_CRC_MAX = 1 << 20
-LAZY_CRC_BUDGET = 64 << 20
-
 
 def _sniff(path: str, head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04")
@@ -57,7 +49,6 @@ def _not_torch(path: str):
 
 def _persistent_loader(archive: ZipArchive, prefix: str, mapped: MappedFile, path: str):
     storages: dict[str, StorageRef] = {}
-    crc_budget = [LAZY_CRC_BUDGET]
 
     def persistent_load(pid: Any) -> StorageRef:
         if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
@@ -89,18 +80,11 @@ def _persistent_loader(archive: ZipArchive, prefix: str, mapped: MappedFile, pat
         else:
             offset = member.data_offset
             count = nbytes // dtype.itemsize
-            check = [member.size <= LAZY_CRC_MAX]
+            record = Record(member.name, member.data_offset, member.size, member.crc)
+            mapped.add_record(record)
 
-            def read(offset=offset, dtype=dtype, count=count, member=member, check=check):
-                if check[0]:  # first read of a small record: verify its CRC (it is about to be copied anyway)
-                    check[0] = False
-                    if crc_budget[0] >= member.size:
-                        crc_budget[0] -= member.size
-                        if zlib.crc32(mapped.read(member.data_offset, member.size)) != member.crc:
-                            check[0] = True
-                            raise CorruptCheckpoint(
-                                f"tensor record {member.name!r} fails its CRC check: its bytes differ from what "
-                                f"was written", path=path, hint="the file is damaged; download or copy it again")
+            def read(offset=offset, dtype=dtype, count=count, record=record):
+                note_read(mapped, record)  # CRC-32 of the whole record: now, or by the loader with its copy
                 return mapped.tensor(offset, dtype, count)
         ref = StorageRef(key, dtype, nbytes // dtype.itemsize, str(location), read)
         storages[key] = ref
