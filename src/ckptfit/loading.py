@@ -386,7 +386,6 @@ def _load(model: nn.Module, source: Any, *, partial: bool, use: str | None, rena
                 _move_model(model, device, dtype)
                 target = _Target(model)
             nbytes, checked = _apply(target, cand, p, device=device, dtype=dtype, verify=verify, rollback=rollback)
-            _after_apply(target, cand, p, ckpt)  # the modules' own load logic (ckptfit.hooks)
         except BaseException:
             rollback.restore()
             raise

@@ -2,8 +2,10 @@
 
 :func:`interpret` executes a pickle's opcodes (protocols 0-5) on a stack machine of its own.
 Every global the pickle names is looked up in fixed tables, matched exactly as
-``(module, name)`` (a dotted name is never resolved; only the aliases ``__builtin__``,
-``copy_reg`` and ``numpy.core``/``numpy._core`` are normalised):
+``(module, name)`` (only the aliases ``__builtin__``, ``copy_reg`` and
+``numpy.core``/``numpy._core`` are normalised; a dotted name such as ``('torch',
+'ops.load_library')`` matches no table entry, and is checked for danger as the full
+attribute path ``torch.ops.load_library`` that pickle would resolve):
 
 - **tensor machinery** (``torch._utils._rebuild_tensor_v2``, storages, dtypes ...) is
   rebuilt as :class:`~ckptfit.lazy.LazyTensor` objects: no tensor byte is read;
@@ -15,7 +17,12 @@ Every global the pickle names is looked up in fixed tables, matched exactly as
   ``__setstate__`` or ``__getattr__`` of it ever runs;
 - **dangerous** callables (``os.system``, ``builtins.eval``, ``subprocess``, ``importlib``,
   ``runpy``, ``pickle.loads`` ...) are never called: they are recorded, and the caller
-  refuses the file naming each of them.
+  refuses the file naming each of them (a pickle that names one and then cannot be rebuilt,
+  say because it passes one to a tensor rebuild function, is refused as unsafe too).
+
+Placeholders are safe for ckptfit, which never imports them; :func:`is_inert` says which of
+them are also safe under real unpickling (``torch.load(weights_only=False)``), the allowlist
+behind ``ckptfit scan``'s ``clean`` verdict.
 
 The same pass records every global, call and object construction with its opcode and
 position (a :class:`PickleScan`), so ``ckptfit scan`` and loading can never disagree.
