@@ -31,6 +31,7 @@ from ._crc import crc32
 from .lazy import (CRC_CHUNK, LazyTensor, MappedFile, Record, _itemsize, buffer_of, checking_reads,
                    collecting_reads, crc_error, locate)
 from .matching import match
+from .hooks import ModuleHooks, custom_modules, discover, metadata_of, run_after_load
 from .plan import Plan, TensorSpec
 from .porting import apply_transform, layouts_of, parse_rules, port, recorded_layouts
 from .report import LoadReport
@@ -109,6 +110,9 @@ class _Target:
             for bname, b in mod._buffers.items():
                 if b is not None:
                     self.owner.setdefault(prefix + bname, (mod, bname, False))
+        # modules with load-time logic of their own (ckptfit.hooks), and what it does per candidate
+        self.custom = custom_modules(model)
+        self.hooks: dict[int, tuple[StateDictCandidate, ModuleHooks]] = {}
 
 
 # ---------------------------------------------------------------------------------- options
@@ -220,10 +224,28 @@ def _specs_of(cand: StateDictCandidate) -> list[TensorSpec]:
 def _plan_for(target: _Target, cand: StateDictCandidate, *, partial: bool, rename, include, exclude,
               transforms=(), recorded=None) -> Plan:
     specs = _specs_of(cand)
+    hooks = discover(target.custom, specs) if target.custom else None  # the modules' own load hooks
+    if hooks:
+        specs = hooks.specs(specs)  # the names those hooks give the file's tensors
     p = match(target.specs, specs, partial=partial, rename=rename, include=include, exclude=exclude,
               tied=target.tied)
     rec = {k: recorded[id(t)] for k, t in cand.tensors.items() if id(t) in recorded} if recorded else None
-    return port(p, layouts_of(target.model), specs, transforms, rec)  # transposed / fused weights (ckptfit.porting)
+    if hooks and rec:
+        rec = {hooks.name(k): v for k, v in rec.items()}
+    p = port(p, layouts_of(target.model), specs, transforms, rec)  # transposed / fused weights (ckptfit.porting)
+    if hooks:
+        target.hooks[id(cand)] = (cand, hooks)
+        p = hooks.restore(p)  # back to the file's names, each hook's work named
+    return p
+
+
+def _after_apply(target: _Target, cand: StateDictCandidate, p: Plan, ckpt: Checkpoint) -> None:
+    """What ``load_state_dict`` does after the copy: modules' own loads, load post-hooks (ckptfit.hooks)."""
+    if not target.custom:
+        return
+    entry = target.hooks.get(id(cand))
+    hooks = entry[1] if entry is not None and entry[0] is cand else None
+    run_after_load(target.model, hooks, cand.tensors, p, metadata_of(ckpt.tree, cand.name))
 
 
 def _choose(target: _Target, ckpt: Checkpoint, *, use: str | None, partial: bool, rename, include,
@@ -386,6 +408,7 @@ def _load(model: nn.Module, source: Any, *, partial: bool, use: str | None, rena
                 _move_model(model, device, dtype)
                 target = _Target(model)
             nbytes, checked = _apply(target, cand, p, device=device, dtype=dtype, verify=verify, rollback=rollback)
+            _after_apply(target, cand, p, ckpt)  # the modules' own load logic (ckptfit.hooks)
         except BaseException:
             rollback.restore()
             raise
