@@ -24,7 +24,7 @@ from ckptfit.matching import match
 from ckptfit.plan import TensorSpec
 
 LONG = os.environ.get("CKPTFIT_LONG", "") not in ("", "0")
-EXAMPLES = 3000 if LONG else 40
+EXAMPLES = 3000 if LONG else 30
 
 
 def _specs(model: torch.nn.Module) -> list[TensorSpec]:
