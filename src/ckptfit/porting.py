@@ -856,11 +856,26 @@ def port(plan: Plan, layouts: Mapping[str, Layout], source: Sequence[TensorSpec]
     """
     if not layouts and not rules:
         return plan
+    if not rules and not recorded and not _could_change(plan, layouts):
+        return plan  # the common case: every weight fits as stored and nothing is left over
     porter = _Porter(plan, layouts, source, rules, recorded)
     items = porter.collect()
     chosen = porter.decide(items)
     porter.apply(items, chosen)
     return porter.finish()
+
+
+def _could_change(plan: Plan, layouts: Mapping[str, Layout]) -> bool:
+    """Whether the evidence could call for any transform: a weight of a transposed-layout type, a
+    weight whose shape differs, a model tensor nothing fills, or a checkpoint tensor left over."""
+    if any(lay.layout != OUT_IN for lay in layouts.values()):
+        return True
+    for d in plan.decisions:
+        if d.action == "skip_shape" and d.target in layouts:
+            return True
+        if d.source is None and (d.action == "missing" or (d.action == "keep" and d.stage == "none")):
+            return True
+    return bool(plan.unused)
 
 
 def apply_transform(d: Decision, fetch: Callable[[str], torch.Tensor]) -> torch.Tensor:
