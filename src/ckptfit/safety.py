@@ -968,6 +968,11 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
         if isinstance(fn, StorageType):
             return Placeholder(PlaceholderClass("torch", fn.name), args)
         if isinstance(fn, Placeholder):  # calling an object built by the pickle
+            # real unpickling would run its __call__ (a module's forward and hooks): no checkpoint does this.
+            # (A persistent id stands for what the file format's loader returns: legacy files' module classes.)
+            if fn.cls.module != "<persistent id>":
+                scan.unsafe_uses.append(f"the pickle calls a {fn.qualname} object it built, at byte {at} "
+                                        f"(real unpickling would run its __call__)")
             return Placeholder(fn.cls, args, kwargs)
         raise fail(f"the pickle calls a {type(fn).__name__}, which is not callable")
 
