@@ -41,7 +41,7 @@ def _advised(text: str, kind: str) -> dict:
     """The ``transforms={...: kind}`` dict a suggestion gives, parsed literally."""
     for m in re.finditer(r"transforms=(\{.*?\})", text):
         rules = ast.literal_eval(m.group(1))
-        if list(rules.values()) == [kind]:
+        if set(rules.values()) == {kind}:
             return rules
     raise AssertionError(f"no transforms={{...: {kind!r}}} advice in:\n{text}")
 
@@ -609,3 +609,36 @@ def test_grouped_query_attention_fused_and_separate(fused_src):
     if fused_src:
         k = next(d for d in report.to_dict()["loaded"] if d["target"] == "k_proj.weight")
         assert k["transform"]["sizes"] == [24, 12, 12]
+
+
+def test_advice_for_nested_square_layers_names_each_layer_form_and_works():
+    class Block(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.ln = nn.LayerNorm(16)  # a 'weight' the advice must not catch
+            self.attn = nn.Module()
+            self.attn.c_proj = layer(16, 16)
+            self.mlp = nn.Module()
+            self.mlp.c_fc = layer(16, 16)
+
+        def forward(self, x):
+            return self.mlp.c_fc(torch.tanh(self.attn.c_proj(self.ln(x))))
+
+    class Net(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.h = nn.ModuleList(Block(layer) for _ in range(3))
+
+        def forward(self, x):
+            for b in self.h:
+                x = b(x)
+            return x
+
+    src, dst = _seeded(lambda: Net(nn.Linear), 0), _seeded(lambda: Net(Conv1D), 1)
+    with pytest.raises(LoadError) as e:
+        ckptfit.load(dst, src.state_dict())
+    rules = _advised("\n".join(e.value.plan.suggestions), "transpose")
+    assert rules == {"h.*.attn.c_proj.weight": "transpose", "h.*.mlp.c_fc.weight": "transpose"}
+    ckptfit.load(dst, src.state_dict(), transforms=rules)
+    x = torch.randn(2, 16)
+    assert _close(dst(x), src(x))

@@ -681,24 +681,26 @@ class _Porter:
         return out
 
     def advice(self, keys: Sequence[str], kind: str) -> str:
-        """A ``transforms=`` rule that matches exactly ``keys`` among every model and checkpoint key."""
+        """A ``transforms=`` rule that matches exactly ``keys`` among every model and checkpoint key
+        (and the checkpoint keys that feed them): one glob, a glob per layer form, else a regex."""
         everything = list(self.pos) + list(self.src)
         want = set(keys)
-        leaves = {k.rpartition(".")[2] for k in keys}
-        candidates = [f"*.{leaf}" for leaf in sorted(leaves)] if len(leaves) == 1 else []
-        forms = sorted({re.sub(r"(?<=\.)\d+(?=\.)", "*", k) for k in keys})
-        if len(forms) == 1:
-            candidates.append(forms[0])
-        for pat in candidates:
-            hit = {k for k in everything if fnmatchcase(k, pat)}
-            targets = {k for k in hit if k in self.pos}
-            if targets == want and all(k in want or self._feeds(k, want) for k in hit):
-                return f"transforms={{{pat!r}: {kind!r}}}"
-        rx = "|".join(re.escape(f).replace(r"\*", r"\d+") for f in forms)
-        return f"transforms={{{rx!r}: {kind!r}}}"
+        feeding = {self.decs[self.pos[t]].source for t in want} - {None}
 
-    def _feeds(self, skey: str, targets: set[str]) -> bool:
-        return any(self.decs[self.pos[t]].source == skey for t in targets)
+        def exact(pat: str) -> bool:
+            hit = [k for k in everything if fnmatchcase(k, pat)]
+            return {k for k in hit if k in self.pos} <= want and all(k in want or k in feeding for k in hit)
+
+        leaves = {k.rpartition(".")[2] for k in keys}
+        forms = sorted({re.sub(r"(?<=\.)\d+(?=\.)", "*", k) for k in keys})
+        if len(leaves) == 1 and exact(f"*.{next(iter(leaves))}"):
+            rules = [f"*.{next(iter(leaves))}"]
+        elif len(forms) <= 4 and all(exact(f) for f in forms):
+            rules = forms
+        else:
+            rx = "|".join(re.escape(f).replace(r"\*", r"\d+") for f in forms)
+            return f"transforms={{r'{rx}': {kind!r}}}"
+        return "transforms={" + ", ".join(f"{r!r}: {kind!r}" for r in rules) + "}"
 
     # -- apply -----------------------------------------------------------------------------
 
