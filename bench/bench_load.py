@@ -11,8 +11,13 @@ a fresh Python process (warm page cache: the file is read once before each run):
   ``torch.load(path, mmap=True, weights_only=True)`` (safetensors: ``safe_open`` /
   ``get_tensor``, or ``load_file``, whichever is faster), cast to the model's dtype if the file's
   differs, ``load_state_dict(assign=True)``;
-- ``build``: ``ckptfit.build(make_model, path)``;
-- ``load``: ``ckptfit.load(model, path)`` into an existing model (the call alone is timed).
+- ``build``: ``ckptfit.build(make_model, path)`` (the default: private memory, CRC-checked);
+- ``load``: ``ckptfit.load(model, path)`` into an existing model (the call alone is timed);
+- ``build_mmap``: ``ckptfit.build(make_model, path, mmap=True)`` (zero-copy views of the file);
+- ``build_nocrc`` / ``load_nocrc``: ``build`` / ``load`` with ``verify=False`` (what checking costs);
+- ``hand_copy``: the hand recipe that gives the same guarantee as ``build`` (private memory, no
+  view of the file): meta model, ``torch.load(path, weights_only=True)`` without ``mmap``
+  (safetensors: ``safetensors.torch.load(open(path, "rb").read())``), ``load_state_dict(assign=True)``.
 
 Time is wall-clock until every weight has been read once (``p.sum()`` over every parameter;
 for ``load`` the copy is the read). Peak RSS is the child's high-water mark (``VmHWM``, i.e.
@@ -134,7 +139,7 @@ def child(recipe: str, path: str, shape: str, n: int, fmt: str) -> dict:
         return make_model(shape, n)
 
     existing = None
-    if recipe == "load":  # a model already in memory (its pages touched), made without the slow random init
+    if recipe in ("load", "load_nocrc"):  # a model already in memory (its pages touched), made without the slow random init
         with torch.device("meta"):
             existing = make()
         existing.to_empty(device="cpu")
@@ -175,16 +180,31 @@ def child(recipe: str, path: str, shape: str, n: int, fmt: str) -> dict:
         model.load_state_dict(sd, assign=True)
         del sd
         _touch(model)
-    elif recipe == "build":
+    elif recipe == "hand_copy":
+        with torch.device("meta"):
+            model = make()
+        if fmt == "zip":
+            sd = torch.load(path, weights_only=True)
+        else:
+            import safetensors.torch
+
+            with open(path, "rb") as fh:
+                sd = safetensors.torch.load(fh.read())
+        want = next(iter(model.parameters())).dtype
+        sd = {k: (v.to(want) if v.dtype != want else v) for k, v in sd.items()}
+        model.load_state_dict(sd, assign=True)
+        del sd
+        _touch(model)
+    elif recipe in ("build", "build_mmap", "build_nocrc"):
         import ckptfit
 
-        model, report = ckptfit.build(make, path)
+        model, report = ckptfit.build(make, path, mmap=recipe == "build_mmap", verify=recipe != "build_nocrc")
         _touch(model)
-    elif recipe == "load":
+    elif recipe in ("load", "load_nocrc"):
         import ckptfit
 
         model = existing
-        ckptfit.load(model, path)
+        ckptfit.load(model, path, verify=recipe == "load")
     else:
         raise SystemExit(f"unknown recipe {recipe}")
     seconds = time.perf_counter() - t0

@@ -3,8 +3,10 @@
 :func:`plan` decides everything from names, shapes and dtypes (no tensor bytes read).
 :func:`load` applies a plan: every source tensor is first obtained as a view of the
 memory-mapped file (so a failure leaves the model untouched), then copied into the model's
-own tensors in place (parameter identity, ``requires_grad`` and device kept), or assigned
-zero-copy into parameters that live on the meta device (:func:`build`).
+own tensors in place (parameter identity, ``requires_grad`` and device kept), or into new
+private tensors for parameters that live on the meta device (:func:`build`; zero-copy views
+of the file only with ``build(mmap=True)``). Every zip record read is CRC-32 checked, fused
+with the copy, and a failure part way (I/O error, CRC mismatch) is rolled back (:class:`_Rollback`).
 """
 from __future__ import annotations
 
