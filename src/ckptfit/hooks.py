@@ -112,12 +112,14 @@ class ModuleHooks:
     Attributes:
         renames: ``{file key: (name the matcher sees, why)}``.
         derived: ``{name: (spec, why)}`` for tensors a module computes from the file's.
+        consumed: ``{file key: why}`` for the file tensors those are computed from.
         own_loads: modules run again on the real tensors after the copy.
         warnings: hooks that could not be run on placeholders.
     """
 
     renames: dict[str, tuple[str, str]] = field(default_factory=dict)
     derived: dict[str, tuple[TensorSpec, str]] = field(default_factory=dict)
+    consumed: dict[str, str] = field(default_factory=dict)
     own_loads: list[_OwnLoad] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -142,8 +144,10 @@ class ModuleHooks:
         for d in p.decisions:
             if d.source in self.derived and d.source not in back:
                 why = self.derived[d.source][1]
+                froms = [k for k, w in self.consumed.items() if w == why]
+                made = f"made from {', '.join(repr(k) for k in froms)} " if froms else "made "
                 d = replace(d, source=None, stage="rule", transform=None,
-                            reason=f"made by the module's own load logic ({why})")
+                            reason=f"{made}by the module's own load logic ({why})")
             elif d.source in back:
                 old, why = back[d.source]
                 d = replace(d, source=old, stage="rule" if d.stage in ("exact", "prefix") else d.stage,
@@ -151,7 +155,7 @@ class ModuleHooks:
                                    + (f"; {d.reason}" if d.stage not in ("exact",) else ""))
             decisions.append(d)
         unused = tuple(replace(u, source=back[u.source][0]) if u.source in back else u for u in p.unused
-                       if u.source not in self.derived)
+                       if u.source not in self.derived and u.source not in self.consumed)
         lines: dict[str, list[str]] = {}
         for old, (new, why) in self.renames.items():
             lines.setdefault(why, []).append(f"'{old}' -> '{new}'")
@@ -301,6 +305,9 @@ def _discover_one(out: ModuleHooks, path: str, mod: nn.Module, prefix: str, by_n
                                 f"{e}); it is run on the real tensors after the copy")
             derived_any = True
             continue
+        placed = {id(v) for v in dict.values(sd)}
+        gone = [origin[id(v)] for k, v in before.items() if id(v) in origin and id(v) not in placed]
+        made = False
         for k, v in dict.items(sd):
             if before.get(k) is v:
                 continue
@@ -310,7 +317,11 @@ def _discover_one(out: ModuleHooks, path: str, mod: nn.Module, prefix: str, by_n
                     out.renames[old] = (k, why)
             elif isinstance(v, torch.Tensor):
                 out.derived[k] = (TensorSpec(k, tuple(v.shape), v.dtype), f"{why} of {where!r}")
-                derived_any = True
+                if id(before.get(k)) in origin:
+                    out.consumed[origin[id(before[k])]] = f"{why} of {where!r}"
+                derived_any = made = True
+        if made:
+            out.consumed.update({k: f"{why} of {where!r}" for k in gone})
         for name, src in copies.items():
             k = prefix + name
             if id(src) in origin:
@@ -327,8 +338,8 @@ def _discover_one(out: ModuleHooks, path: str, mod: nn.Module, prefix: str, by_n
             out.renames[g] = (f"{prefix}{name}_g", why)
             out.renames[v] = (f"{prefix}{name}_v", why)
     if derived_any:
-        out.own_loads.append(_OwnLoad(path, mod, prefix, tuple(k for k in under if k in sd.read or k in sd),
-                                      f"{type(mod).__name__}'s own _load_from_state_dict ({path or 'the model'})"))
+        why = f"{type(mod).__name__}'s own load logic, run on the real tensors ({path or 'the model'})"
+        out.own_loads.append(_OwnLoad(path, mod, prefix, tuple(k for k in under if k in sd.read or k in sd), why))
 
 
 def metadata_of(tree: Any, container: str | None) -> dict[str, Any]:
