@@ -210,6 +210,11 @@ def load_sharded(model: nn.Module, source: Any, *, partial: bool = False, use: s
                 raise LoadError(f"the checkpoint needs transposed, split or joined tensors ('{ported[0]}' and "
                                 f"{len(ported) - 1} more), which a sharded load does not do; load into the "
                                 f"unsharded model, save it, then shard", path=ckpt.path, plan=p)
+            own = [d.target for d in p.loads if d.source is None]
+            if own:  # computed by a module's own _load_from_state_dict or hook (ckptfit.hooks): not here
+                raise LoadError(f"'{own[0]}' (and {len(own) - 1} more) is made by a module's own load logic, "
+                                f"which a sharded load does not run; load into the unsharded model, save it, "
+                                f"then shard", path=ckpt.path, plan=p)
             problems = _check_target(target, [d.target for d in p.loads if d.source is not None], device, dtype)
             if problems:
                 raise LoadError(f"cannot load into the sharded {type(model).__name__}: {len(problems)} "
