@@ -201,7 +201,7 @@ CASES: list[Case] = [
     Case("deep-nesting", lambda t, c: _p(t, "a.pkl", b"\x80\x02" + b"]" * 1_000_000 + b"a" * 999_999 + b"."),
          ResourceLimitExceeded, r"the pickled data \(pickle\) nests containers more than 1000 deep"),
     Case("deep-tuple-key", lambda t, c: _p(t, "a.pkl", b"\x80\x02}" + b")" + b"\x85" * 1_000_000 + b"Ns."),
-         ResourceLimitExceeded, r"nests more than 10000 values \(a hashing bomb\?\)"),
+         ResourceLimitExceeded, r"a dict key or set item nests .* \(a hashing bomb\?\)"),
     Case("billion-laughs-key", lambda t, c: _p(t, "a.pkl", _laughs(b"\x86", 100) + b"}h\x00Ns."),
          ResourceLimitExceeded, r"a hashing bomb"),
     Case("billion-laughs-str", lambda t, c: _p(t, "a.pkl", b"\x80\x02cbuiltins\nstr\n" + _laughs(b"\x86", 100)[2:]

@@ -25,8 +25,32 @@ from collections.abc import Iterable
 __all__ = ["fold_keys", "expand_pattern", "fold_pairs", "group_by_module"]
 
 _SPECIAL = re.compile(r"[\\{},]")
-# The last canonical integer inside a segment (no leading zero), with what surrounds it.
-_NUM_TAIL = re.compile(r"^(.*?)(0|[1-9]\d*)(\D*)$")
+_MAX_DIGITS = 1000  # a longer number is listed as text (int() of 4,300+ digits is refused by Python)
+
+
+def _num_tail(v: str) -> tuple[str, str, str] | None:
+    """``(head, number, tail)``: the last canonical integer of a segment (no leading zero), what
+    precedes it and the non-digits after it; None if there is none.
+
+    What ``re.match(r"^(.*?)(0|[1-9]\d*)(\D*)$", v)`` gives, in one linear pass: that regex
+    backtracks quadratically on a long run of digits followed by non-digits and another digit.
+    """
+    k = len(v)
+    while k and not v[k - 1].isdecimal():  # the non-digit tail (\D*)
+        k -= 1
+    r = k
+    while r and v[r - 1].isdecimal():  # the last run of digits
+        r -= 1
+    if r == k:
+        return None
+    s = next((i for i in range(r, k) if v[i] in "123456789"), None)  # the earliest canonical start (lazy head)
+    if s is None:
+        if v[k - 1] != "0":
+            return None
+        s = k - 1
+    if "\n" in v[:s] or k - s > _MAX_DIGITS:  # (.*?) does not cross a newline
+        return None
+    return v[:s], v[s:k], v[k:]
 _INT = re.compile(r"^(?:0|[1-9]\d*)$")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 
@@ -59,10 +83,10 @@ def _render_slot(values: tuple[str, ...]) -> str:
     """One segment's set of values as pattern text."""
     if len(values) == 1:
         return _escape(values[0])
-    matches = [_NUM_TAIL.match(v) for v in values]
-    if all(matches) and len({(m[1], m[3]) for m in matches}) == 1:  # type: ignore[index]
-        head, tail = matches[0][1], matches[0][3]  # type: ignore[index]
-        numbers = sorted(int(m[2]) for m in matches)  # type: ignore[index]
+    matches = [_num_tail(v) for v in values]
+    if all(matches) and len({(m[0], m[2]) for m in matches}) == 1:  # type: ignore[index]
+        head, tail = matches[0][0], matches[0][2]  # type: ignore[index]
+        numbers = sorted(int(m[1]) for m in matches)  # type: ignore[index]
         return f"{_escape(head)}{{{_ranges(numbers)}}}{_escape(tail)}"
     return "{" + ",".join(_escape(v) for v in values) + "}"
 

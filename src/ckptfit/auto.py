@@ -39,9 +39,41 @@ def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
 def _hf_factory(path: str, config: Mapping[str, Any]) -> tuple[Callable[[], nn.Module], str]:
     from .specs import model_factory
 
-    arch = (config.get("architectures") or [None])[0]
-    name = f"transformers.{arch}" if arch else f"transformers.AutoModel[{config.get('model_type', '?')}]"
-    return model_factory(f"hf:{path}"), f"{name} (recorded in config.json)"
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    model_type = config.get("model_type")
+    if arch is not None:
+        _check_model_class(arch, path)
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"config.json has a model_type of type {type(model_type).__name__}, not a name",
+                              path=path, hint="pass the model yourself with --model SPEC")
+    name = f"transformers.{arch}" if arch else f"transformers.AutoModel[{model_type}]"
+    inner = model_factory(f"hf:{path}")
+
+    def make() -> nn.Module:
+        try:
+            return inner()
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - transformers parsing a config.json from the file: any error
+            raise CheckpointError(f"cannot build the model config.json describes ({name}): "
+                                  f"{type(e).__name__}: {str(e)[:300]}", path=path,
+                                  hint="check config.json, or pass the model yourself with --model SPEC") from e
+
+    return make, f"{name} (recorded in config.json)"
+
+
+def _check_model_class(arch: Any, path: str) -> None:
+    """Only a transformers model class (a ``PreTrainedModel`` subclass) may be built from a name the
+    file gives: ``architectures: ["pipeline"]`` must not call ``transformers.pipeline(config)``."""
+    import transformers
+
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        shown = arch if isinstance(arch, str) and len(arch) <= 80 else f"a {type(arch).__name__}"
+        raise CheckpointError(f"config.json names the architecture {shown!r}, which is not a transformers model "
+                              f"class", path=path, hint="fix \"architectures\" in config.json, or pass the model "
+                                                        "yourself with --model SPEC")
 
 
 def _lightning_class(tree: Any) -> tuple[str, dict[str, Any]] | None:

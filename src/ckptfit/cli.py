@@ -50,7 +50,10 @@ def parse_device(name: str | None) -> str | None:
 
 
 def _stderr(msg: str) -> None:
-    click.echo(msg, err=True)
+    """One message on stderr; text from a file inside it (keys, class names) cannot drive the terminal."""
+    from .report import printable
+
+    click.echo(printable(msg), err=True)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -68,10 +71,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if "\n" not in str(e):
                 _stderr("(run with --debug for the full traceback)")
             sys.exit(1)
-        except (OSError, ValueError, TypeError, ImportError, RuntimeError) as e:
+        except (OSError, ValueError, TypeError, ImportError, RuntimeError, MemoryError) as e:
             if debug:
                 raise
-            _stderr(f"error: {type(e).__name__}: {e}")
+            _stderr(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             _stderr("(run with --debug for the full traceback)")
             sys.exit(1)
 

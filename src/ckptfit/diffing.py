@@ -16,6 +16,7 @@ from ._fold import fold_keys, fold_pairs
 from .lazy import LazyTensor, dtype_name
 from .matching import match
 from .plan import TensorSpec
+from .report import printable
 
 __all__ = ["Diff", "diff_sources"]
 
@@ -65,7 +66,7 @@ class Diff:
         lines = [f"diff {self.a} -> {self.b}: {self.common} tensor{'s' if self.common != 1 else ''} in both"]
         if self.identical:
             lines.append("  identical" + ("" if self.values_compared else " (names, shapes and dtypes)"))
-            return "\n".join(lines)
+            return printable("\n".join(lines))
         if self.removed:
             lines.append(f"  removed ({len(self.removed)}): " + ", ".join(fold_keys(self.removed)))
         if self.added:
@@ -90,7 +91,7 @@ class Diff:
             lines.append(f"  values: {same} equal, {len(changed)} differ")
             top = sorted(changed.items(), key=lambda kv: -kv[1])[:10]
             lines.extend(f"    {k}: max |a-b| = {v:.3g}" for k, v in top)
-        return "\n".join(lines)
+        return printable("\n".join(lines))
 
 
 def _capped(lines: list[str], limit: int) -> list[str]:

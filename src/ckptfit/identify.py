@@ -199,7 +199,9 @@ class Identification:
             lines.append("  (nothing comparable was found)")
         if self.searched:
             lines.append("  searched: " + "; ".join(self.searched))
-        return "\n".join(lines)
+        from .report import printable
+
+        return printable("\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------ the cache

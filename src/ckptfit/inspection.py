@@ -95,10 +95,18 @@ class Inspection:
     def print(self, console, *, show_all: bool = False) -> None:
         """Render for a terminal (rich)."""
         from rich.table import Table
-        from rich.text import Text
+        from rich.text import Text as _Text
+
+        from .report import printable
+
+        def Text(text: str = "", **kw: Any) -> _Text:  # noqa: N802 - text from the file, never markup or escapes
+            return _Text(printable(text), **kw)
+
+        def safe(v: Any) -> _Text:
+            return _Text(printable(v, newlines=False))
 
         verdict = self.safety.get("verdict", "?")
-        console.print(Text.assemble((os.path.basename(self.path) or self.path, "bold"),
+        console.print(_Text.assemble((printable(os.path.basename(self.path) or self.path, newlines=False), "bold"),
                                     f"  {self.format}, {human_bytes(self.size)} on disk, "
                                     f"{_tensors(self.num_tensors)} ({human_bytes(self.num_bytes)})"))
         console.print(Text(f"safety: {verdict}" + (f" — inert placeholders for: {', '.join(self.safety['unknown_classes'][:6])}"
@@ -114,7 +122,7 @@ class Inspection:
             console.print(Text("metadata:", style="bold"))
             for k, v in list(self.metadata.items())[:20]:
                 text = v if isinstance(v, str) else _short_json(v)
-                console.print(Text(f"  {k}: {text}"), no_wrap=True, overflow="ellipsis")
+                console.print(safe(f"  {k}: {text}"), no_wrap=True, overflow="ellipsis")
         if self.state_dicts:
             console.print(Text("state dicts:", style="bold"))
             for sd in self.state_dicts:
@@ -123,12 +131,12 @@ class Inspection:
                 console.print(Text(f" {mark} {name}: {sd['kind']}, {_tensors(sd['num_tensors'])}, "
                                    f"{human_bytes(sd['num_bytes'])} — {sd['reason']}"))
         if self.modules:
-            t = Table(title=f"modules of {self.default or '(top level)'!s}", title_justify="left", box=None,
+            t = Table(title=safe(f"modules of {self.default or '(top level)'!s}"), title_justify="left", box=None,
                       pad_edge=False)
             for col, j in (("module", "left"), ("tensors", "right"), ("params", "right"), ("bytes", "right")):
                 t.add_column(col, justify=j)  # type: ignore[arg-type]
             for m, n, p, b in self.modules:
-                t.add_row(Text(m or "(root)"), str(n), _count(p), human_bytes(b))
+                t.add_row(safe(m or "(root)"), str(n), _count(p), human_bytes(b))
             console.print(t)
         if not self.tensors:
             console.print(Text("tensors: none", style="bold"))
@@ -143,11 +151,11 @@ class Inspection:
                 numel = 1
                 for x in s:
                     numel *= x
-                t.add_row(Text(n or "(root)"), str(list(s)), d, "1", _count(numel), human_bytes(b), dev)
+                t.add_row(safe(n or "(root)"), str(list(s)), safe(d), "1", _count(numel), human_bytes(b), safe(dev))
         else:
             for g in self.groups:
-                t.add_row(Text(g.pattern or "(root)"), str(list(g.shape)), g.dtype, str(g.count), _count(g.numel),
-                          human_bytes(g.nbytes), g.device)
+                t.add_row(safe(g.pattern or "(root)"), str(list(g.shape)), safe(g.dtype), str(g.count),
+                          _count(g.numel), human_bytes(g.nbytes), safe(g.device))
         console.print(t)
 
 

@@ -22,7 +22,28 @@ from .plan import Decision, Plan, Unused
 if TYPE_CHECKING:
     from rich.console import Group
 
-__all__ = ["LoadReport", "render_plan"]
+__all__ = ["LoadReport", "render_plan", "printable"]
+
+# Characters a terminal acts on (C0 and C1 controls, DEL, bidirectional overrides): text from a file
+# (tensor names, metadata, class names) is never allowed to move the cursor, recolour or reorder a line.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_NL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object, *, newlines: bool = True) -> str:
+    """``text`` safe for a terminal: control characters shown as ``\\x1b`` escapes, nothing else changed.
+
+    Args:
+        newlines: keep line breaks (and tabs), for multi-line renderings; False escapes them too,
+            for one name or value on one line.
+
+    Example:
+        >>> printable("conv\x1b[31m.weight")
+        'conv\\x1b[31m.weight'
+    """
+    s = text if isinstance(text, str) else str(text)
+    pattern = _CONTROL if newlines else _CONTROL_NL
+    return pattern.sub(lambda m: f"\\x{ord(m.group(0)):02x}" if ord(m.group(0)) < 256 else f"\\u{ord(m.group(0)):04x}", s)
 
 _T = TypeVar("_T")
 
@@ -363,7 +384,7 @@ class LoadReport:
             >>> print(LoadReport.from_plan(plan).to_text())
             Loaded 1/1 tensors
         """
-        return "\n".join(self._lines("Loaded", max_lines, max_keys))
+        return printable("\n".join(self._lines("Loaded", max_lines, max_keys)))
 
     def __str__(self) -> str:
         return self.to_text()
@@ -546,13 +567,16 @@ def render_plan(plan: Plan, *, max_lines: int = 12, max_keys: int = 8) -> str:
         lines[0] += f" — refused, {n} problem{'s' if n != 1 else ''}"
         lines.extend(_list_lines("problem", _fold_messages(plan.problems)))
     lines.extend(_list_lines("suggestion", list(plan.suggestions)))
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def _rich_group(report: LoadReport, head: Sequence[str], problems: Sequence[str]) -> Group:
     from rich.console import Group
     from rich.table import Table
-    from rich.text import Text
+    from rich.text import Text as _Text
+
+    def Text(text: str = "", **kw: Any) -> _Text:  # noqa: N802 - every string from the file, made safe
+        return _Text(printable(text), **kw)
 
     styles = {
         "loaded": "green",

@@ -35,6 +35,7 @@ import collections
 import datetime
 import gc
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -67,12 +68,18 @@ Kind = Literal["tensor", "data", "unknown", "dangerous"]
 MAX_PICKLE_BYTES = 1 << 31  # a model's structure pickle, never its tensor data
 MAX_MEMO = 50_000_000
 MAX_STACK = 50_000_000
-MAX_INT_BYTES = 1 << 16  # LONG/LONG1/LONG4 arguments
+# LONG/LONG1/LONG4 arguments: 1 KiB is 2,467 decimal digits, under Python's 4,300-digit limit on int <-> str
+# conversions, so every integer a pickle holds can be printed, used as a key and compared as text
+MAX_INT_BYTES = 1 << 10
 # Python objects one pickle may build, in estimated bytes (pointers, containers, memo entries; not
 # the bytes/str payloads, which are bounded by the file itself). One opcode byte can allocate a
 # 232-byte set, so without this a 5 MB pickle could take 1 GB. A torch state dict costs about
 # 2 KB per tensor here (20,000 tensors: 40 MB), so the limit allows ~390,000 tensors in one pickle.
 MAX_OBJECT_BYTES = 768 << 20
+# Global references in one pickle: each is recorded (GlobalRef) and classified. torch's pickler memoises
+# every global, so a real checkpoint names a few dozen, once each; a flood of them is only slow to scan.
+MAX_GLOBALS = 1_000_000
+MAX_DISTINCT_GLOBALS = 2_048
 MAX_EXTRA_PICKLES = 16  # pickles after STOP that a scan interprets before giving up
 
 
@@ -379,6 +386,20 @@ def _ints(x: Any, what: str) -> tuple[int, ...]:
 
 
 _MAX_DIM = 1 << 62
+# Dtypes whose storages may be materialised as tensors (read, viewed with as_strided, copied): plain
+# numbers only. Quantized (qint8 ...), bit-packed (bits8, quint4x2) and sub-byte (int4, uint2) dtypes
+# have no plain element layout; torch crashes the process on some of them (as_strided of a qint8 view).
+_PLAIN_DTYPES = frozenset(getattr(torch, n) for n in (
+    "float64", "float32", "float16", "bfloat16", "complex128", "complex64", "int64", "int32", "int16", "int8",
+    "uint8", "bool", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+    "float8_e5m2fnuz") if isinstance(getattr(torch, n, None), torch.dtype))
+
+
+def _check_dtype(dtype: Any, what: str = "tensor") -> None:
+    if dtype not in _PLAIN_DTYPES:
+        raise UnsupportedFormat(f"the checkpoint holds a {what} of dtype {dtype}, which ckptfit does not rebuild "
+                                f"(only plain number dtypes)",
+                                hint="convert it to a plain dtype (dequantize it) with the code that wrote it")
 
 
 def _check_view(storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
@@ -394,20 +415,32 @@ def _check_view(storage: StorageRef, offset: int, size: tuple[int, ...], stride:
         raise CorruptCheckpoint(f"tensor view (offset {offset}, size {list(size)[:8]}, stride {list(stride)[:8]}) "
                                 f"is beyond what any tensor can have")
     if 0 in size:
+        if offset > storage.numel:
+            raise CorruptCheckpoint(f"empty tensor view starts at element {offset} of storage {storage.key!r}, "
+                                    f"which holds only {storage.numel} elements")
         return
     last = offset
+    numel = 1
     for n, s in zip(size, stride):
         last += (n - 1) * s  # Python ints: no overflow
+        numel *= n
     if last >= storage.numel:
         raise CorruptCheckpoint(
             f"tensor view (offset {offset}, size {list(size)}, stride {list(stride)}) reaches element {last} "
             f"of storage {storage.key!r}, which holds only {storage.numel} elements")
+    if numel > storage.numel:
+        # overlapping strides (an expanded view, stride 0): reading it whole holds more than the file does;
+        # the elements beyond the storage's own count are charged to the pickle's object budget
+        if numel >= _MAX_DIM:
+            raise CorruptCheckpoint(f"tensor view of size {list(size)[:8]} has more elements than any tensor can")
+        _charge((numel - storage.numel) * storage.dtype.itemsize)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                     metadata=None, *, dtype: torch.dtype | None = None) -> LazyTensor:
     if not isinstance(storage, StorageRef):
         raise CorruptCheckpoint(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
+    _check_dtype(storage.dtype if dtype is None else dtype)
     size_t, stride_t = _ints(size, "size"), _ints(stride, "stride")
     if dtype is not None and dtype != storage.dtype:
         # untyped storage (v3): re-express element counts in the tensor's dtype
@@ -463,6 +496,12 @@ def _rebuild_meta(dtype, size, stride, requires_grad=False):
     size_t = _ints(size, "size")
     if not isinstance(dtype, torch.dtype) or len(size_t) > 64 or any(not 0 <= s < _MAX_DIM for s in size_t):
         raise CorruptCheckpoint(f"meta tensor with an invalid dtype or size {list(size_t)[:8]}")
+    _check_dtype(dtype, "meta tensor")
+    numel = 1
+    for s in size_t:
+        numel *= s
+    if numel >= _MAX_DIM:
+        raise CorruptCheckpoint(f"meta tensor of size {list(size_t)[:8]} has more elements than any tensor can")
     return LazyTensor(size_t, dtype, None, device="meta", requires_grad=bool(requires_grad))
 
 
@@ -511,11 +550,69 @@ def _plain_ctor(typ: type, module: str = "builtins") -> Callable:
             if typ is dict and isinstance(a, list | tuple):
                 for item in a:
                     _check_key(item[0] if isinstance(item, tuple | list) and item else item)
-        return typ(*args)
+        if typ in (bytes, bytearray, str) and len(args) > 1:
+            _check_codec(*args[1:3])
+        try:
+            value = typ(*args)
+        except LookupError as e:  # an unknown codec or error handler (KeyError/IndexError are caught by call)
+            raise CorruptCheckpoint(f"{typ.__name__}() with an unknown codec or error handler ({e})") from e
+        _charge(_held(value))
+        return value
     return fn
 
 
+# Codecs a pickle may name (``bytes(s, "latin1")``, ``_codecs.encode``): text codecs only, never the
+# byte-to-byte ones (zlib, base64 ...) whose output size is not the input's; error handlers likewise.
+_CODECS = frozenset({"latin1", "latin-1", "iso-8859-1", "utf-8", "utf8", "ascii", "utf-16", "utf-32"})
+_CODEC_ERRORS = frozenset({"strict", "ignore", "replace", "surrogatepass", "surrogateescape", "backslashreplace"})
+
+
+def _check_codec(encoding: Any = "utf-8", errors: Any = "strict") -> None:
+    if not isinstance(encoding, str) or encoding.lower() not in _CODECS:
+        raise CorruptCheckpoint(f"the pickle names the codec {str(encoding)[:40]!r}, which no checkpoint uses")
+    if not isinstance(errors, str) or errors not in _CODEC_ERRORS:
+        raise CorruptCheckpoint(f"the pickle names the codec error handler {str(errors)[:40]!r}")
+
+
+# Bytes that handlers allocate beyond the interpreter's own per-opcode estimate (a bytearray(n), a copy
+# of a memoised list, a numpy array, a tensor view that repeats its storage), not yet added to the
+# running total of the pickle being interpreted: `interpret` takes them at its next call and at STOP.
+_PENDING = threading.local()
+
+
+def _charge(n: int) -> None:
+    """Count ``n`` bytes a handler holds against the current pickle's :data:`MAX_OBJECT_BYTES`."""
+    if n <= 0:
+        return
+    total = getattr(_PENDING, "n", 0) + n
+    _PENDING.n = total
+    if total > MAX_OBJECT_BYTES:
+        _PENDING.n = 0
+        raise ResourceLimitExceeded(f"the pickle builds more than {MAX_OBJECT_BYTES >> 20} MiB of objects (a memory "
+                                    f"bomb?); ckptfit stopped before allocating more",
+                                    hint="no checkpoint's structure needs that much; nothing was executed")
+
+
+def _take_charge() -> int:
+    n = getattr(_PENDING, "n", 0)
+    if n:
+        _PENDING.n = 0
+    return n
+
+
+def _held(value: Any) -> int:
+    """Bytes a rebuilt plain value holds of its own (its items are counted where they were built)."""
+    if isinstance(value, str | bytes | bytearray):
+        return len(value)
+    if isinstance(value, dict | set | frozenset):
+        return 64 * len(value)
+    if isinstance(value, list | tuple):
+        return 8 * len(value)
+    return 0
+
+
 MAX_KEY_NODES = 10_000
+MAX_KEY_DEPTH = 64  # a dict key / set item nested deeper is no checkpoint's (repr and hash recurse in C)
 
 
 def _check_key(key: Any) -> None:
@@ -528,23 +625,32 @@ def _check_key(key: Any) -> None:
     if type(key) in (str, int, bytes, float, bool, type(None)):
         return
     budget = MAX_KEY_NODES
-    stack = [key]
+    stack = [(key, 1)]
     while stack:
-        k = stack.pop()
+        k, depth = stack.pop()
         budget -= 1
         if budget < 0:
             raise ResourceLimitExceeded(f"a dict key or set item nests more than {MAX_KEY_NODES} values "
                                         f"(a hashing bomb?)")
         if isinstance(k, tuple | frozenset):
-            stack.extend(k)
+            if depth > MAX_KEY_DEPTH:
+                raise ResourceLimitExceeded(f"a dict key or set item nests tuples more than {MAX_KEY_DEPTH} deep "
+                                            f"(a hashing bomb?)")
+            stack.extend((x, depth + 1) for x in k)
         elif isinstance(k, list | dict | set | bytearray):
             raise CorruptCheckpoint(f"unhashable dict key or set item ({type(k).__name__})")
 
 
 def _codecs_encode(obj, encoding="utf-8", errors="strict"):
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
-        raise CorruptCheckpoint(f"_codecs.encode called with unexpected arguments ({encoding!r})")
-    return codecs.encode(obj, encoding, errors)
+        raise CorruptCheckpoint(f"_codecs.encode called with unexpected arguments ({str(encoding)[:40]!r})")
+    _check_codec(encoding, errors)
+    try:
+        value = codecs.encode(obj, encoding, errors)
+    except LookupError as e:  # pragma: no cover - both names are checked above
+        raise CorruptCheckpoint(f"_codecs.encode with an unknown codec or error handler ({e})") from e
+    _charge(len(value))
+    return value
 
 
 def _torch_size(*args):
@@ -652,6 +758,7 @@ class _NumpyArray:
                 raise CorruptCheckpoint(f"numpy array of shape {list(shape)} and dtype {dt} "
                                         f"has {len(raw) if hasattr(raw, '__len__') else '?'} bytes of data")
             arr = np.frombuffer(bytes(raw), dtype=dt).reshape(shape, order="F" if fortran else "C").copy()
+        _charge(arr.nbytes if not dt.hasobject else 8 * arr.size)
         self.value = arr
 
 
@@ -872,6 +979,7 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
     pos = start
     frame_end = -1  # -1: not inside a frame
     globals_idx: dict[int, int] = {}  # id(handle) -> index in scan.globals
+    kinds: dict[tuple[str, str], Kind] = {}  # classification of each distinct global, once
     unpack = struct.unpack_from
     alloc = 0  # estimated bytes of Python objects built so far (see MAX_OBJECT_BYTES)
 
@@ -898,8 +1006,18 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
         if not isinstance(module, str) or not isinstance(name, str):
             raise fail("global name is not a string")
         module, name = _normalise(module, name)
-        kind = classify(module, name)
+        kind = kinds.get((module, name))
+        if kind is None:
+            if len(kinds) >= MAX_DISTINCT_GLOBALS:
+                raise ResourceLimitExceeded(f"the pickle names more than {MAX_DISTINCT_GLOBALS} distinct globals; no "
+                                            f"checkpoint needs that many", path=path)
+            kind = kinds[(module, name)] = classify(module, name)
+        if len(scan.globals) >= MAX_GLOBALS:
+            raise ResourceLimitExceeded(f"the pickle references globals more than {MAX_GLOBALS} times; no checkpoint "
+                                        f"does (torch memoises each global once)", path=path)
         idx = len(scan.globals)
+        nonlocal alloc
+        alloc += 200  # the GlobalRef record, its strings and its handle
         scan.globals.append(GlobalRef(module, name, kind, opcode, at, member=member))
         if kind == "tensor":
             if (module, name) in _TENSOR:
@@ -934,7 +1052,7 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
 
     def call(fn: Any, args: Any, kwargs: dict | None = None) -> Any:
         nonlocal alloc
-        alloc += 160
+        alloc += 160 + _take_charge()
         if type(args) is not tuple and not isinstance(args, tuple):
             if isinstance(args, list):
                 args = tuple(args)
@@ -1075,6 +1193,7 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
     # can wait until the end; run meanwhile, it re-walks the growing memo many times (see ckptfit._gc).
     gc_was_enabled = gc.isenabled()
     gc.disable()
+    _take_charge()  # anything left by an earlier pickle that stopped with an error
     # Limits read once (tests and users may change the module's values between calls).
     max_objects, max_stack, max_memo = MAX_OBJECT_BYTES, MAX_STACK, MAX_MEMO
     # Every opcode adds at least 8 to `alloc` and pushes at most one item on the stack (MARK starts an
@@ -1239,6 +1358,10 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 if frame_end >= 0 and pos != frame_end:
                     raise fail("STOP before the end of its FRAME")
                 scan.end = pos
+                alloc += _take_charge()
+                if alloc > max_objects:
+                    raise ResourceLimitExceeded(f"the pickle builds more than {max_objects >> 20} MiB of Python "
+                                                f"objects (a memory bomb?)", path=path)
                 if pos < n and not allow_trailing:
                     scan.anomalies.append(f"{n - pos} byte(s) of trailing data after STOP")
                     merge_extra(scan, scan_trailing(data, pos, member=member, path=path))
@@ -1385,6 +1508,12 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
         err.partial_scan = scan  # type: ignore[attr-defined]
         raise err from e
     finally:
+        # Drop the machine's own references (the value, if any, was taken above): an error's traceback
+        # keeps this frame alive, and with it up to MAX_OBJECT_BYTES of half-built objects.
+        stack.clear()
+        metastack.clear()
+        memo.clear()
+        _take_charge()
         if gc_was_enabled:
             gc.enable()
 
@@ -1456,18 +1585,21 @@ def short_repr(obj: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_MAX_NAMED = 20  # dangerous globals named in a message; the error's `globals` holds all
+
+
 def refuse_if_dangerous(scans: Iterable[PickleScan], *, path: str | None) -> None:
     """Raise :class:`UnsafeCheckpoint` naming every dangerous global in ``scans``."""
-    bad: list[str] = []
+    found: dict[str, None] = {}  # ordered and O(1) per global: a pickle can name 100,000s of them
     for scan in scans:
         for g in scan.dangerous:
-            label = g.qualname + (" (called)" if g.called else "")
-            if label not in bad:
-                bad.append(label)
+            found[g.qualname + (" (called)" if g.called else "")] = None
+    bad = list(found)
     if bad:
+        shown = ", ".join(bad[:_MAX_NAMED]) + (f" and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else "")
         raise UnsafeCheckpoint(
-            f"refusing to load: its pickled data references code that would run on load: {', '.join(bad)}",
-            path=path, globals=[b.removesuffix(" (called)") for b in bad],
+            f"refusing to load: its pickled data references code that would run on load: {shown}",
+            path=path, globals=list(dict.fromkeys(b.removesuffix(" (called)") for b in bad)),
             hint="nothing was executed. Do not load this file unless you wrote it yourself; `ckptfit scan` "
                  "lists every reference. No automatic unsafe fallback is performed.")
 

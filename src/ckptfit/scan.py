@@ -215,14 +215,21 @@ def render_text(report: ScanReport) -> str:
         lines.append(f"  anomaly: {a}")
     for e in report.errors:
         lines.append(f"  error: {e.splitlines()[0]}")
-    return "\n".join(lines)
+    from .report import printable
+
+    return printable("\n".join(lines))
 
 
 def render_rich(report: ScanReport) -> Any:
     """The report as a rich renderable (a table of globals, then anomalies and errors)."""
     from rich.console import Group
     from rich.table import Table
-    from rich.text import Text
+    from rich.text import Text as _Text
+
+    from .report import printable
+
+    def Text(text: str = "", **kw: Any) -> _Text:  # noqa: N802 - names from the file, never markup or escapes
+        return _Text(printable(text), **kw)
 
     style = {"dangerous": "bold red", "unknown": "yellow", "inert": "green", "data": "green", "tensor": "cyan"}
     head = Text(f"{report.path}: {report.format}, {len(report.pickles)} pickle(s)"
@@ -236,7 +243,7 @@ def render_rich(report: ScanReport) -> Any:
         table = Table("Kind", "Global", "Uses", "Where")
         for r in report.references:
             kind, q, uses, where = _row(r)
-            table.add_row(Text(kind, style=style[kind]), q, uses, where)
+            table.add_row(Text(kind, style=style[kind]), *(Text(printable(x, newlines=False)) for x in (q, uses, where)))
         parts.append(table)
     parts.extend(Text(f"concern: {c}", style="yellow") for c in report.concerns)
     parts.extend(Text(f"anomaly: {a}", style="yellow") for a in report.anomalies)
@@ -383,6 +390,9 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError("no such file or directory", path=path, hint="check the path")
+    from .formats import check_regular
+
+    check_regular(path, directory_ok=True)  # a FIFO or a device is refused, never opened (it could block)
     w = _Walk(path)
     w.seen.add(os.path.realpath(path))
     if os.path.isdir(path):
@@ -852,10 +862,11 @@ def _scan_hf(w: _Walk, path: str) -> set[str]:
     indexes = _index_files(path)
     if indexes:
         try:
-            with open(os.path.join(path, indexes[0])) as f:
-                weight_map = json.load(f)["weight_map"]
+            from .formats import read_json
+
+            weight_map = read_json(os.path.join(path, indexes[0]), what=indexes[0], folder=path)["weight_map"]
             shards = list(dict.fromkeys(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError) as e:
             w.errors.append(f"{indexes[0]} is not a valid shard index ({e})")
             return covered
     else:
@@ -881,6 +892,8 @@ def _scan_dcp(w: _Walk, path: str) -> set[str]:
     mpath = os.path.join(path, ".metadata")
     covered.add(os.path.realpath(mpath))
     try:
+        if not os.path.isfile(mpath):
+            raise OSError("not a regular file")
         with open(mpath, "rb") as f:
             data = f.read(MAX_SCAN_PICKLE + 1)
     except OSError as e:

@@ -83,8 +83,8 @@ def model_factory(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callabl
         def make() -> nn.Module:
             config = transformers.AutoConfig.from_pretrained(cfg_path, **kwargs)
             arch = (config.architectures or [None])[0]
-            cls = getattr(transformers, arch, None) if arch else None
-            if cls is None:
+            cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
+            if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):  # only model classes
                 return transformers.AutoModel.from_config(config)
             return cls(config)
 

@@ -7,7 +7,9 @@ and, when none claims the input, says what the input looks like instead.
 """
 from __future__ import annotations
 
+import json
 import os
+import stat
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from .._gc import gc_paused
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, CorruptCheckpoint, NotACheckpoint
 
-__all__ = ["Reader", "register", "readers", "open_checkpoint", "detect"]
+__all__ = ["Reader", "register", "readers", "open_checkpoint", "detect", "check_regular", "read_json"]
 
 HEAD_BYTES = 64
 
@@ -59,12 +61,81 @@ def _head(path: str) -> bytes:
         return f.read(HEAD_BYTES)
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular(path: str, *, what: str = "", directory_ok: bool = False) -> bool:
+    """Refuse anything but a regular file (or a directory, when allowed) before it is opened.
+
+    Opening a FIFO blocks until a writer appears, a device can be endless: both are refused from
+    ``os.stat`` alone, never opened. A symbolic link is followed (Hugging Face caches are links
+    to blobs) and its target is checked the same way; a dangling or looping link is an error.
+
+    Returns:
+        Whether ``path`` is a directory.
+    """
+    label = f"{what} " if what else "this "
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        dangling = os.path.islink(path)
+        raise CheckpointError(f"{label}{'is a dangling symbolic link' if dangling else 'does not exist'}",
+                              path=path, hint="check the path") from None
+    except OSError as e:  # a symlink loop, a name too long, no permission
+        raise CheckpointError(f"{label}cannot be read ({e.strerror or e})", path=path) from None
+    if stat.S_ISDIR(st.st_mode):
+        if directory_ok:
+            return True
+        raise CorruptCheckpoint(f"{label}is a directory, not a file", path=path)
+    if stat.S_ISREG(st.st_mode):
+        return False
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+    raise NotACheckpoint(f"{label}is {kind}, not a regular file; ckptfit does not open it", path=path,
+                         hint="pass the checkpoint file itself (reading a pipe or device could block or never end)")
+
+
+MAX_JSON_BYTES = 64 << 20  # an index or config.json; real ones are a few MB at most
+MAX_JSON_DEPTH = 64
+
+
+def read_json(path: str, *, what: str, folder: str) -> object:
+    """A small JSON file of a checkpoint folder, parsed within bounds (size, nesting depth).
+
+    Raises:
+        CorruptCheckpoint: not a regular file, too large, not JSON, or nested beyond :data:`MAX_JSON_DEPTH`.
+    """
+    check_regular(path, what=what)
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise CorruptCheckpoint(f"{what} is larger than {MAX_JSON_BYTES >> 20} MiB; no real one is", path=folder)
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise CorruptCheckpoint(f"{what} is not valid JSON ({type(e).__name__}: {str(e)[:120]})", path=folder,
+                                hint=f"download {what} again") from e
+    check_json_depth(value, what=what, path=folder)
+    return value
+
+
+def check_json_depth(value: object, *, what: str, path: str | None, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse parsed JSON nested deeper than ``limit`` (walked iteratively: renderings recurse)."""
+    level = [value]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise CorruptCheckpoint(f"{what} nests more than {limit} levels deep; no real one does", path=path)
+        level = [v for o in level for v in (o.values() if isinstance(o, dict) else o) if isinstance(v, dict | list)] \
+            if level else []
+
+
 def detect(path: str | os.PathLike[str]) -> Reader:
     """The reader for ``path``, or a :class:`NotACheckpoint` that says what the input is instead."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise CheckpointError("no such file or directory", path=path, hint="check the path")
-    is_dir = os.path.isdir(path)
+    is_dir = check_regular(path, directory_ok=True)
     head = b"" if is_dir else _head(path)
     for r in readers():
         if r.directory != is_dir:

@@ -18,8 +18,8 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpoint, UnsupportedFormat
 from ..lazy import LazyTensor, MappedFile
-from ..safety import Placeholder, load_pickle
-from . import register
+from ..safety import Placeholder, _check_dtype, load_pickle, short_repr
+from . import check_regular, register
 
 __all__ = ["open_dcp", "DcpChunk", "read_region"]
 
@@ -44,9 +44,12 @@ def _attrs(obj: Any, what: str, path: str) -> dict:
 
 
 def _tuple_ints(x: Any) -> tuple[int, ...]:
-    if not isinstance(x, tuple | list) or not all(type(i) is int and i >= 0 for i in x):
-        raise CorruptCheckpoint(f"DCP .metadata: expected a tuple of sizes, got {str(x)[:60]}")
+    if not isinstance(x, tuple | list) or len(x) > 64 or not all(type(i) is int and 0 <= i < 1 << 62 for i in x):
+        raise CorruptCheckpoint(f"DCP .metadata: expected a tuple of sizes, got {short_repr(x, 60)}")
     return tuple(x)
+
+
+MAX_METADATA_BYTES = 1 << 30
 
 
 def read_chunk(path: str, chunk: DcpChunk, mapped: dict[str, MappedFile], dtype: torch.dtype) -> torch.Tensor:
@@ -106,6 +109,9 @@ def read_region(path: str, chunks: list[DcpChunk], mapped: dict[str, MappedFile]
 def open_dcp(path: str, trust: bool = False) -> Checkpoint:
     """Open a torch.distributed.checkpoint directory lazily, in one process, without a process group."""
     mpath = os.path.join(path, ".metadata")
+    check_regular(mpath, what="the DCP .metadata file")
+    if os.path.getsize(mpath) > MAX_METADATA_BYTES:
+        raise CorruptCheckpoint(f"the DCP .metadata file is larger than {MAX_METADATA_BYTES >> 20} MiB", path=path)
     with open(mpath, "rb") as f:
         data = f.read()
     if not data:
@@ -118,26 +124,32 @@ def open_dcp(path: str, trust: bool = False) -> Checkpoint:
     planner = a.get("planner_data") or {}
     if not isinstance(sdm, dict) or not isinstance(storage, dict):
         raise CorruptCheckpoint("DCP .metadata lacks state_dict_metadata or storage_data", path=path)
+    if not isinstance(planner, dict):
+        planner = {}
     locations: dict[tuple[str, tuple | None], tuple[str, int, int]] = {}
     for idx, info in storage.items():
         ia, fa = _attrs(idx, "a storage index", path), _attrs(info, "a storage record", path)
+        fqn = ia.get("fqn")
+        if not isinstance(fqn, str):
+            raise CorruptCheckpoint(f"DCP storage record names no tensor ({short_repr(fqn, 60)})", path=path)
         if fa.get("transform_descriptors"):
-            raise UnsupportedFormat(f"DCP item {ia.get('fqn')!r} is stored with transforms "
-                                    f"{fa.get('transform_descriptors')} (compression?)", path=path)
+            raise UnsupportedFormat(f"DCP item {fqn!r} is stored with transforms "
+                                    f"{short_repr(fa.get('transform_descriptors'))} (compression?)", path=path)
         rel = fa.get("relative_path")
-        if not isinstance(rel, str) or os.path.basename(rel) != rel:
-            raise CorruptCheckpoint(f"DCP storage record names a bad file {rel!r}", path=path)
+        if not isinstance(rel, str) or os.path.basename(rel) != rel or rel in ("", ".", ".."):
+            raise CorruptCheckpoint(f"DCP storage record names a bad file {short_repr(rel, 60)}", path=path)
         off, length = fa.get("offset"), fa.get("length")
         if type(off) is not int or type(length) is not int or off < 0 or length < 0:
             raise CorruptCheckpoint("DCP storage record has bad offsets", path=path)
         fpath = os.path.join(path, rel)
-        if not os.path.exists(fpath):
+        if not os.path.lexists(fpath):
             raise CorruptCheckpoint(f"DCP data file {rel} is missing", path=path,
                                     hint="copy every *.distcp file of the checkpoint")
+        check_regular(fpath, what=f"DCP data file {rel}")
         if off + length > os.path.getsize(fpath):
             raise CorruptCheckpoint(f"DCP data file {rel} is shorter than its records say (truncated)", path=path)
         o = ia.get("offset")
-        locations[(ia.get("fqn"), tuple(o) if isinstance(o, tuple | list) else None)] = (rel, off, length)
+        locations[(fqn, _tuple_ints(o) if o is not None else None)] = (rel, off, length)
 
     mapped: dict[str, MappedFile] = {}
     flat: dict[str, Any] = collections.OrderedDict()
@@ -166,9 +178,13 @@ def open_dcp(path: str, trust: bool = False) -> Checkpoint:
         dtype = props.get("dtype")
         if not isinstance(dtype, torch.dtype):
             raise CorruptCheckpoint(f"DCP entry {fqn!r} has no dtype", path=path)
+        _check_dtype(dtype, f"DCP tensor {fqn!r}")
         size = _tuple_ints(ma.get("size"))
         chunks = []
-        for ch in ma.get("chunks") or []:
+        listed = ma.get("chunks") or []
+        if not isinstance(listed, list | tuple):
+            raise CorruptCheckpoint(f"DCP entry {fqn!r}: its chunks are not a list", path=path)
+        for ch in listed:
             ca = _attrs(ch, f"a chunk of {fqn!r}", path)
             offs, sizes = _tuple_ints(ca.get("offsets")), _tuple_ints(ca.get("sizes"))
             if len(offs) != len(size) or len(sizes) != len(size) or any(
@@ -183,6 +199,13 @@ def open_dcp(path: str, trust: bool = False) -> Checkpoint:
         if covered != _numel(size):
             raise CorruptCheckpoint(f"DCP chunks of {fqn!r} cover {covered} of its {_numel(size)} elements",
                                     path=path, hint="some ranks' files are missing")
+        if len({c.offsets for c in chunks}) != len(chunks):
+            raise CorruptCheckpoint(f"DCP entry {fqn!r} lists the same chunk twice", path=path)
+        backed = sum(length for _, _, length in {(c.file, c.offset, c.length) for c in chunks})
+        if _numel(size) * dtype.itemsize > backed:  # every element is stored once: the files must hold them
+            raise CorruptCheckpoint(f"DCP entry {fqn!r} of size {list(size)} ({dtype}) needs "
+                                    f"{_numel(size) * dtype.itemsize} bytes but its chunks hold {backed}", path=path,
+                                    hint="the .metadata does not match the data files")
 
         def read(chunks=chunks, size=size, dtype=dtype):
             if len(chunks) == 1 and chunks[0].sizes == size:

@@ -8,13 +8,12 @@ size, ``model-00001-of-0000N.safetensors`` shards plus ``model.safetensors.index
 from __future__ import annotations
 
 import collections
-import json
 import os
 
 from ..checkpoint import Checkpoint
-from ..errors import CorruptCheckpoint
+from ..errors import CheckpointError, CorruptCheckpoint
 from ..lazy import LazyTensor
-from . import detect, register
+from . import check_regular, detect, read_json, register
 
 __all__ = ["open_hf_dir"]
 
@@ -33,6 +32,11 @@ def _sniff(path: str, head: bytes) -> bool:
     return bool(_index_files(path)) or any(n in names for n in _SINGLE)
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 @register("hf-folder", sniff=_sniff, priority=5, directory=True)
 def open_hf_dir(path: str, trust: bool = False) -> Checkpoint:
     """Open a Hugging Face folder: all shards behind one flat, lazy state dict."""
@@ -42,26 +46,37 @@ def open_hf_dir(path: str, trust: bool = False) -> Checkpoint:
     tensors: dict[str, LazyTensor] = collections.OrderedDict()
     metadata: dict = {}
     if indexes:
-        index_path = os.path.join(path, indexes[0])
         try:
-            with open(index_path) as f:
-                index = json.load(f)
-            weight_map = index["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CorruptCheckpoint(f"{indexes[0]} is not a valid shard index ({e})", path=path,
+            index = read_json(os.path.join(path, indexes[0]), what=indexes[0], folder=path)
+        except CorruptCheckpoint as e:
+            raise CorruptCheckpoint(f"{indexes[0]} is not a valid shard index ({e.detail})", path=path,
                                     hint=f"download {indexes[0]} again (a JSON object with a weight_map)") from e
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
-            raise CorruptCheckpoint(f"{indexes[0]}: weight_map is not an object", path=path)
+            raise CorruptCheckpoint(f"{indexes[0]} is not a valid shard index (no weight_map object)", path=path,
+                                    hint=f"download {indexes[0]} again (a JSON object with a weight_map)")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise CorruptCheckpoint(f"{indexes[0]}: the weight_map entry {_short(bad[0])} names no shard file "
+                                    f"({type(bad[1]).__name__} instead of a file name)", path=path,
+                                    hint=f"download {indexes[0]} again")
         shards = list(dict.fromkeys(weight_map.values()))
-        metadata["index"] = {"file": indexes[0], "shards": len(shards), **(index.get("metadata") or {})}
+        extra = index.get("metadata")
+        metadata["index"] = {"file": indexes[0], "shards": len(shards), **(extra if isinstance(extra, dict) else {})}
         for shard in shards:
-            if not isinstance(shard, str) or os.path.basename(shard) != shard:
-                raise CorruptCheckpoint(f"{indexes[0]} names a shard outside the folder: {shard!r}", path=path)
+            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise CorruptCheckpoint(f"{indexes[0]} names a shard outside the folder: {_short(shard)}", path=path)
             spath = os.path.join(path, shard)
-            if not os.path.exists(spath):
+            if not os.path.lexists(spath):
                 raise CorruptCheckpoint(f"shard {shard} listed in {indexes[0]} is missing", path=path,
                                         hint="download every shard of the checkpoint")
-            ck = detect(spath).open(spath, trust)
+            try:
+                check_regular(spath, what=f"shard {_short(shard)}")
+                reader = detect(spath)
+            except CheckpointError as e:
+                raise CorruptCheckpoint(f"shard {_short(shard)} listed in {indexes[0]}: {e.detail}", path=path,
+                                        hint=e.hint) from e
+            ck = reader.open(spath, trust)
             scans.extend(ck.scans)
             closers.append(ck.close)
             sd = ck.state_dict().tensors
@@ -77,17 +92,17 @@ def open_hf_dir(path: str, trust: bool = False) -> Checkpoint:
         names = os.listdir(path)
         single = next(n for n in _SINGLE if n in names)
         spath = os.path.join(path, single)
+        check_regular(spath, what=single)
         ck = detect(spath).open(spath, trust)
         scans.extend(ck.scans)
         closers.append(ck.close)
         tensors.update(ck.state_dict().tensors)
         metadata["file"] = single
     cfg = os.path.join(path, "config.json")
-    if os.path.exists(cfg):
+    if os.path.lexists(cfg):
         try:
-            with open(cfg) as f:
-                metadata["config"] = json.load(f)
-        except (OSError, ValueError):
-            metadata["config"] = "<unreadable config.json>"
+            metadata["config"] = read_json(cfg, what="config.json", folder=path)
+        except CheckpointError as e:
+            metadata["config"] = f"<unreadable config.json: {e.detail}>"
     return Checkpoint(path=path, format="hf-folder", tree=tensors, scans=tuple(scans), metadata=metadata,
                       closers=tuple(closers))

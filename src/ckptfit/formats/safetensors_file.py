@@ -76,6 +76,8 @@ def read_header(path: str) -> tuple[dict, dict, int]:
         header = json.loads(text.decode("utf-8"), object_pairs_hook=no_dupes)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpoint(f"safetensors header is not valid JSON ({e})", path=path) from e
+    except RecursionError as e:  # the reference implementation refuses deep nesting too
+        raise CorruptCheckpoint("safetensors header nests JSON values too deep", path=path) from e
     if not isinstance(header, dict):
         raise CorruptCheckpoint("safetensors header is not a JSON object", path=path)
     metadata = header.pop("__metadata__", None) or {}
@@ -138,12 +140,19 @@ def tensors_of(path: str, mapped: MappedFile | None = None) -> tuple[dict[str, L
 
 
 def _plain_metadata(metadata: dict) -> dict:
+    """String metadata, with JSON values parsed where they parse within bounds (else kept as text)."""
+    from . import check_json_depth
+
     md: dict = {}
     for k, v in metadata.items():
-        try:
-            md[k] = json.loads(v) if v[:1] in "{[" else v
-        except json.JSONDecodeError:
-            md[k] = v
+        md[k] = v
+        if v[:1] in "{[" and len(v) <= 16 << 20:
+            try:
+                value = json.loads(v)
+                check_json_depth(value, what="metadata", path=None)
+                md[k] = value
+            except (ValueError, RecursionError, CorruptCheckpoint):
+                pass
     return md
 
 

@@ -72,11 +72,7 @@ def _persistent_loader(archive: ZipArchive, prefix: str, mapped: MappedFile, pat
             raise CorruptCheckpoint(f"storage {key!r} declares {nbytes} bytes but its record holds {member.size}",
                                     path=path, hint="the file is damaged; download or copy it again")
         if member.compress_type != 0:
-            raw = archive.read(name)
-
-            def read(raw=raw, dtype=dtype, count=nbytes // max(dtype.itemsize, 1)):
-                return torch.frombuffer(bytearray(raw[: count * dtype.itemsize]), dtype=dtype, count=count) \
-                    if count else torch.empty(0, dtype=dtype)
+            read = _inflating_reader(archive, member, mapped, path, dtype, nbytes // max(dtype.itemsize, 1))
         else:
             offset = member.data_offset
             count = nbytes // dtype.itemsize
@@ -91,6 +87,54 @@ def _persistent_loader(archive: ZipArchive, prefix: str, mapped: MappedFile, pat
         return ref
 
     return persistent_load
+
+
+# Compressed tensor records (torch never writes them; a re-zipped archive has them) are inflated when
+# the tensor is read, never at open; what all of them may inflate to together is capped per file.
+MAX_INFLATE_TOTAL_RATIO = 16  # total inflated / total compressed, beyond a fixed allowance
+INFLATE_ALLOWANCE = 64 << 20
+
+
+def _inflating_reader(archive: ZipArchive, member: Any, mapped: MappedFile, path: str, dtype: torch.dtype,
+                      count: int):
+    """A reader that inflates one deflated tensor record when called (CRC checked), after checking the
+    file's total: a 10 MB archive of deflated records may not ask for gigabytes."""
+    import zlib
+
+    from ..errors import ResourceLimitExceeded
+    from ._zip import MAX_INFLATED
+
+    totals = getattr(archive, "_inflate_totals", None)
+    if totals is None:
+        packed = [m for m in archive.members.values() if m.compress_type != 0]
+        totals = (sum(m.size for m in packed), sum(m.compressed_size for m in packed))
+        archive._inflate_totals = totals  # type: ignore[attr-defined]
+    inflated, compressed = totals
+    if inflated > min(MAX_INFLATED, MAX_INFLATE_TOTAL_RATIO * compressed + INFLATE_ALLOWANCE):
+        raise ResourceLimitExceeded(
+            f"the archive's compressed records would inflate from {compressed} to {inflated} bytes in all (a zip "
+            f"bomb?)", path=path, hint="ckptfit refuses it; no data was inflated. Real torch archives store tensors "
+                                       "uncompressed: re-save it with torch.save")
+    name, offset, csize, size, crc = member.name, member.data_offset, member.compressed_size, member.size, member.crc
+
+    def read() -> torch.Tensor:
+        raw = mapped.read(offset, csize)
+        d = zlib.decompressobj(-15)
+        try:
+            data = d.decompress(raw, size + 1)
+        except zlib.error as e:
+            raise CorruptCheckpoint(f"member {name!r} cannot be inflated ({e})", path=path,
+                                    hint="the file is damaged; download or copy it again") from e
+        if len(data) != size or d.unconsumed_tail:
+            raise CorruptCheckpoint(f"member {name!r} does not inflate to its declared {size} bytes", path=path)
+        if zlib.crc32(data) != crc:
+            raise CorruptCheckpoint(f"member {name!r} fails its CRC check: the bytes differ from what was written",
+                                    path=path, hint="the file is damaged; download or copy it again")
+        if not count:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(bytearray(data[: count * dtype.itemsize]), dtype=dtype, count=count)
+
+    return read
 
 
 def read_torch_zip_at(path: str, *, base: int = 0, length: int | None = None, mapped: MappedFile | None = None,
