@@ -208,20 +208,25 @@ class _Reads(dict):
         return super().pop(k, *default)
 
 
-def _prefixes(path: str, keys: Sequence[str]) -> list[str]:
+def _index(keys: Sequence[str]) -> dict[str, list[str]]:
+    """``{prefix ending in '.': keys under it}`` for every dotted prefix of the file's keys ('' = all)."""
+    index: dict[str, list[str]] = {"": list(keys)}
+    for k in keys:
+        i = k.find(".")
+        while i >= 0:
+            index.setdefault(k[: i + 1], []).append(k)
+            i = k.find(".", i + 1)
+    return index
+
+
+def _prefixes(path: str, index: Mapping[str, list[str]]) -> list[str]:
     """Where the module at ``path`` sits in the file's names (``path.`` itself when the file has it)."""
     if not path:
         return [""]
     head = path + "."
-    if any(k.startswith(head) for k in keys):
+    if head in index:
         return [head]
-    found: dict[str, None] = {}
-    needle = "." + head
-    for k in keys:
-        i = k.find(needle)
-        if i >= 0:
-            found[k[: i + len(needle)]] = None
-    return list(found)
+    return [p for p in index if p.endswith("." + head)]  # under a wrapper's prefix ('module.' ...)
 
 
 def _shadow(mod: nn.Module) -> tuple[nn.Module, dict[int, str]]:
@@ -262,16 +267,16 @@ def discover(custom: Sequence[tuple[str, nn.Module]], specs: Sequence[TensorSpec
     if not custom:
         return out
     by_name = {s.name: s for s in specs}
-    keys = list(by_name)
+    index = _index(list(by_name))
     for path, mod in custom:
-        for prefix in _prefixes(path, keys):
-            _discover_one(out, path, mod, prefix, by_name, metadata or {})
+        for prefix in _prefixes(path, index):
+            _discover_one(out, path, mod, prefix, by_name, index[prefix], metadata or {})
     return out
 
 
 def _discover_one(out: ModuleHooks, path: str, mod: nn.Module, prefix: str, by_name: Mapping[str, TensorSpec],
-                  metadata: Mapping[str, Any]) -> None:
-    under = [k for k in by_name if k.startswith(prefix) and k not in out.renames]
+                  keys: Sequence[str], metadata: Mapping[str, Any]) -> None:
+    under = [k for k in keys if k not in out.renames]
     if not under:
         return
     origin: dict[int, str] = {}
