@@ -254,3 +254,24 @@ def test_flipped_pickle_never_escapes(tmp_path) -> None:
                 interpret(bytes(b), persistent_load=persistent_load)
             except CheckpointError:
                 pass
+
+
+# ----------------------------------------------------------------------------------------- every entry point
+
+def test_generated_hostile_inputs_on_every_entry_point(tmp_path, monkeypatch) -> None:
+    """Generated pickles (real stdlib/torch/numpy callables, tensor rebuilds of any storage type and view,
+    memo tricks, raw opcodes) and folder metadata (index, config.json, safetensors header, DCP fields),
+    run on every entry point in a child process under a memory cap and a per-example deadline: each
+    works or raises a ckptfit error; no other exception, crash or hang. ``python bench/fuzz.py
+    --entrypoints`` runs many more."""
+    import sys as _sys
+
+    _sys.path.insert(0, os.path.dirname(__file__))
+    from _fuzz_entrypoints import run_child
+
+    monkeypatch.setenv("CKPTFIT_CACHE_DIR", str(tmp_path / "cache"))  # identify's index, for the child
+    monkeypatch.setenv("CKPTFIT_IDENTIFY_FAMILIES", "torchvision.models.resnet18")
+    n = int(os.environ.get("CKPTFIT_FUZZ_ENTRY_EXAMPLES", "12"))
+    ran, failure = run_child(n, deadline_s=60)  # derandomized: the same examples on every run
+    assert not failure, failure
+    assert ran >= 1

@@ -120,7 +120,7 @@ def read_json(path: str, *, what: str, folder: str) -> object:
 
 def check_json_depth(value: object, *, what: str, path: str | None, limit: int = MAX_JSON_DEPTH) -> None:
     """Refuse parsed JSON nested deeper than ``limit`` (walked iteratively: renderings recurse)."""
-    level = [value]
+    level = [value] if isinstance(value, dict | list) else []
     depth = 0
     while level:
         depth += 1
