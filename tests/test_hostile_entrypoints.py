@@ -145,6 +145,12 @@ def _long_keys(t: pathlib.Path) -> pathlib.Path:
     return write(t / "m.pt", torch_zip_bytes({"state_dict": s}))
 
 
+def _tensor_fragment() -> bytes:
+    from _fuzz_entrypoints import _tensor
+
+    return _tensor("FloatStorage", 0, 0, [], [], False)
+
+
 def _markup(t: pathlib.Path) -> pathlib.Path:
     s = sd()
     s["[/x]"] = torch.zeros(1)
@@ -251,6 +257,10 @@ CASES = [
     Case("fifo-config", _fifo_config, isolated=True),
     Case("symlink-to-fifo", _symlink_to_fifo, ckptfit.NotACheckpoint, "FIFO", isolated=True),
     Case("symlink-loop", _symlink_loop, CheckpointError, "cannot be read|no such file"),
+    # found by the generative fuzzer (tests/_fuzz_entrypoints.py): keys convert could not write back
+    Case("tensor-as-dict-key", lambda t: write(t / "m.pt", torch_zip_bytes(key_fragment=_tensor_fragment()))),
+    Case("placeholder-as-dict-key", lambda t: write(t / "m.pt", torch_zip_bytes(
+        key_fragment=call("[/x]", "\x1b[31m")))),
     # text from the file is never markup or a terminal escape
     Case("markup-and-escapes-in-keys", _markup),
     Case("markup-in-global-names", _markup_global),

@@ -213,6 +213,11 @@ class _NoBar:
 
 # ------------------------------------------------------------------------------------ torch output
 
+def _plain_key(k: Any) -> bool:
+    return isinstance(k, str | int | float | bytes | type(None)) or (
+        type(k) is tuple and all(_plain_key(x) for x in k))  # (keys nest at most 64 deep: safety.MAX_KEY_DEPTH)
+
+
 def _real_tree(obj: Any, reader: _Reader, cast_ids: set[int], dropped: list[str], path: str = "") -> Any:
     """The source tree with tensors loaded; unknown objects (inert placeholders) left out, each reported."""
     if isinstance(obj, LazyTensor):
@@ -226,6 +231,9 @@ def _real_tree(obj: Any, reader: _Reader, cast_ids: set[int], dropped: list[str]
             where = f"{path}.{k}" if path else str(k)
             if isinstance(v, Placeholder):
                 dropped.append(f"{where}: an object of class {v.qualname} (not plain data)")
+                continue
+            if not _plain_key(k):  # a tensor or an inert object as a key: torch.save could not write it back
+                dropped.append(f"{path or 'the root'}: an entry whose key is a {type(k).__name__} (not plain data)")
                 continue
             out[k] = _real_tree(v, reader, cast_ids, dropped, where)
         return out
