@@ -261,6 +261,10 @@ CASES = [
     Case("tensor-as-dict-key", lambda t: write(t / "m.pt", torch_zip_bytes(key_fragment=_tensor_fragment()))),
     Case("placeholder-as-dict-key", lambda t: write(t / "m.pt", torch_zip_bytes(
         key_fragment=call("[/x]", "\x1b[31m")))),
+    Case("hf-config-architectures-not-a-list", lambda t: hf_folder(t / "hf", config=json.dumps(
+        {"model_type": "", "architectures": 1}))),
+    Case("hf-config-model-type-list", lambda t: hf_folder(t / "hf", config=json.dumps(
+        {"model_type": ["bert"], "architectures": [1], "num_attention_heads": "x"}))),
     # text from the file is never markup or a terminal escape
     Case("markup-and-escapes-in-keys", _markup),
     Case("markup-in-global-names", _markup_global),

@@ -726,10 +726,27 @@ def _query_of(source: Any, use: str | None, trust: bool) -> tuple[_Query, str | 
         cand = ckpt.state_dict(use)
         specs = [TensorSpec(k, t.shape, t.dtype) for k, t in cand.tensors.items() if not k.endswith(_NBT)]
         config = ckpt.metadata.get("config") if ckpt.format == "hf-folder" else None
-        return _Query(specs), ckpt.path, cand.name, config if isinstance(config, dict) else None
+        return _Query(specs), ckpt.path, cand.name, _recorded_config(config)
     finally:
         if opened:
             ckpt.close()
+
+
+_HEAD_KEYS = ("num_attention_heads", "num_key_value_heads", "n_head", "num_heads", "head_dim")
+
+
+def _recorded_config(config: Any) -> dict | None:
+    """The parts of a folder's config.json identify uses, only where they have the expected types
+    (the file is not trusted: ``architectures: 1`` or a list as ``model_type`` are ignored)."""
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str) \
+            or not config["model_type"].isidentifier():
+        return None
+    out = {k: v for k, v in config.items() if k not in _HEAD_KEYS and k != "architectures"}
+    archs = config.get("architectures")
+    if isinstance(archs, list):
+        out["architectures"] = [a for a in archs if isinstance(a, str)]
+    out.update({k: config[k] for k in _HEAD_KEYS if type(config.get(k)) is int and 0 < config[k] <= 1 << 16})
+    return out
 
 
 def identify(source: Any, *, top: int = 5, use: str | None = None, families: Sequence[str] | str | None = None,
