@@ -196,3 +196,16 @@ def test_ci_runs_exactly_the_readme_setup_commands() -> None:
           if ln.strip() and not ln.startswith("#")]
     assert "set -euo pipefail" in ci
     assert [ln for ln in ci if "pip install" in ln] == [f"( {c} )" for c in commands]
+
+
+def test_every_test_the_readme_names_for_a_promise_exists() -> None:
+    """The README's promise table names tests; each must exist, so that no promise points at nothing."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## The promises, and the tests that hold them", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"`(test_\w+\.py)(?:::(test_\w+))?`", table)
+    assert len(named) >= 10
+    for file, func in named:
+        path = ROOT / "tests" / file
+        assert path.is_file(), file
+        if func:
+            assert re.search(rf"^def {func}\(", path.read_text(encoding="utf-8"), re.M), f"{file}::{func}"
