@@ -340,3 +340,17 @@ def test_rebuild_from_type_v2_names_what_it_would_call(tmp_path: pathlib.Path) -
     with pytest.raises(UnsafeCheckpoint, match=r"passes os\.system to torch\._tensor\._rebuild_from_type_v2, which "
                                                r"would call it on load"):
         ckptfit.open(path)
+
+
+def test_a_file_naming_many_globals_shows_the_riskiest_first_in_a_bounded_table(tmp_path: pathlib.Path) -> None:
+    # 300 distinct unknown globals (GLOBAL pushes each and POP drops it), then one dangerous one last.
+    body = b"".join(g(f"pkg{i}", "thing") + b"0" for i in range(300))
+    path = tmp_path / "many.pkl"
+    path.write_bytes(P2 + body + g("os", "system") + u("true") + TUPLE1 + REDUCE + STOP)
+    result = CliRunner().invoke(main, ["scan", str(path)])
+    assert result.exit_code == EXIT_CODES["dangerous"], result.output
+    lines = result.output.splitlines()
+    first_row = next(i for i, ln in enumerate(lines) if "pkg" in ln or "os.system" in ln)
+    assert "os.system" in lines[first_row]                   # the dangerous one leads, though it came last
+    assert sum("pkg" in ln for ln in lines) <= 60              # the table is bounded
+    assert "more globals" in result.output and "--json" in result.output

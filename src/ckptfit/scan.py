@@ -220,6 +220,11 @@ def render_text(report: ScanReport) -> str:
     return printable("\n".join(lines))
 
 
+# A person reads the table: the riskiest globals first, and no more rows than fit on a few screens.
+_ROW_ORDER = {"dangerous": 0, "unknown": 1, "inert": 2, "data": 3, "tensor": 4}
+_MAX_ROWS = 60
+
+
 def render_rich(report: ScanReport) -> Any:
     """The report as a rich renderable (a table of globals, then anomalies and errors)."""
     from rich.console import Group
@@ -241,10 +246,13 @@ def render_rich(report: ScanReport) -> Any:
     parts: list[Any] = [head, verdict]
     if report.references:
         table = Table("Kind", "Global", "Uses", "Where")
-        for r in report.references:
-            kind, q, uses, where = _row(r)
+        rows = sorted((_row(r) for r in report.references), key=lambda row: _ROW_ORDER.get(row[0], len(_ROW_ORDER)))
+        for kind, q, uses, where in rows[:_MAX_ROWS]:
             table.add_row(Text(kind, style=style[kind]), *(Text(printable(x, newlines=False)) for x in (q, uses, where)))
         parts.append(table)
+        if len(rows) > _MAX_ROWS:
+            parts.append(Text(f"... and {len(rows) - _MAX_ROWS} more globals, the riskiest shown first "
+                              "(--json lists every one)"))
     parts.extend(Text(f"concern: {c}", style="yellow") for c in report.concerns)
     parts.extend(Text(f"anomaly: {a}", style="yellow") for a in report.anomalies)
     parts.extend(Text(f"error: {e.splitlines()[0]}", style="red") for e in report.errors)
