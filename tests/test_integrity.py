@@ -181,9 +181,11 @@ def test_inspect_says_how_bytes_can_be_checked(tmp_path: Path) -> None:
     assert "bytes: CRC-32 per record, checked as they are loaded" in out
 
 
-def test_cli_load_refuses_damage_and_no_crc_opts_out(damaged, tmp_path: Path) -> None:
+def test_cli_load_refuses_damage_and_no_crc_opts_out(damaged, tmp_path: Path, monkeypatch) -> None:
     path, _ = damaged
-    spec = "tests.test_integrity:Big"
+    # the model class is this module's own: importable by its file name however pytest was started
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    spec = f"{Path(__file__).stem}:Big"
     result = CliRunner().invoke(main, ["load", str(path), "--model", spec])
     assert result.exit_code == 1 and "fails its CRC check" in result.output
     result = CliRunner().invoke(main, ["load", str(path), "--model", spec, "--no-crc"])
