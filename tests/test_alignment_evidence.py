@@ -221,3 +221,42 @@ def test_misleading_names_against_order_are_refused_and_both_readings_offered():
     assert plan.ok and plan.mapping() == {
         f"model.layers.{i}.{a}.weight": f"layers.{i}.{b}.weight"
         for i in range(3) for a, b in (("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm"))}
+
+
+class FirstSecond(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 8)
+
+
+class AlphaBeta(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha, self.beta = nn.Linear(8, 8), nn.Linear(8, 8)
+
+
+def test_the_cli_suggestion_followed_literally_loads(tmp_path, monkeypatch) -> None:
+    import shlex
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from ckptfit.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    spec = f"{Path(__file__).stem}:AlphaBeta"
+    src = _distinct(FirstSecond(), 3)
+    torch.save(src.state_dict(), tmp_path / "c.pth")
+    refused = CliRunner().invoke(main, ["load", str(tmp_path / "c.pth"), "--model", spec])
+    assert refused.exit_code == 1
+    line = next(ln for ln in refused.output.splitlines() if "on the command line:" in ln)
+    args = shlex.split(line.split("on the command line:", 1)[1].split("; or ")[0])
+    assert args[0] == "--rename"
+    loaded = CliRunner().invoke(main, ["load", str(tmp_path / "c.pth"), "--model", spec, "--save",
+                                       str(tmp_path / "out.safetensors"), *args])
+    assert loaded.exit_code == 0, loaded.output
+    out = ckptfit.open(tmp_path / "out.safetensors")
+    got = {k: t.load() for k, t in out.tensors()}
+    for name in ("weight", "bias"):
+        assert torch.equal(got[f"alpha.{name}"], src.first.state_dict()[name])
+        assert torch.equal(got[f"beta.{name}"], src.second.state_dict()[name])

@@ -866,7 +866,8 @@ class _Matcher:
         by_order = {sm: order[sm] for sm in rest_s} if order else {}
         if by_order and set(by_order.values()) == set(rest_t) and by_order != guess:
             options.append(by_order)  # the names lean one way, the order the other: offer both
-        offers = []
+        offers: list[str] = []
+        cli_offers: list[str] = []  # the same rules as the CLI takes them
         for option, label in zip(options, ("", "by declaration order: ")):
             rules = self._rename_rules(option, s_mods)
             if rules is None:
@@ -877,11 +878,16 @@ class _Matcher:
             listed = ", ".join(f"(r'{pattern}', {'r' if chr(92) in replacement else ''}'{replacement}')"
                                for pattern, replacement in rules)
             offers.append(f"{'or, ' if label else 'if '}{label}{'if ' if label else ''}{told}, pass rename=[{listed}]")
+            if all("'" not in part for rule in rules for part in rule):
+                cli_offers.append(f"{label}" + " ".join(f"--rename '{pattern}=>{replacement}'"
+                                                          for pattern, replacement in rules))
         if not offers:
             self.suggestions.append(f"{what}; nothing was loaded through them; rename the checkpoint's "
                                     f"modules to the model's with rename=")
             return
         self.suggestions.append(f"{what}; nothing was loaded through them; " + "; ".join(offers))
+        if cli_offers:
+            self.suggestions.append("on the command line: " + "; or ".join(cli_offers))
 
     def _rename_rules(self, guess: Mapping[str, str],
                       s_mods: Mapping[str, Mapping[str, int]]) -> list[tuple[str, str]] | None:
