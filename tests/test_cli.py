@@ -175,3 +175,11 @@ def test_failed_verify_exits_1_and_does_not_save(tmp_path):
             "--model-arg", "hidden_size=4", "--verify")
     assert r.exit_code == 1 and "verify: not run: cannot infer an input for LSTM" in r.stdout
     assert "Traceback" not in r.output
+
+
+def test_python_dash_m_ckptfit_is_the_cli() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ckptfit", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "version" in r.stdout, r.stderr
