@@ -146,7 +146,7 @@ def _run_console(block: Block, where: str) -> None:
         argv = shlex.split(command)
         assert argv[0] == "ckptfit", f"{where}: console blocks run only ckptfit commands, not {command!r}"
         result = CliRunner().invoke(main, argv[1:], catch_exceptions=False)
-        shown_error = any(ln.startswith("error:") or "— refused" in ln for ln in expected)
+        shown_error = any(ln.startswith(("error:", "Refused:")) for ln in expected)
         assert (result.exit_code != 0) == shown_error, \
             f"{where}: `{command}` exited {result.exit_code}:\n{result.output}"
         _check_output("\n".join(expected), result.output, f"{where}: `{command}`")

@@ -174,7 +174,7 @@ def test_render_plan_lists_problems_folded_and_suggestions():
     plan = Plan(decisions, problems=problems, suggestions=("pass partial=True to keep them at init",), path="m.pt")
     text = render_plan(plan)
     lines = text.splitlines()
-    assert lines[0] == "Would load 1/4 tensors from m.pt — refused, 4 problems"
+    assert lines[0] == "Refused: would load 1/4 tensors from m.pt — 4 problems"
     assert "  missing (3): x.{0..2}.y — not in the checkpoint" in lines
     assert lines[-4:] == [
         "  problems:",

@@ -559,12 +559,14 @@ def render_plan(plan: Plan, *, max_lines: int = 12, max_keys: int = 8) -> str:
         Would load 1/1 tensors
     """
     report = LoadReport.from_plan(plan)
-    lines = report._lines("Would load", max_lines, max_keys, refused=not plan.ok and not plan.partial)
+    # a refusal says so first: the count that follows is what would have loaded, not what did
+    verb = "Would load" if plan.ok else "Refused: would load"
+    lines = report._lines(verb, max_lines, max_keys, refused=not plan.ok and not plan.partial)
     if plan.partial:
         lines.insert(1, "  partial=True: tensors that nothing fills stay at their init")
     if not plan.ok:
         n = len(plan.problems)
-        lines[0] += f" — refused, {n} problem{'s' if n != 1 else ''}"
+        lines[0] += f" — {n} problem{'s' if n != 1 else ''}"
         lines.extend(_list_lines("problem", _fold_messages(plan.problems)))
     lines.extend(_list_lines("suggestion", list(plan.suggestions)))
     return printable("\n".join(lines))
