@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._gc import gc_paused
 from .checkpoint import Checkpoint, StateDictCandidate
+from .dtypes import CAST_DTYPES
 from .errors import CheckpointError, LoadError
 from .formats import open_checkpoint
 from ._progress import progress
@@ -119,11 +120,6 @@ class _Target:
 
 # ---------------------------------------------------------------------------------- options
 
-_DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "float": "float32", "fp16": "float16",
-                "float16": "float16", "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
-                "fp64": "float64", "float64": "float64", "double": "float64"}
-
-
 def _patterns(value: Any, name: str) -> list[str] | None:
     if value is None:
         return None
@@ -168,10 +164,10 @@ def _dtype(value: Any) -> torch.dtype | None:
         return None
     if isinstance(value, str):
         key = value.lower().removeprefix("torch.")
-        if key not in _DTYPE_NAMES:
+        if key not in CAST_DTYPES:
             raise ValueError(f"dtype={value!r} is not a dtype ckptfit casts to; use torch.float32, torch.float16 "
                              f"or torch.bfloat16 (or 'fp32', 'fp16', 'bf16')")
-        value = getattr(torch, _DTYPE_NAMES[key])
+        value = CAST_DTYPES[key]
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(f"dtype={value!r}: only floating dtypes can be cast to (float32, float16, bfloat16); "
                          f"integer buffers always keep their own dtype")
