@@ -33,8 +33,8 @@ if TYPE_CHECKING:  # the public names, for type checkers and IDEs; at run time t
     from .report import LoadReport as LoadReport
     from .resume import ResumeReport as ResumeReport
     from .resume import resume as resume
-    from .verify import VerifyResult as VerifyResult
-    from .verify import verify as verify
+    from .verification import VerifyResult as VerifyResult
+    from .verification import verify as verify
 
 # Public name -> module that defines it. Importing ``ckptfit`` stays cheap (no torch) until a
 # verb is used, so ``ckptfit --help`` and ``from ckptfit.errors import ...`` are instant.
@@ -59,8 +59,8 @@ _LAZY = {
     "LoadReport": ".report",
     "ResumeReport": ".resume",
     "resume": ".resume",
-    "VerifyResult": ".verify",
-    "verify": ".verify",
+    "VerifyResult": ".verification",
+    "verify": ".verification",
 }
 
 

@@ -258,7 +258,7 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     else:
         _console().print(report)
     if do_verify:
-        from .verify import verify
+        from .verification import verify
 
         v = verify(model)
         result["verify"] = {"ok": v.ok, "input_shape": v.input_shape, "output_shapes": v.output_shapes,
