@@ -394,8 +394,14 @@ def _choose_by_use(cands: list[StateDictCandidate], use: str, path: str | None) 
     name = f"{outer.name}.{prefix[:-1]}" if outer.name else prefix[:-1]
     tensors = {k[len(prefix):]: t for k, t in outer.tensors.items() if k.startswith(prefix)}
     kind: CandidateKind = "ema" if use == "ema" or _kind_of(prefix[:-1]) == "ema" else outer.kind
-    return Choice(StateDictCandidate(name, tensors, kind),
-                  f"use={use!r}: the tensors under {prefix!r} inside {outer.label}")
+    reason = f"use={use!r}: the tensors under {prefix!r} inside {outer.label}"
+    if kind == "ema":
+        from ._ema_names import undot  # LitEma's dotless names ('model_ema.diffusion_modelinput_blocks00weight')
+
+        mapped = undot(outer.tensors, prefix, path)
+        if mapped is not None:
+            tensors, reason = mapped[0], f"{reason}; {mapped[1]}"
+    return Choice(StateDictCandidate(name, tensors, kind), reason)
 
 
 def _prefix_inside(cands: list[StateDictCandidate], use: str) -> tuple[StateDictCandidate, str] | None:
