@@ -152,6 +152,9 @@ def _load_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--transform", "transform_rules", multiple=True, metavar="'PATTERN=KIND'",
                      help="Layout rule for tensors matching a glob or regex: transpose, none, split:N "
                           "(repeatable; see docs/porting.md)."),
+        click.option("--adapt", "adapt", default=None, metavar="in_chans",
+                     help="Adapt an RGB first convolution to the model's input channels (summed for 1, repeated "
+                          "and rescaled for more), as timm does; reported as a transform."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -185,11 +188,18 @@ def _transform_rules(rules: tuple[str, ...]) -> dict[str, str] | None:
     return out or None
 
 
-def _common(partial, use, renames, include, exclude, trust, transform_rules=()) -> dict[str, Any]:
+def _common(partial, use, renames, include, exclude, trust, transform_rules=(), adapt=None) -> dict[str, Any]:
     out = dict(partial=partial, use=use, rename=_rename_rules(renames), include=list(include) or None,
                exclude=list(exclude) or None, trust=trust)
     if transform_rules:
         out["transforms"] = _transform_rules(transform_rules)
+    if adapt is not None:
+        from ._adapt import parse_adapt
+
+        try:
+            out["adapt"] = parse_adapt(adapt)
+        except ValueError as e:
+            raise click.BadParameter(str(e).replace("adapt=", "--adapt ", 1), param_hint="--adapt") from None
     return out
 
 
@@ -226,7 +236,8 @@ Examples:
 def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
          device: str | None, dtype: str | None, do_verify: bool, save_path: str | None, as_json: bool,
-         transform_rules: tuple[str, ...] = (), zero_copy: bool = False, no_crc: bool = False) -> None:
+         transform_rules: tuple[str, ...] = (), zero_copy: bool = False, no_crc: bool = False,
+         adapt: str | None = None) -> None:
     """Load a checkpoint into a model and print the report.
 
     The model is built from --model SPEC without random init, then filled from the checkpoint.
@@ -234,7 +245,7 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     """
     from .loading import build
 
-    opts = _common(partial, use, renames, include, exclude, trust, transform_rules)
+    opts = _common(partial, use, renames, include, exclude, trust, transform_rules, adapt)
     opts.update(device=parse_device(device), dtype=parse_dtype(dtype))
     if zero_copy:
         opts["mmap"] = True
@@ -306,7 +317,8 @@ Examples:
 @handle_errors
 def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
-         as_json: bool, transform_rules: tuple[str, ...] = (), resume_: bool = False) -> None:
+         as_json: bool, transform_rules: tuple[str, ...] = (), resume_: bool = False,
+         adapt: str | None = None) -> None:
     """Show what would be loaded where, and why, without loading.
 
     A dry run of `load`: decides from names, shapes and dtypes only, reads no tensor data,
@@ -318,7 +330,7 @@ def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     factory = _factory(model_spec, model_args)
     with _parameters_on_meta():
         model = factory()
-    p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust, transform_rules))
+    p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust, transform_rules, adapt))
     resumed = None
     if resume_:  # how ckptfit.resume would map the optimizer state (described by the saved groups)
         from .resume import describe_resume

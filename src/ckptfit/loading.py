@@ -199,7 +199,7 @@ def _check_model(model: Any, source: Any) -> None:
 
 
 def _options(model: Any, source: Any, partial: Any, use: Any, rename: Any, include: Any, exclude: Any,
-             device: Any, dtype: Any, trust: Any, transforms: Any = None) -> dict[str, Any]:
+             device: Any, dtype: Any, trust: Any, transforms: Any = None, adapt: Any = None) -> dict[str, Any]:
     """Check and normalise the user's options before any work (a wrong one fails early, clearly)."""
     _check_model(model, source)
     for name, flag in (("partial", partial), ("trust", trust)):
@@ -210,7 +210,7 @@ def _options(model: Any, source: Any, partial: Any, use: Any, rename: Any, inclu
                         f"(or 'model/ema'), not {type(use).__name__}")
     return dict(partial=partial, use=use, rename=_rules(rename), include=_patterns(include, "include"),
                 exclude=_patterns(exclude, "exclude"), device=_check_device(device), dtype=_dtype(dtype), trust=trust,
-                transforms=parse_rules(transforms))
+                transforms=parse_rules(transforms, adapt))
 
 
 # ---------------------------------------------------------------------------------- plan
@@ -278,7 +278,8 @@ def _choose(target: _Target, ckpt: Checkpoint, *, use: str | None, partial: bool
 def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | None = None,
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
-         trust: bool = False, transforms: Mapping[str, str] | None = None) -> Plan:
+         trust: bool = False, transforms: Mapping[str, str] | None = None,
+         adapt: str | None = None) -> Plan:
     """Decide what :func:`load` would do, from names, shapes and dtypes only (a dry run).
 
     Takes the same arguments as :func:`load`; reads no tensor bytes and changes nothing.
@@ -292,7 +293,7 @@ def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         >>> p.ok, p.transforms                                    # doctest: +SKIP
         (True, ("strip 'module.'",))
     """
-    o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms)
+    o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms, adapt)
     with gc_paused():
         ckpt, opened = _as_checkpoint(source, trust)
         try:
@@ -324,7 +325,8 @@ def _plan(target: _Target, ckpt: Checkpoint, **opts) -> tuple[StateDictCandidate
 def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | None = None,
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
-         trust: bool = False, transforms: Mapping[str, str] | None = None, verify: bool = True) -> LoadReport:
+         trust: bool = False, transforms: Mapping[str, str] | None = None,
+         adapt: str | None = None, verify: bool = True) -> LoadReport:
     """Put a checkpoint into ``model`` in place, loading only what provably belongs, and report it.
 
     The state dict inside the file is found (the model's own weights over EMA and optimizer
@@ -348,6 +350,8 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         trust: allow real unpickling; runs code from the file. Never needed for weights.
         transforms: ``{pattern: kind}`` for layouts the evidence cannot settle: ``"transpose"``,
             ``"none"`` (as stored), ``"split:N"``; see :mod:`ckptfit.porting` and docs/porting.md.
+        adapt: ``"in_chans"``: load an RGB first convolution into a model with other input channels
+            (summed for 1, repeated and rescaled for more), as timm's ``adapt_input_conv``; reported.
         verify: check the CRC-32 of every record read (torch zip archives and DCP; fused with the
             copy, about one more pass at memory speed). ``False`` only for a file you verified yourself.
 
@@ -374,7 +378,7 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
     """
     from .distributed import is_sharded, load_sharded
 
-    o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms)
+    o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms, adapt)
     rename, include, exclude, device, dtype = o["rename"], o["include"], o["exclude"], o["device"], o["dtype"]
     if not isinstance(verify, bool):
         raise TypeError(f"verify= must be True or False, not {verify!r}")

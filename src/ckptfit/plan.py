@@ -59,7 +59,7 @@ class Transform:
         sizes: for ``split`` into parts of different sizes (grouped-query attention): each part's size.
     """
 
-    kind: Literal["transpose", "split", "concat"]
+    kind: Literal["transpose", "split", "concat", "adapt"]  # adapt: adapt="in_chans" (ckptfit._adapt)
     detail: str
     reason: str
     sources: tuple[str, ...] = ()

@@ -165,6 +165,7 @@ class Rule:
     transpose: bool | None  # True: transpose, False: as stored ("none"), None: evidence decides
     split: int | None = None
     _regex: Any = field(default=None, compare=False, repr=False)
+    adapt: str | None = None  # "in_chans": adapt= rather than a transforms= entry (see :func:`parse_adapt`)
 
     def hits(self, *keys: str | None) -> bool:
         for k in keys:
@@ -176,16 +177,20 @@ class Rule:
 
     @property
     def text(self) -> str:
+        if self.adapt is not None:
+            return f"adapt={self.adapt!r}"
         return f"transforms={{{self.pattern!r}: {self.kind!r}}}"
 
 
-def parse_rules(value: Any) -> tuple[Rule, ...]:
+def parse_rules(value: Any, adapt: Any = None) -> tuple[Rule, ...]:
     """Check ``transforms=`` and turn it into :class:`Rule` objects; raise at once on anything wrong.
 
     Args:
         value: ``{pattern: kind}`` (or a list of ``(pattern, kind)`` pairs); a pattern is a glob
             or a regex matched in full against model keys and checkpoint keys; a kind is
             ``"transpose"``, ``"none"``, ``"split:N"`` or several joined by ``+``.
+
+        adapt: ``adapt=`` (``"in_chans"``), carried as a last rule (:mod:`ckptfit._adapt`).
 
     Returns:
         The rules, in order.
@@ -198,8 +203,11 @@ def parse_rules(value: Any) -> tuple[Rule, ...]:
         >>> parse_rules({"*.c_attn.weight": "transpose"})[0].transpose
         True
     """
+    from ._adapt import parse_adapt
+
+    tail = (Rule("", f"adapt:{a}", None, adapt=a),) if (a := parse_adapt(adapt)) else ()
     if value is None:
-        return ()
+        return tail
     if isinstance(value, Mapping):
         items = list(value.items())
     else:
@@ -237,7 +245,7 @@ def parse_rules(value: Any) -> tuple[Rule, ...]:
         except re.error:
             regex = None  # a glob such as '*.weight' is not a regex; it is matched as a glob
         rules.append(Rule(pattern, kind, transpose, split, regex))
-    return tuple(rules)
+    return tuple(rules) + tail
 
 
 # ---------------------------------------------------------------------------------- names
@@ -856,6 +864,11 @@ def port(plan: Plan, layouts: Mapping[str, Layout], source: Sequence[TensorSpec]
         >>> p.ok, p.decisions[0].transform.kind
         (True, 'transpose')
     """
+    from ._adapt import adapt_plan
+
+    adapt = next((r.adapt for r in rules if r.adapt), None)
+    rules = tuple(r for r in rules if r.adapt is None)
+    plan = adapt_plan(plan, adapt)  # an RGB first convolution into other input channels, only when asked
     if not layouts and not rules:
         return plan
     if not rules and not recorded and not _could_change(plan, layouts):
@@ -890,6 +903,10 @@ def apply_transform(d: Decision, fetch: Callable[[str], torch.Tensor]) -> torch.
         raise ValueError(f"{d.target}: no transform to apply")
     if t.kind == "transpose":
         x = fetch(d.source).t()
+    elif t.kind == "adapt":
+        from ._adapt import adapt_tensor
+
+        x = adapt_tensor(fetch(d.source), t.parts)
     elif t.kind == "split":
         x = fetch(d.source)
         if t.transpose and x.dim() == 2:
