@@ -432,7 +432,7 @@ def _scan_file(w: _Walk, path: str) -> None:
     head = _head(path)
     reader = _reader(path)
     name = reader.name if reader is not None else None
-    if name == "torch-zip":
+    if name in ("torch-zip", "npz"):
         _scan_zip(w, path)
         return  # torch.load reads a file that starts like a zip as a zip, never as a tar
     if name == "torch-legacy":
@@ -448,7 +448,7 @@ def _scan_file(w: _Walk, path: str) -> None:
     elif name == "pickle" or (name is None and _looks_like_pickle(head)):
         # torch.load unpickles any non-zip, non-tar file with the real unpickler: protocol 0/1 included
         _scan_plain_pickle(w, path)
-    elif name is None and head.startswith(b"\x93NUMPY"):
+    elif name in (None, "npy") and head.startswith(b"\x93NUMPY"):
         w.format = "npy"
         with open(path, "rb") as f:
             _scan_npy(w, f.read(), os.path.basename(path))

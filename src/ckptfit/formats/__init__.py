@@ -232,4 +232,4 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import dcp, hf_dir, legacy, pickle_file, safetensors_file, torch_zip  # noqa: F401
+    from . import dcp, hf_dir, legacy, numpy_file, pickle_file, safetensors_file, torch_zip  # noqa: F401

@@ -153,5 +153,8 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
         merge_extra(scans[-1], scan_trailing(data, pos, member="after the last storage:", path=path))
         refuse_if_dangerous(scans, path=path)
     md = {"sys_info": header[2]} if isinstance(header[2], dict) else {}
-    return Checkpoint(path=path, format="torch-legacy", tree=value, scans=tuple(scans), metadata=md,
+    from .numpy_file import numpy_to_tensors
+
+    return Checkpoint(path=path, format="torch-legacy", tree=numpy_to_tensors(value, beside_tensors=True),
+                      scans=tuple(scans), metadata=md,
                       closers=(mapped.close,))

@@ -219,7 +219,10 @@ def open_torch_zip(path: str, trust: bool = False) -> Checkpoint:
         return Checkpoint(path=path, format="torchscript", tree=tree, scans=(scan,), candidates=cand,
                           metadata={"torchscript_class": value.qualname if isinstance(value, Placeholder) else None},
                           closers=(mapped.close,))
-    return Checkpoint(path=path, format="torch-zip", tree=value, scans=(scan,), closers=(mapped.close,))
+    from .numpy_file import numpy_to_tensors  # numpy arrays saved with torch.save are weights too
+
+    return Checkpoint(path=path, format="torch-zip", tree=numpy_to_tensors(value, beside_tensors=True),
+                      scans=(scan,), closers=(mapped.close,))
 
 
 def _open_trusted(path: str) -> Checkpoint:
@@ -231,7 +234,10 @@ def _open_trusted(path: str) -> Checkpoint:
             obj = torch.jit.load(path, map_location="cpu")
         else:
             raise CorruptCheckpoint(f"torch.load failed: {e}", path=path) from e
-    return Checkpoint(path=path, format="torch-zip", tree=wrap_real(obj), trusted=True)
+    from .numpy_file import numpy_to_tensors
+
+    return Checkpoint(path=path, format="torch-zip", tree=numpy_to_tensors(wrap_real(obj), beside_tensors=True),
+                      trusted=True)
 
 
 def wrap_real(obj: Any) -> Any:

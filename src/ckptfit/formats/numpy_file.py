@@ -1,0 +1,344 @@
+"""Numpy weights: ``.npy`` and ``.npz`` files, and numpy arrays inside pickles and torch files.
+
+An ``.npy`` file is a magic string, a small header (a Python literal giving ``descr``,
+``fortran_order`` and ``shape``) and the raw array bytes; an ``.npz`` is a zip of ``.npy``
+members (``np.savez`` stores them, ``np.savez_compressed`` deflates them). Headers are parsed
+with numpy's own reader (``ast.literal_eval``, size-capped), never with ``np.load``: an object
+array is a pickle, and it is read by the restricted interpreter like every other pickle.
+
+Arrays become tensors without copies where the layout allows: a little-endian array in C or
+Fortran order is a view of the memory-mapped file (Fortran order as transposed strides). A
+big-endian array is byte-swapped into native order (one copy). Dtypes torch has no equivalent
+for (strings, structured records, ``|V2`` bfloat16 from JAX without its dtype) are not tensors
+and are listed as such by ``inspect``.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import CorruptCheckpoint
+from ..lazy import LazyTensor, MappedFile, Record, note_read
+from . import register
+
+__all__ = ["open_npy", "open_npz", "array_to_tensor", "torch_dtype_of", "numpy_to_tensors", "NPY_MAGIC"]
+
+NPY_MAGIC = b"\x93NUMPY"
+MAX_NPY_HEADER = 10_000  # numpy's own default for np.load
+
+# numpy (kind, itemsize) -> torch dtype
+_DTYPES: dict[tuple[str, int], torch.dtype] = {
+    ("f", 2): torch.float16, ("f", 4): torch.float32, ("f", 8): torch.float64,
+    ("i", 1): torch.int8, ("i", 2): torch.int16, ("i", 4): torch.int32, ("i", 8): torch.int64,
+    ("u", 1): torch.uint8, ("b", 1): torch.bool, ("c", 8): torch.complex64, ("c", 16): torch.complex128,
+}
+for _kind, _size, _name in (("u", 2, "uint16"), ("u", 4, "uint32"), ("u", 8, "uint64")):
+    if hasattr(torch, _name):
+        _DTYPES[(_kind, _size)] = getattr(torch, _name)
+
+
+def torch_dtype_of(dt: Any) -> torch.dtype | None:
+    """The torch dtype of a numpy dtype (any byte order), or ``None`` when torch has none.
+
+    Example:
+        >>> import numpy as np
+        >>> torch_dtype_of(np.dtype(">f4")), torch_dtype_of(np.dtype("U3"))
+        (torch.float32, None)
+    """
+    if dt.names is not None or dt.subdtype is not None:
+        return None
+    if dt.name == "bfloat16":  # ml_dtypes' bfloat16, as JAX writes it when ml_dtypes is imported
+        return torch.bfloat16
+    return _DTYPES.get((dt.kind, dt.itemsize))
+
+
+def _native(dt: Any) -> bool:
+    return dt.byteorder in "=|" or (dt.byteorder == "<") == (__import__("sys").byteorder == "little")
+
+
+def array_to_tensor(arr: Any) -> torch.Tensor | None:
+    """A tensor holding ``arr``'s values: a view of its memory where the layout allows, else one copy.
+
+    Native byte order and non-negative strides (C or Fortran order, slices) are viewed; a
+    big-endian array is byte-swapped into a new tensor. ``None`` for dtypes torch cannot hold.
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.arange(6, dtype=">i4").reshape(2, 3)
+        >>> array_to_tensor(a).tolist()
+        [[0, 1, 2], [3, 4, 5]]
+    """
+    import numpy as np
+
+    dtype = torch_dtype_of(arr.dtype)
+    if dtype is None:
+        return None
+    if dtype is torch.bfloat16:
+        arr = np.ascontiguousarray(arr)
+        return torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16)
+    if not _native(arr.dtype):
+        arr = arr.astype(arr.dtype.newbyteorder("="))  # the one copy a byte swap needs
+    if any(s < 0 for s in arr.strides) or any(s % arr.itemsize for s in arr.strides):
+        arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # torch warns on read-only memory; the file mapping is copy-on-write anyway
+        arr = arr.copy()
+    return torch.from_numpy(arr)
+
+
+def numpy_to_tensors(obj: Any, *, beside_tensors: bool = False) -> Any:
+    """Replace numpy arrays in a tree (dicts and lists, as a pickle rebuilt them) by lazy tensors.
+
+    Arrays of dtypes torch cannot hold stay as they are. With ``beside_tensors`` (a torch file,
+    where tensors are the weights), only arrays in a container that holds nothing but arrays,
+    tensors and containers are converted: an array beside ``epoch`` and ``args`` is metadata.
+    Walks iteratively, each container once.
+    """
+    import numpy as np
+
+    from ..safety import _NumpyArray
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, _NumpyArray):
+            v = v.value
+        if isinstance(v, np.ndarray):
+            t = array_to_tensor(v)
+            if t is not None:
+                return LazyTensor(tuple(v.shape), t.dtype, lambda t=t: t, device="cpu")
+        return v
+
+    def weights_only(values: list[Any]) -> bool:
+        return all(isinstance(v, _NumpyArray | np.ndarray | LazyTensor | dict | list | tuple) for v in values)
+
+    root = [obj]
+    stack: list[Any] = [root]
+    seen: set[int] = set()
+    while stack:
+        c = stack.pop()
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        items = list(c.items() if isinstance(c, dict) else enumerate(c) if isinstance(c, list) else ())
+        convert = not beside_tensors or c is root or weights_only([v for _, v in items])
+        for k, v in items:
+            nv = conv(v) if convert else v
+            if nv is not v:
+                c[k] = nv
+            elif isinstance(v, dict | list):
+                stack.append(v)
+    return root[0]
+
+
+# ------------------------------------------------------------------------------------------ .npy
+
+def _read_header(data: bytes, *, path: str, member: str | None = None) -> tuple[tuple[int, ...], bool, Any, int]:
+    """``(shape, fortran_order, dtype, header_length)`` of the ``.npy`` bytes starting ``data``."""
+    import numpy as np
+    from numpy.lib import format as npformat
+
+    where = f"{member!r} " if member else ""
+    f = io.BytesIO(data)
+    try:
+        major, _minor = npformat.read_magic(f)
+        read = {1: npformat.read_array_header_1_0, 2: npformat.read_array_header_2_0}.get(major)
+        if read is None:  # version 3 is version 2 with a UTF-8 header
+            if major != 3:
+                raise ValueError(f"unknown .npy format version {major}")
+            read = npformat.read_array_header_2_0
+        shape, fortran, dtype = read(f, max_header_size=MAX_NPY_HEADER)
+    except (ValueError, TypeError, SyntaxError, EOFError, OverflowError, MemoryError, RecursionError) as e:
+        truncated = len(data) < 128 or "EOF" in str(e)
+        raise CorruptCheckpoint(f"the .npy header of {where}cannot be read ({type(e).__name__}: {str(e)[:160]})"
+                                + ("; the file is truncated" if truncated else ""), path=path,
+                                hint="download or copy the file again") from e
+    if not isinstance(dtype, np.dtype):
+        raise CorruptCheckpoint(f"the .npy header of {where}has no valid dtype", path=path)
+    return tuple(int(s) for s in shape), bool(fortran), dtype, f.tell()
+
+
+def _lazy(mapped: MappedFile, path: str, offset: int, shape: tuple[int, ...], fortran: bool, dt: Any,
+          record: Record | None, *, what: str) -> LazyTensor:
+    """A lazy tensor over ``.npy`` data at ``offset`` of ``mapped`` (bounds checked when read)."""
+    import numpy as np
+
+    dtype = torch_dtype_of(dt)
+    if dtype is None:
+        raise CorruptCheckpoint(f"{what} has dtype {dt.str}, which torch has no equivalent for", path=path)
+    count = 1
+    for s in shape:
+        count *= s
+    nbytes = count * dt.itemsize
+    if offset + nbytes > mapped.size:
+        raise CorruptCheckpoint(f"{what} of shape {list(shape)} ({dt.str}) needs bytes {offset}..{offset + nbytes} "
+                                f"but the file holds only {mapped.size}: truncated", path=path,
+                                hint="download or copy the file again")
+    order = tuple(reversed(shape)) if fortran else shape
+    native = _native(dt) and dtype is not torch.bfloat16
+
+    def read() -> torch.Tensor:
+        if record is not None:
+            note_read(mapped, record)
+        if native:
+            t = mapped.tensor(offset, dtype, count)  # a view of the file: no copy
+        else:
+            raw = np.frombuffer(mapped.read(offset, nbytes), dtype=dt)
+            t = array_to_tensor(raw)
+        t = t.view(order)
+        return t.permute(*reversed(range(len(shape)))) if fortran and len(shape) > 1 else t
+
+    return LazyTensor(shape, dtype, read, device="cpu")
+
+
+def _object_array(data: memoryview, *, path: str, member: str) -> tuple[Any, Any]:
+    """An object array is a pickle after the header: read by the restricted interpreter."""
+    from ..safety import load_pickle
+
+    value, scan = load_pickle(data, member=member, path=path)
+    from ..safety import _NumpyArray
+
+    if isinstance(value, _NumpyArray):
+        value = value.value
+    import numpy as np
+
+    if isinstance(value, np.ndarray) and value.dtype.hasobject and value.shape == ():
+        value = value.item()  # np.save of a dict: a 0-d object array holding it
+    return numpy_to_tensors(value), scan
+
+
+def _sniff_npy(path: str, head: bytes) -> bool:
+    return head.startswith(NPY_MAGIC)
+
+
+@register("npy", sniff=_sniff_npy, priority=7)
+def open_npy(path: str, trust: bool = False) -> Checkpoint:
+    """Open a ``.npy`` file: one array, offered as a one-tensor state dict keyed by the file's stem."""
+    import os
+
+    mapped = MappedFile(path)
+    head = mapped.read(0, min(mapped.size, MAX_NPY_HEADER + 64))
+    shape, fortran, dt, start = _read_header(head, path=path)
+    key = os.path.basename(path).rsplit(".", 1)[0] or "array"
+    scans: tuple = ()
+    if dt.hasobject:
+        with open(path, "rb") as f:
+            body = f.read()[start:]
+        tree, scan = _object_array(memoryview(body), path=path, member="object array")
+        scans = (scan,)
+    elif torch_dtype_of(dt) is None:
+        tree = {key: _untensor(dt, shape)}
+    else:
+        tree = {key: _lazy(mapped, path, start, shape, fortran, dt, None, what="the array")}
+    return Checkpoint(path=path, format="npy", tree=tree, scans=scans, closers=(mapped.close,))
+
+
+def _untensor(dt: Any, shape: tuple[int, ...]) -> str:
+    """An array of a dtype torch cannot hold (strings, records): described, never loaded."""
+    return f"<ndarray {dt.str} {list(shape)}: no torch dtype>"
+
+
+# ------------------------------------------------------------------------------------------ .npz
+
+def _sniff_npz(path: str, head: bytes) -> bool:
+    # a zip whose first member is named *.npy (np.savez names each member after its key)
+    if not head.startswith(b"PK\x03\x04") or len(head) < 30:
+        return False
+    nlen = int.from_bytes(head[26:28], "little")
+    name = head[30:30 + nlen]
+    return name.endswith(b".npy") or (30 + nlen > len(head) and _first_name(path).endswith(".npy"))
+
+
+def _first_name(path: str) -> str:
+    with open(path, "rb") as f:
+        f.seek(26)
+        nlen = int.from_bytes(f.read(2), "little")
+        f.seek(30)
+        return f.read(nlen).decode("utf-8", "replace")
+
+
+@register("npz", sniff=_sniff_npz, priority=11)
+def open_npz(path: str, trust: bool = False) -> Checkpoint:
+    """Open an ``.npz`` archive: one tensor per ``.npy`` member, keyed by the member name without ``.npy``.
+
+    Stored members (``np.savez``) are views of the mapped file, their CRC-32 checked when read;
+    deflated members (``np.savez_compressed``) are inflated when read (sizes capped, CRC checked).
+    """
+    from ._zip import ZipArchive
+
+    archive = ZipArchive(path, what="npz archive")
+    mapped = MappedFile(path)
+    tree: dict[str, Any] = {}
+    scans: list = []
+    try:
+        for name, m in archive.members.items():
+            key = name[:-4] if name.endswith(".npy") else name
+            if m.compress_type == zipfile.ZIP_STORED:
+                head = mapped.read(m.data_offset, min(m.size, MAX_NPY_HEADER + 64))
+            else:
+                head = archive.read(name, max_size=MAX_NPY_HEADER + 64) if m.size <= MAX_NPY_HEADER + 64 else \
+                    _inflate_head(archive, name)
+            if not head.startswith(NPY_MAGIC):
+                raise CorruptCheckpoint(f"npz member {name!r} is not an .npy array", path=path,
+                                        hint="an .npz holds only .npy members; check the file")
+            shape, fortran, dt, start = _read_header(head, path=path, member=name)
+            if dt.hasobject:
+                value, scan = _object_array(memoryview(archive.read(name))[start:], path=path, member=name)
+                tree[key] = value
+                scans.append(scan)
+            elif torch_dtype_of(dt) is None:
+                tree[key] = _untensor(dt, shape)
+            elif m.compress_type == zipfile.ZIP_STORED:
+                record = Record(name, m.data_offset, m.size, m.crc)
+                mapped.add_record(record)
+                tree[key] = _lazy(mapped, path, m.data_offset + start, shape, fortran, dt, record,
+                                  what=f"npz member {name!r}")
+                if start + _nbytes(shape, dt) != m.size:
+                    raise CorruptCheckpoint(f"npz member {name!r} holds {m.size - start} data bytes but its header "
+                                            f"describes {_nbytes(shape, dt)}", path=path,
+                                            hint="download or copy the file again")
+            else:
+                tree[key] = LazyTensor(shape, torch_dtype_of(dt), _inflated(path, name, start, shape, fortran, dt),
+                                       device="cpu")
+    finally:
+        archive.close()
+    return Checkpoint(path=path, format="npz", tree=tree, scans=tuple(scans), closers=(mapped.close,))
+
+
+def _nbytes(shape: tuple[int, ...], dt: Any) -> int:
+    n = dt.itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
+def _inflate_head(archive: Any, name: str) -> bytes:
+    import zlib
+
+    m = archive.members[name]
+    raw = archive._pread(min(m.compressed_size, 1 << 16), m.data_offset)
+    return zlib.decompressobj(-15).decompress(raw, MAX_NPY_HEADER + 64)
+
+
+def _inflated(path: str, name: str, start: int, shape: tuple[int, ...], fortran: bool,
+              dt: Any) -> Callable[[], torch.Tensor]:
+    """A reader that inflates one deflated member when called (through the checked zip reader)."""
+    import numpy as np
+
+    from ._zip import MAX_INFLATED, ZipArchive
+
+    def read() -> torch.Tensor:
+        archive = ZipArchive(path, what="npz archive")
+        try:
+            data = archive.read(name, max_size=MAX_INFLATED)
+        finally:
+            archive.close()
+        if len(data) - start != _nbytes(shape, dt):
+            raise CorruptCheckpoint(f"npz member {name!r} holds {len(data) - start} data bytes but its header "
+                                    f"describes {_nbytes(shape, dt)}", path=path)
+        arr = np.frombuffer(data, dtype=dt, offset=start).reshape(shape, order="F" if fortran else "C")
+        return array_to_tensor(arr)
+
+    return read
