@@ -192,6 +192,11 @@ def choose_architecture(ckpt: Checkpoint, *, trust: bool = False, use: str | Non
                                   hint="pass trust=True (CLI: --trust) if you trust the code that class comes from, "
                                        "or pass the model yourself with --model SPEC")
         cls = _import_class(class_path, ckpt.path)
+        from ._lightning import is_lightning_class, lightning_kwargs
+
+        if is_lightning_class(cls):  # built as load_from_checkpoint builds it
+            hname = ckpt.tree.get("hparams_name")
+            args, _ = lightning_kwargs(cls, {"hyper_parameters": args, "hparams_name": hname}, path=ckpt.path)
         text = f"{class_path}({_kwargs_text(args)}) (recorded in the Lightning checkpoint's hyper_parameters)"
         return (lambda: cls(**args)), text
     return _identified_factory(ckpt, use, families)

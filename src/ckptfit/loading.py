@@ -1111,6 +1111,10 @@ def build(factory: Callable[[], nn.Module] | str, source: Any, *, mmap: bool = F
         from .specs import model_factory
 
         factory = model_factory(factory)
+    from ._lightning import build_lightning, lightning_target
+
+    if (lit := lightning_target(factory)) is not None:  # a LightningModule class: the file's hyper_parameters
+        return build_lightning(*lit, source, build, mmap=mmap, **load_options)
     with gc_paused():  # the model's modules are as long-lived as the checkpoint's objects (see _gc)
         with _parameters_on_meta():
             model = factory()

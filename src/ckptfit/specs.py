@@ -121,4 +121,6 @@ def _calling(spec: str, builder: Callable[..., nn.Module], kwargs: dict[str, Any
                                   hint="check the --model-arg names and values against the model's constructor"
                                   ) from e
 
+    make.ckptfit_builder = builder  # type: ignore[attr-defined]  # a LightningModule class is built with the
+    make.ckptfit_kwargs = kwargs  # type: ignore[attr-defined]  # file's hyper_parameters (ckptfit._lightning)
     return make
