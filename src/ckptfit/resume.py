@@ -37,7 +37,8 @@ from .errors import CheckpointError, LoadError
 from .lazy import LazyTensor
 from .plan import Plan
 from .report import LoadReport
-from .safety import Placeholder, PlaceholderClass, _NumpyArray
+from .pickle_numpy import NumpyArray
+from .safety import Placeholder, PlaceholderClass
 
 __all__ = ["resume", "ResumeReport", "OptimizerMapping", "ResumePlan", "describe_resume"]
 
@@ -351,7 +352,7 @@ def _real(obj: Any, where: str) -> Any:
     """
     if isinstance(obj, LazyTensor):
         return obj.load().clone()
-    if isinstance(obj, _NumpyArray):
+    if isinstance(obj, NumpyArray):
         return obj.value
     if isinstance(obj, Placeholder | PlaceholderClass):
         raise LoadError(f"{where} holds an object of class {obj.qualname}, which ckptfit does not rebuild "

@@ -278,13 +278,12 @@ class _Walk:
     def run(self, data: Any, member: str, *, start: int = 0, allow_trailing: bool = False,
             persistent_load: Any = None) -> tuple[Any, PickleScan | None]:
         """Interpret one pickle; a damaged one is an error, and what it named before the damage is kept."""
+        sc = PickleScan(member=member)
         try:
-            value, sc = interpret(data, start=start, member=member, path=self.path, allow_trailing=allow_trailing,
-                                  persistent_load=persistent_load or _storage_stub)
+            value, _ = interpret(data, start=start, member=member, path=self.path, allow_trailing=allow_trailing,
+                                 persistent_load=persistent_load or _storage_stub, scan=sc)
         except CheckpointError as e:
-            partial = getattr(e, "partial_scan", None)
-            if partial is not None:
-                self.scans.append(partial)
+            self.scans.append(sc)  # what it named before the damage
             self.errors.append(f"{member}: {e.detail}")
             return None, None
         self.scans.append(sc)

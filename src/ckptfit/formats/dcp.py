@@ -18,7 +18,8 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpoint, UnsupportedFormat
 from ..lazy import LazyTensor, MappedFile
-from ..safety import Placeholder, _check_dtype, load_pickle, short_repr
+from ..pickle_rebuild import check_dtype
+from ..safety import Placeholder, load_pickle, short_repr
 from . import check_regular, register
 
 __all__ = ["open_dcp", "DcpChunk", "read_region"]
@@ -178,7 +179,7 @@ def open_dcp(path: str, trust: bool = False) -> Checkpoint:
         dtype = props.get("dtype")
         if not isinstance(dtype, torch.dtype):
             raise CorruptCheckpoint(f"DCP entry {fqn!r} has no dtype", path=path)
-        _check_dtype(dtype, f"DCP tensor {fqn!r}")
+        check_dtype(dtype, f"DCP tensor {fqn!r}")
         size = _tuple_ints(ma.get("size"))
         chunks = []
         listed = ma.get("chunks") or []

@@ -100,10 +100,10 @@ def numpy_to_tensors(obj: Any, *, beside_tensors: bool = False) -> Any:
     """
     import numpy as np
 
-    from ..safety import _NumpyArray
+    from ..pickle_numpy import NumpyArray
 
     def conv(v: Any) -> Any:
-        if isinstance(v, _NumpyArray):
+        if isinstance(v, NumpyArray):
             v = v.value
         if isinstance(v, np.ndarray):
             t = array_to_tensor(v)
@@ -112,7 +112,7 @@ def numpy_to_tensors(obj: Any, *, beside_tensors: bool = False) -> Any:
         return v
 
     def weights_only(values: list[Any]) -> bool:
-        return all(isinstance(v, _NumpyArray | np.ndarray | LazyTensor | dict | list | tuple) for v in values)
+        return all(isinstance(v, NumpyArray | np.ndarray | LazyTensor | dict | list | tuple) for v in values)
 
     root = [obj]
     stack: list[Any] = [root]
@@ -198,9 +198,9 @@ def _object_array(data: memoryview, *, path: str, member: str) -> tuple[Any, Any
     from ..safety import load_pickle
 
     value, scan = load_pickle(data, member=member, path=path)
-    from ..safety import _NumpyArray
+    from ..pickle_numpy import NumpyArray
 
-    if isinstance(value, _NumpyArray):
+    if isinstance(value, NumpyArray):
         value = value.value
     import numpy as np
 
