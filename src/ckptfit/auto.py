@@ -232,7 +232,8 @@ def from_checkpoint(source: str | os.PathLike[str] | Checkpoint, *, trust: bool 
     """
     from .loading import build, open as open_checkpoint
 
-    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source, trust=trust)
+    sha256 = load_options.pop("sha256", None)  # checked when the file is opened, here
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source, trust=trust, sha256=sha256)
     try:
         factory, chosen = choose_architecture(ckpt, trust=trust, use=load_options.get("use"), families=families)
         model, report = build(factory, ckpt, trust=trust, **load_options)

@@ -107,6 +107,19 @@ def main() -> None:
     """Put any PyTorch checkpoint into a model: correctly, safely, fast, with a report."""
 
 
+class _Source(click.Path):
+    """A local path that exists, or a source ckptfit fetches (hf://, https://, s3://, gs://)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from .sources import is_remote
+
+        if isinstance(value, str) and is_remote(value):
+            return value
+        return super().convert(value, param, ctx)
+
+
+SOURCE = _Source(exists=True)
+
 # ------------------------------------------------------------------------------------ inspect
 
 @main.command(epilog="""\b
@@ -114,7 +127,7 @@ Examples:
   ckptfit inspect resnet18.pth
   ckptfit inspect ./tiny-bert --json
 """)
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=SOURCE)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--all", "show_all", is_flag=True, help="List every tensor instead of folded groups.")
 @click.option("--trust", is_flag=True, help="Allow real unpickling (runs code from the file). Default: off.")
@@ -155,6 +168,8 @@ def _load_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--adapt", "adapt", default=None, metavar="in_chans",
                      help="Adapt an RGB first convolution to the model's input channels (summed for 1, repeated "
                           "and rescaled for more), as timm does; reported as a transform."),
+        click.option("--sha256", "sha256", default=None, metavar="HEX|POINTER",
+                     help="Check the file's sha256 before reading it: 64 hex digits, or a Git LFS pointer file."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -216,7 +231,7 @@ Examples:
   ckptfit load resnet18_imagenet.pth --model torchvision:resnet18 --model-arg num_classes=10 --partial
   ckptfit load model_best.pth.tar --model timm:resnet18 --use ema --verify --save fixed.safetensors
 """)
-@click.argument("ckpt", type=click.Path(exists=True))
+@click.argument("ckpt", type=SOURCE)
 @_load_options
 @click.option("--device", default=None, metavar="DEVICE", help="Load onto this device, e.g. cuda:0 (default: cpu).")
 @click.option("--dtype", default=None, metavar="DTYPE",
@@ -237,7 +252,7 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
          device: str | None, dtype: str | None, do_verify: bool, save_path: str | None, as_json: bool,
          transform_rules: tuple[str, ...] = (), zero_copy: bool = False, no_crc: bool = False,
-         adapt: str | None = None) -> None:
+         adapt: str | None = None, sha256: str | None = None) -> None:
     """Load a checkpoint into a model and print the report.
 
     The model is built from --model SPEC without random init, then filled from the checkpoint.
@@ -251,6 +266,8 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
         opts["mmap"] = True
     if no_crc:
         opts["verify"] = False
+    if sha256:
+        opts["sha256"] = sha256
     if model_spec:
         model, report = build(_factory(model_spec, model_args), ckpt, **opts)
         chosen = None
@@ -309,7 +326,7 @@ Examples:
   ckptfit plan resnet18_imagenet.pth --model torchvision:resnet18 --model-arg num_classes=10 --partial
   ckptfit plan last.ckpt --model mypkg.models:SimpleCNN --resume
 """)
-@click.argument("ckpt", type=click.Path(exists=True))
+@click.argument("ckpt", type=SOURCE)
 @_load_options
 @click.option("--json", "as_json", is_flag=True, help="Print every decision as JSON.")
 @click.option("--resume", "resume_", is_flag=True,
@@ -318,7 +335,7 @@ Examples:
 def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
          as_json: bool, transform_rules: tuple[str, ...] = (), resume_: bool = False,
-         adapt: str | None = None) -> None:
+         adapt: str | None = None, sha256: str | None = None) -> None:
     """Show what would be loaded where, and why, without loading.
 
     A dry run of `load`: decides from names, shapes and dtypes only, reads no tensor data,
@@ -330,7 +347,8 @@ def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     factory = _factory(model_spec, model_args)
     with _parameters_on_meta():
         model = factory()
-    p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust, transform_rules, adapt))
+    p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust, transform_rules, adapt),
+                  sha256=sha256)
     resumed = None
     if resume_:  # how ckptfit.resume would map the optimizer state (described by the saved groups)
         from .resume import describe_resume

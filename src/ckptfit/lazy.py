@@ -28,7 +28,7 @@ from ._crc import crc32
 from .errors import CorruptCheckpoint
 
 __all__ = ["LazyTensor", "MappedFile", "StorageRef", "Record", "dtype_name", "strided_reader", "locate", "buffer_of",
-           "note_read", "collecting_reads", "checking_reads", "CRC_CHUNK"]
+           "note_read", "collecting_reads", "checking_reads", "CRC_CHUNK", "register_filler"]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -125,6 +125,19 @@ def buffer_of(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
+# Files whose bytes arrive on demand (a remote checkpoint in a sparse local cache, see ckptfit._remote):
+# path -> ``fill(offset, nbytes)``, called before a MappedFile hands out or reads those bytes.
+_FILLERS: dict[str, Callable[[int, int], None]] = {}
+
+
+def register_filler(path: str, fill: Callable[[int, int], None] | None) -> None:
+    """Have :class:`MappedFile` objects of ``path`` call ``fill(offset, nbytes)`` before reading (None: stop)."""
+    if fill is None:
+        _FILLERS.pop(path, None)
+    else:
+        _FILLERS[path] = fill
+
+
 class MappedFile:
     """A file mapped privately (copy-on-write) on first use, shared by all its tensors.
 
@@ -143,6 +156,7 @@ class MappedFile:
         self.size = os.path.getsize(self.path)
         self._records: list[Record] = []  # sorted by offset
         self.verified: set[int] = set()  # offsets of records checked by note_read
+        self._fill = _FILLERS.get(self.path)  # bytes that arrive on demand (a remote file's cache)
 
     def add_record(self, record: Record) -> None:
         """Declare a checksummed range (a reader does, for each record it may hand out)."""
@@ -207,6 +221,8 @@ class MappedFile:
                 hint="download or copy the file again")
         if count == 0:
             return torch.empty(0, dtype=dtype)
+        if self._fill is not None:
+            self._fill(offset, nbytes)
         return torch.frombuffer(self._map(), dtype=dtype, count=count, offset=offset)
 
     def read(self, offset: int, nbytes: int) -> bytes:
@@ -214,6 +230,8 @@ class MappedFile:
         if offset < 0 or offset + nbytes > self.size:
             raise CorruptCheckpoint(f"read of bytes {offset}..{offset + nbytes} beyond the end of the file "
                                     f"({self.size} bytes)", path=self.path)
+        if self._fill is not None:
+            self._fill(offset, nbytes)
         mm = self._map()
         return mm[offset:offset + nbytes]
 
@@ -227,6 +245,8 @@ class MappedFile:
         if offset < 0 or offset + n > self.size:
             raise CorruptCheckpoint(f"read of bytes {offset}..{offset + n} beyond the end of the file "
                                     f"({self.size} bytes)", path=self.path)
+        if self._fill is not None:
+            self._fill(offset, n)
         fd = self._fd
         if fd is None:
             with self._lock:

@@ -44,7 +44,8 @@ __all__ = ["open", "plan", "load", "build", "Source"]
 Source = "str | os.PathLike[str] | Checkpoint | Mapping[str, torch.Tensor]"
 
 
-def open(source: str | os.PathLike[str], *, trust: bool = False) -> Checkpoint:  # noqa: A001 - public verb
+def open(source: str | os.PathLike[str], *, trust: bool = False,  # noqa: A001 - public verb
+         sha256: str | None = None) -> Checkpoint:
     """Open a checkpoint file or directory lazily; no tensor bytes are read.
 
     The format is recognised by content, not by extension: torch zip archives (``.pt``,
@@ -52,8 +53,11 @@ def open(source: str | os.PathLike[str], *, trust: bool = False) -> Checkpoint: 
     Hugging Face folders (sharded or not) and torch.distributed checkpoint folders.
 
     Args:
-        source: path to the file or directory.
+        source: path to the file or directory; also ``hf://org/name[@revision][/subfolder]``,
+            ``https://...``, ``s3://...``, ``gs://...`` (see :mod:`ckptfit.sources`).
         trust: allow real unpickling (runs code from the file). Only for files you made.
+        sha256: check the file's sha256 before reading it: 64 hex digits, or the path of a Git
+            LFS pointer file (its digest and size). A mismatch raises :class:`CorruptCheckpoint`.
 
     Returns:
         A :class:`Checkpoint`.
@@ -68,15 +72,17 @@ def open(source: str | os.PathLike[str], *, trust: bool = False) -> Checkpoint: 
         >>> ckpt.format, ckpt.num_tensors                        # doctest: +SKIP
         ('torch-zip', 122)
     """
-    return open_checkpoint(source, trust=trust)
+    return open_checkpoint(source, trust=trust, sha256=sha256)
 
 
-def _as_checkpoint(source: Any, trust: bool) -> tuple[Checkpoint, bool]:
+def _as_checkpoint(source: Any, trust: bool, sha256: str | None = None) -> tuple[Checkpoint, bool]:
     """(checkpoint, opened_here)."""
     if isinstance(source, Checkpoint):
         return source, False
     if isinstance(source, str | os.PathLike):
-        return open_checkpoint(source, trust=trust), True
+        return open_checkpoint(source, trust=trust, sha256=sha256), True
+    if sha256 is not None:
+        raise TypeError("sha256= checks a file; pass the path (not an opened checkpoint or a state dict)")
     if isinstance(source, Mapping):
         from .formats.torch_zip import wrap_real
 
@@ -279,7 +285,7 @@ def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
          trust: bool = False, transforms: Mapping[str, str] | None = None,
-         adapt: str | None = None) -> Plan:
+         adapt: str | None = None, sha256: str | None = None) -> Plan:
     """Decide what :func:`load` would do, from names, shapes and dtypes only (a dry run).
 
     Takes the same arguments as :func:`load`; reads no tensor bytes and changes nothing.
@@ -295,7 +301,7 @@ def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
     """
     o = _options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms, adapt)
     with gc_paused():
-        ckpt, opened = _as_checkpoint(source, trust)
+        ckpt, opened = _as_checkpoint(source, trust, sha256)
         try:
             return _plan(_Target(model), ckpt, partial=partial, use=use, rename=o["rename"], include=o["include"],
                          exclude=o["exclude"], transforms=o["transforms"])[1]
@@ -326,7 +332,7 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
          trust: bool = False, transforms: Mapping[str, str] | None = None,
-         adapt: str | None = None, verify: bool = True) -> LoadReport:
+         adapt: str | None = None, verify: bool = True, sha256: str | None = None) -> LoadReport:
     """Put a checkpoint into ``model`` in place, loading only what provably belongs, and report it.
 
     The state dict inside the file is found (the model's own weights over EMA and optimizer
@@ -348,6 +354,8 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         device: move the model to this device and load there (default: where it is).
         dtype: cast the model's floating tensors to this dtype (default: keep the model's).
         trust: allow real unpickling; runs code from the file. Never needed for weights.
+        sha256: check the file's sha256 (64 hex digits, or a Git LFS pointer file) before
+            anything is read; a mismatch raises :class:`CorruptCheckpoint` with both digests.
         transforms: ``{pattern: kind}`` for layouts the evidence cannot settle: ``"transpose"``,
             ``"none"`` (as stored), ``"split:N"``; see :mod:`ckptfit.porting` and docs/porting.md.
         adapt: ``"in_chans"``: load an RGB first convolution into a model with other input channels
@@ -386,18 +394,22 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         if o["transforms"]:
             raise ValueError("transforms= is not supported for a sharded model; port the weights into the "
                              "unsharded model first, then save and shard it")
+        if sha256 is not None:  # checked (and, for a URL, fetched) before any rank reads
+            open(source, trust=trust, sha256=sha256).close()
         with checking_reads(verify):
             return load_sharded(model, source, partial=partial, use=use, rename=rename, include=include,
                                 exclude=exclude, device=device, dtype=dtype, trust=trust)
     with gc_paused(), checking_reads(verify):
         return _load(model, source, partial=partial, use=use, rename=rename, include=include, exclude=exclude,
-                     device=device, dtype=dtype, trust=trust, transforms=o["transforms"], verify=verify)
+                     device=device, dtype=dtype, trust=trust, transforms=o["transforms"], verify=verify,
+                     sha256=sha256)
 
 
 def _load(model: nn.Module, source: Any, *, partial: bool, use: str | None, rename, include, exclude, device: Any,
-          dtype: torch.dtype | None, trust: bool, transforms=(), verify: bool = True) -> LoadReport:
+          dtype: torch.dtype | None, trust: bool, transforms=(), verify: bool = True,
+          sha256: str | None = None) -> LoadReport:
     start = time.perf_counter()
-    ckpt, opened = _as_checkpoint(source, trust)
+    ckpt, opened = _as_checkpoint(source, trust, sha256)
     try:
         target = _Target(model)
         cand, p = _plan(target, ckpt, partial=partial, use=use, rename=rename, include=include, exclude=exclude,

@@ -18,7 +18,7 @@ from .._gc import gc_paused
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, CorruptCheckpoint, NotACheckpoint
 
-__all__ = ["Reader", "register", "readers", "open_checkpoint", "detect", "check_regular", "read_json"]
+__all__ = ["Reader", "register", "readers", "open_checkpoint", "open_local", "detect", "check_regular", "read_json"]
 
 HEAD_BYTES = 64
 
@@ -216,9 +216,22 @@ def _not_a_checkpoint(path: str, head: bytes) -> CheckpointError:
                           hint="the file may be truncated, corrupt, or another kind of file altogether")
 
 
-def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Checkpoint:
-    """Recognise ``path``'s format by content and open it lazily."""
+def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False, sha256: str | None = None) -> Checkpoint:
+    """Recognise ``path``'s format by content and open it lazily.
+
+    ``path`` may also be ``hf://...``, a URL or an object-store path, and a Git LFS pointer is
+    followed to its object (:mod:`ckptfit.sources`); ``sha256`` checks the file first.
+    """
+    from ..sources import is_remote, open_source, read_lfs_pointer
+
     path = os.fspath(path)
+    if sha256 is not None or is_remote(path) or read_lfs_pointer(path) is not None:
+        return open_source(path, trust=trust, sha256=sha256)
+    return open_local(path, trust=trust)
+
+
+def open_local(path: str, *, trust: bool = False) -> Checkpoint:
+    """Open a local file or folder with the reader its content calls for."""
     reader = detect(path)
     with gc_paused():
         return reader.open(path, trust)
