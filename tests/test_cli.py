@@ -79,13 +79,13 @@ def test_plan_exit_code_reflects_problems(files):
 
 def test_diff_checkpoints_and_spec(files):
     r = run("diff", files / "plain.pth", files / "changed.pth")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 7, r.output  # they differ
     assert "fc.bias" in r.output and "1 differ" in r.output
     r = run("diff", files / "dp.pth", files / "plain.pth", "--json")
     d = json.loads(r.output)
-    assert len(d["renamed"]) == 0 or all(x["a"].startswith("module.") for x in d["renamed"])
+    assert r.exit_code == 7 and len(d["renamed"]) == 122 and all(x["a"] == "module." + x["b"] for x in d["renamed"])
     r = run("diff", files / "plain.pth", "torchvision:resnet18", "--model-arg", "num_classes=10")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 7, r.output
     assert "shape fc.weight: [1000, 512] -> [10, 512]" in r.output
 
 
@@ -128,7 +128,7 @@ def test_diff_folds_shape_changes_and_counts_in_singular(tmp_path):
     torch.save({**b, "conv.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "b.pth")
     torch.save(b, tmp_path / "c.pth")
     r = run("diff", tmp_path / "a.pth", tmp_path / "b.pth", "--no-values")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 7, r.output
     assert "1 tensor in both" in r.output
     assert "  shape bn.{weight,bias}: [4] -> [8]" in r.output
     r = run("diff", tmp_path / "a.pth", tmp_path / "c.pth")

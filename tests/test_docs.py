@@ -8,7 +8,7 @@ directory, its blocks in order, sharing one namespace:
   block right after it holds the expected output;
 - a ```` ```console ```` block holds ``$ ckptfit ...`` commands, each followed by its expected
   output; the commands run through click's runner (exit code 0 unless an ``error:`` line or
-  a plan ``— refused`` is shown).
+  a plan ``— refused`` is shown; a command ending in ``# exit N`` must exit with N).
 
 Expected output is checked line by line, in order, as a subsequence of the real output
 (a doc may leave lines out); ``...`` inside a line matches anything (timings, temp paths).
@@ -30,7 +30,7 @@ from click.testing import CliRunner
 from ckptfit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "docs" / "troubleshooting.md", ROOT / "README.md", ROOT / "docs" / "porting.md"]
+DOCS = [ROOT / "docs" / "troubleshooting.md", ROOT / "README.md", ROOT / "docs" / "porting.md", ROOT / "docs" / "cli.md"]
 
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 _RAISES = re.compile(r"^(?P<indent>[ \t]*)(?P<stmt>\S.*?)\s+# raises (?P<exc>\w+)(?::\s*(?P<msg>.*))?$")
@@ -143,12 +143,17 @@ def _run_console(block: Block, where: str) -> None:
             commands[-1][1].append(line)
     assert commands, f"{where}: a console block without '$ ' commands"
     for command, expected in commands:
-        argv = shlex.split(command)
+        status = re.search(r"\s+# exit (\d+)$", command)
+        argv = shlex.split(command[:status.start()] if status else command)
         assert argv[0] == "ckptfit", f"{where}: console blocks run only ckptfit commands, not {command!r}"
         result = CliRunner().invoke(main, argv[1:], catch_exceptions=False)
-        shown_error = any(ln.startswith(("error:", "Refused:")) for ln in expected)
-        assert (result.exit_code != 0) == shown_error, \
-            f"{where}: `{command}` exited {result.exit_code}:\n{result.output}"
+        if status:
+            assert result.exit_code == int(status.group(1)), \
+                f"{where}: `{command}` exited {result.exit_code}:\n{result.output}"
+        else:
+            shown_error = any(ln.startswith(("error:", "Refused:")) for ln in expected)
+            assert (result.exit_code != 0) == shown_error, \
+                f"{where}: `{command}` exited {result.exit_code}:\n{result.output}"
         _check_output("\n".join(expected), result.output, f"{where}: `{command}`")
 
 

@@ -115,7 +115,7 @@ def test_tar_polyglot_with_a_payload_is_dangerous(tmp_path: pathlib.Path) -> Non
         assert report.verdict == "dangerous" and [r.qualname for r in report.dangerous] == ["os.system"], report
         assert any(m == f"tar:{member}" for r in report.dangerous for m in r.members)
         r = CliRunner().invoke(main, ["scan", str(path)])
-        assert r.exit_code == 2 and "DANGEROUS" in r.output
+        assert r.exit_code == 5 and "DANGEROUS" in r.output
         _agrees(path)
     assert not os.path.exists(CANARY)
 
@@ -149,7 +149,7 @@ def test_a_payload_in_either_archive_is_dangerous(where: str, tmp_path: pathlib.
     path = _back_to_back(tmp_path / "ab.pt", SYSTEM if where == "first" else benign,
                          SYSTEM if where == "second" else benign)
     report = scan(path)
-    assert report.verdict == "dangerous" and report.exit_code == 2, report
+    assert report.verdict == "dangerous" and report.exit_code == 5, report
     assert [r.qualname for r in report.dangerous] == ["os.system"]
     _agrees(path)
     assert not os.path.exists(CANARY)
@@ -223,7 +223,7 @@ def test_a_weights_link_to_a_folder_outside_is_followed(tmp_path: pathlib.Path) 
     assert report.verdict == "dangerous" and [r.qualname for r in report.dangerous] == ["os.system"], report
     assert any("outside the folder" in a for a in report.anomalies)
     r = CliRunner().invoke(main, ["scan", str(folder)])
-    assert r.exit_code == 2
+    assert r.exit_code == 5
 
 
 def test_a_shard_link_to_a_file_outside_is_followed(tmp_path: pathlib.Path) -> None:

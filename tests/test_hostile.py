@@ -412,7 +412,7 @@ def run_case(case: Case, tmp: pathlib.Path) -> None:
         if issubclass(case.error, UnsafeCheckpoint):
             report = scan(path)
             assert report.verdict == "dangerous", report
-            assert report.exit_code == 2
+            assert report.exit_code == 5
         elif issubclass(case.error, NotACheckpoint):
             with pytest.raises(NotACheckpoint, match=case.match):
                 scan(path)
@@ -460,7 +460,7 @@ def test_scan_cli_exit_codes(tmp_path: pathlib.Path) -> None:
     good = _torch_zip(tmp_path / "good.pt")
     runner = CliRunner()
     r = runner.invoke(main, ["scan", str(bad)])
-    assert r.exit_code == 2 and "posix.system" in r.output and "DANGEROUS" in r.output
+    assert r.exit_code == 5 and "posix.system" in r.output and "DANGEROUS" in r.output
     r = runner.invoke(main, ["scan", str(good), "--json"])
     assert r.exit_code == 0
     assert __import__("json").loads(r.output)["verdict"] == "clean"

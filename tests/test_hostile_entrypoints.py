@@ -4,7 +4,7 @@ Every case is built here, by code (``tests/_hostile_builders.py``), and every en
 it: ``open`` (+ metadata, safety, every tensor), ``load``, ``build``, ``inspect`` (+ rendering),
 ``scan`` (+ rendering), ``convert`` to safetensors and to ``.pt``, ``diff``, ``identify`` and
 ``from_checkpoint`` (what ``ckptfit load FILE`` runs without ``--model``), in-process; then each CLI
-command through click's runner: exit code 0, 1 or 2, one ``error:`` line on stderr, no traceback,
+command through click's runner: exit code 0, 1, 2 or its verdict code, one ``error:`` line on stderr, no traceback,
 no terminal escape. Cases that crashed, hung or blew up memory before run in a child process under
 a timeout and an address-space limit, which measures its peak memory.
 """
@@ -292,7 +292,8 @@ def check_results(case: Case, path: str, results: dict[str, object]) -> None:
         if not name.startswith("cli "):
             continue
         code, stdout, stderr = r  # type: ignore[misc]
-        assert code in ((0, 1, 2, 3, 4) if name == "cli scan" else (0, 1, 2)), (name, code, stderr)  # scan: 3/4 verdicts
+        verdicts = {"cli scan": (3, 4, 5), "cli identify": (6,), "cli diff": (7,)}.get(name, ())  # _cli_common.EXIT_CODES
+        assert code in (0, 1, 2, *verdicts), (name, code, stderr)
         assert "Traceback" not in stdout + stderr, name
         assert "\x1b" not in stdout + stderr and "\x07" not in stdout + stderr, (name, stdout, stderr)
         if code == 1:

@@ -160,7 +160,7 @@ def test_cli_identify_json_and_exit_codes(cache, resnet34_sd, tmp_path):
     odd = tmp_path / "odd.pth"
     torch.save(_Odd().state_dict(), odd)
     res = runner.invoke(main, ["identify", str(odd)])
-    assert res.exit_code == 2
+    assert res.exit_code == 6
     assert "unknown architecture" in res.stdout
 
 

@@ -3,7 +3,7 @@
 Each gadget is a pickle built here opcode by opcode: it would run code (write a file, run a
 command, evaluate a string, load a library) under ``torch.load(weights_only=False)``. Each is
 written as a plain pickle and as the ``data.pkl`` of a real ``torch.save`` archive, and must
-scan ``dangerous`` (exit 2) or ``not known to be safe`` (exit 3), never ``clean``; a real
+scan ``dangerous`` (exit 5) or ``not known to be safe`` (exit 3), never ``clean``; a real
 training checkpoint still scans clean. Nothing here is ever unpickled for real.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from .cli import handle_errors  # cli imports this module after defining handle_errors
+from ._cli_common import handle_errors
 
 __all__ = ["demo"]
 

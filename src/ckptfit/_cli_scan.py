@@ -1,16 +1,16 @@
-"""``ckptfit scan PATH [--json]``: what a file's pickles would run, without running anything.
+"""``ckptfit scan PATH [--json]``: what a file's pickles would run, without running anything
+(registered in :mod:`ckptfit.cli`).
 
-Exit status: 0 clean (every global known to be safe), 1 error (one line on stderr), 2 dangerous,
-3 not known to be safe (would import something outside the allowlist).
+Exit status (the CLI's one table, :data:`ckptfit._cli_common.EXIT_CODES`): 0 clean, 1 error,
+3 not known to be safe, 4 damaged, 5 dangerous.
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from .errors import CheckpointError
+from ._cli_common import EXIT_CODES, echo_json, handle_errors, stderr
 
 __all__ = ["scan_command"]
 
@@ -19,12 +19,12 @@ __all__ = ["scan_command"]
 Examples:
   ckptfit scan downloaded.pth
   ckptfit scan model.ckpt --json | jq .dangerous
-Exit status: 0 clean, 1 error, 2 dangerous, 3 not known to be safe, 4 damaged (a CRC mismatch).
+Exit status: 0 clean, 1 error, 2 usage error, 3 not known to be safe, 4 damaged (a CRC mismatch), 5 dangerous.
 """)
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
-def scan_command(path: str, as_json: bool, debug: bool) -> None:
+@handle_errors
+def scan_command(path: str, as_json: bool) -> None:
     """Show what a file's pickles would run, without running it.
 
     Lists every global, call and object construction in the file's pickles, classed as tensor
@@ -39,24 +39,13 @@ def scan_command(path: str, as_json: bool, debug: bool) -> None:
     """
     from .scan import scan
 
-    try:
-        report = scan(path)
-    except CheckpointError as e:
-        if debug:
-            raise
-        click.echo(f"error: {str(e).splitlines()[0]}", err=True)
-        sys.exit(1)
-    except (OSError, ValueError, RuntimeError) as e:  # as the other commands (cli.handle_errors)
-        if debug:
-            raise
-        click.echo(f"error: {path}: {type(e).__name__}: {e}", err=True)
-        sys.exit(1)
+    report = scan(path)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        echo_json(report.to_dict())
     else:
         from rich.console import Console
 
         Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(report.__rich__())
-    if report.verdict == "error":
-        click.echo(f"error: {path}: {report.errors[0].splitlines()[0]}", err=True)
-    sys.exit(report.exit_code)
+    if report.verdict == "error" and not as_json:
+        stderr(f"error: {path}: {report.errors[0].splitlines()[0]}")
+    sys.exit(EXIT_CODES["ok"] if report.verdict == "clean" else EXIT_CODES[report.verdict])

@@ -29,7 +29,8 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,7 @@ class ConvertResult:
         aliases: ``{key: same_as}`` for tensors written once because they share storage.
         verified: every tensor was re-read from the output by ckptfit's own reader and found bit-for-bit equal.
         seconds: how long it took.
+        names: how keys were renamed (``strip_prefix``, ``rename``), one line per rule with its count.
     """
 
     source: str
@@ -82,13 +84,14 @@ class ConvertResult:
     aliases: Mapping[str, str] = field(default_factory=dict)
     verified: bool = False
     seconds: float = 0.0
+    names: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "destination": self.destination, "format": self.format,
                 "files": list(self.files), "container": self.container, "num_tensors": self.num_tensors,
                 "bytes_written": self.bytes_written, "dtype": self.dtype, "metadata": list(self.metadata),
                 "dropped": list(self.dropped), "aliases": dict(self.aliases), "verified": self.verified,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "names": list(self.names)}
 
     def __str__(self) -> str:
         from .inspection import human_bytes
@@ -99,6 +102,8 @@ class ConvertResult:
                  + (f", as {self.dtype}" if self.dtype else "") + f") in {self.seconds:.2f} s{speed}"]
         if self.container:
             lines.append(f"  weights from container {self.container!r}")
+        if self.names:
+            lines.append(f"  names: {'; '.join(self.names)}")
         if len(self.files) > 1:
             lines.append(f"  files: {', '.join(self.files[:4])}" + (f" and {len(self.files) - 4} more"
                                                                      if len(self.files) > 4 else ""))
@@ -275,7 +280,9 @@ def _same_path(a: str, b: str) -> bool:
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
             use: str | None = None, only_weights: bool = False, shard_size: int | str | None = None,
-            trust: bool = False, format: str | None = None) -> ConvertResult:  # noqa: A002 - CLI name
+            trust: bool = False, format: str | None = None,  # noqa: A002 - CLI name
+            strip_prefix: str | Sequence[str] | None = None, rename: Sequence[tuple[str, str]] | None = None,
+            include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None) -> ConvertResult:
     """Write a checkpoint in another format (or slimmer), atomically, and verify every tensor.
 
     Args:
@@ -289,20 +296,29 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, dtype: 
         shard_size: write safetensors shards of at most this size (``"2GB"``) plus an index.
         trust: allow real unpickling of the source (runs code from it). Never needed for weights.
         format: ``"safetensors"``, ``"torch"`` or ``"dcp"``; default from ``dst``.
+        strip_prefix: key prefixes to remove (``"module."``), applied first; ``"auto"`` removes the
+            prefixes torch's wrappers add (``module.`` from DataParallel/DDP, ``_orig_mod.`` from
+            ``torch.compile``) when every key has them.
+        rename: ``[(regex, replacement), ...]`` applied in order to every key, each at most once
+            per key, as :func:`ckptfit.load` applies them.
+        include: glob patterns; only tensors whose key (before or after renaming) matches one are written.
+        exclude: glob patterns; tensors whose key (before or after renaming) matches one are left out.
+            With any of these four, torch output holds the state dict alone (as ``only_weights``).
 
     Returns:
         A :class:`ConvertResult` (``print()`` it).
 
     Raises:
         CheckpointError: the source cannot be read, ``dtype`` is not a dtype name (the message
-            lists them), the destination is the source or an unsafe place, or verification
-            failed (then nothing is written).
+            lists them), the destination is the source or an unsafe place, a rule matches
+            no key or two keys end up with one name, or verification failed (then nothing is written).
 
     Example:
         >>> from ckptfit.convert import convert
         >>> result = convert("last.ckpt", "model.safetensors", dtype="bf16")      # doctest: +SKIP
         >>> result.verified                                                        # doctest: +SKIP
         True
+        >>> convert("train.pth", "model.safetensors", strip_prefix="module.")      # doctest: +SKIP
     """
     from .loading import open as open_checkpoint
 
@@ -319,17 +335,20 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, dtype: 
                               hint="remove it or choose a new folder name")
     if fmt == "torch" and shard_bytes is not None:
         raise CheckpointError("sharding is for safetensors output", hint="drop --shard-size or write .safetensors")
+    keyed = _KeyRules.of(strip_prefix, rename, include, exclude)
+    only_weights = only_weights or bool(keyed)  # renamed weights have no place in the source's tree
     ckpt = open_checkpoint(src, trust=trust)
     try:
         cand = ckpt.state_dict(use)
-        items = list(cand.tensors.items())
+        items, names, left_out = keyed.apply(list(cand.tensors.items()), path=src)
         reader = _Reader(dtype)
         md = _plain_metadata(ckpt)
         total = sum(t.numel * _target_dtype(t, dtype).itemsize for _, t in items)
         with _progress(total, f"converting {os.path.basename(src.rstrip(os.sep))}") as bar:
             reader.bar = bar
             if fmt == "torch":
-                files, kept, dropped, aliases = _convert_torch(ckpt, cand, dst, src, reader, only_weights, md)
+                files, kept, dropped, aliases = _convert_torch(ckpt, cand, dict(items), dst, src, reader,
+                                                               only_weights, md)
             else:
                 dropped = _dropped(ckpt, cand, kept_tree=False)
                 if fmt == "safetensors":
@@ -345,12 +364,124 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, dtype: 
                     if md:
                         dropped.append(f"metadata ({', '.join(md)}): the DCP output holds the weights only")
             expected = len(items)
+            dropped[:0] = left_out
     finally:
         ckpt.close()
     size = sum(os.path.getsize(os.path.join(dst, f)) for f in files) if os.path.isdir(dst) else os.path.getsize(dst)
     return ConvertResult(src, dst, fmt, tuple(files), cand.name, expected, size,
                          dtype_name(dtype) if dtype is not None else None, tuple(kept),
-                         tuple(dropped), dict(aliases), True, round(time.perf_counter() - start, 3))
+                         tuple(dropped), dict(aliases), True, round(time.perf_counter() - start, 3), tuple(names))
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+
+
+@dataclass(frozen=True)
+class _KeyRules:
+    """``strip_prefix``, ``rename``, ``include``, ``exclude``: which tensors convert writes, under which names."""
+
+    strip: tuple[str, ...] = ()
+    rename: tuple[tuple[str, str], ...] = ()
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.strip or self.rename or self.include is not None or self.exclude)
+
+    @classmethod
+    def of(cls, strip_prefix: Any, rename: Any, include: Any, exclude: Any) -> _KeyRules:
+        """Checked options (a wrong type or a bad regex is a :class:`CheckpointError` naming the option)."""
+        rules = []
+        if isinstance(rename, Mapping):
+            rename = list(rename.items())
+        for item in rename or ():
+            if not (isinstance(item, tuple | list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+                raise CheckpointError(f"rename= entry {item!r} is not a (regex, replacement) pair",
+                                      hint="write rename=[(r'^backbone\\.', '')] (CLI: --rename '^backbone\\.=>')")
+            try:
+                re.compile(item[0])
+            except re.error as e:
+                raise CheckpointError(f"rename= regex {item[0]!r} is not a valid regular expression: {e}",
+                                      hint="check the part before '=>'") from None
+            rules.append((item[0], item[1]))
+        return cls(_strings(strip_prefix, "strip_prefix") or (), tuple(rules),
+                   _strings(include, "include"), _strings(exclude, "exclude") or ())
+
+    def apply(self, items: list[tuple[str, LazyTensor]], *, path: str) -> tuple[list, list[str], list[str]]:
+        """``(items renamed and filtered, name lines for the result, lines for what was left out)``."""
+        if not self:
+            return items, [], []
+        keys = [k for k, _ in items]
+        names: list[str] = []
+        for prefix in self._prefixes(keys, path):
+            hits = sum(k.startswith(prefix) for k in keys)
+            keys = [k[len(prefix):] if k.startswith(prefix) else k for k in keys]
+            names.append(f"strip {prefix!r} ({hits} keys)")
+        for pattern, replacement in self.rename:
+            rx, hits, new = re.compile(pattern), 0, []
+            for k in keys:
+                try:
+                    n = rx.sub(replacement, k, count=1)
+                except (re.error, IndexError) as e:
+                    raise CheckpointError(f"rename r'{pattern}' -> '{replacement}': invalid replacement: {e}",
+                                          path=path) from None
+                hits += n != k
+                new.append(n)
+            if not hits:
+                raise CheckpointError(f"rename r'{pattern}' -> '{replacement}' matches no key", path=path,
+                                      hint="run `ckptfit inspect --all` on the file to see its keys")
+            keys = new
+            names.append(f"rename r'{pattern}' -> '{replacement}' ({hits} keys)")
+        kept, left_out, origin = [], {"include": 0, "exclude": 0}, {}
+        for (old, t), new_key in zip(items, keys):
+            both = (old, new_key)
+            if self.include is not None and not any(fnmatchcase(n, p) for p in self.include for n in both):
+                left_out["include"] += 1
+            elif any(fnmatchcase(n, p) for p in self.exclude for n in both):
+                left_out["exclude"] += 1
+            else:
+                kept.append((new_key, t))
+                origin.setdefault(new_key, []).append(old)
+        if not kept:
+            raise CheckpointError(f"no tensor is left to write: include={list(self.include or ())!r}, "
+                                  f"exclude={list(self.exclude)!r} leave out all {len(items)}", path=path,
+                                  hint="the patterns are globs on the keys (before or after renaming), e.g. 'fc.*'")
+        for new_key, olds in origin.items():
+            if len(olds) > 1:
+                first, second = olds[:2]
+                raise CheckpointError(f"two keys would both be written as {new_key!r}: {first!r} and {second!r}",
+                                      path=path, hint="make the rename rules more specific, or exclude one of them")
+        lines = [f"{n} tensors not matched by include={list(self.include or ())!r}" for n in [left_out["include"]] if n]
+        lines += [f"{n} tensors excluded by exclude={list(self.exclude)!r}" for n in [left_out["exclude"]] if n]
+        return kept, names, lines
+
+    def _prefixes(self, keys: list[str], path: str) -> list[str]:
+        out = []
+        for prefix in self.strip:
+            if prefix != "auto":
+                if not any(k.startswith(prefix) for k in keys):
+                    raise CheckpointError(f"strip_prefix {prefix!r}: no key starts with it", path=path,
+                                          hint="run `ckptfit inspect` on the file to see its keys")
+                out.append(prefix)
+                continue
+            rest = keys
+            while True:  # the wrapper prefixes every key has, outermost first
+                shared = next((w for w in _WRAPPER_PREFIXES if rest and all(k.startswith(w) for k in rest)), None)
+                if shared is None:
+                    break
+                out.append(shared)
+                rest = [k[len(shared):] for k in rest]
+        return out
+
+
+def _strings(value: Any, name: str) -> tuple[str, ...] | None:
+    """A string or a sequence of strings as a tuple; None stays None."""
+    if value is None:
+        return None
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or not all(isinstance(x, str) and x for x in items):
+        raise CheckpointError(f"{name}= must be a string or a list of non-empty strings, not {value!r}"[:200])
+    return tuple(items) or None
 
 
 def _dedupe(items: list[tuple[str, LazyTensor]]) -> tuple[dict[str, str], list[tuple[str, LazyTensor]]]:
@@ -441,11 +572,11 @@ def _takes_no_dist(fn) -> bool:
         return False
 
 
-def _convert_torch(ckpt: Checkpoint, cand: StateDictCandidate, dst: str, src: str, reader: _Reader,
-                   only_weights: bool, md: Mapping[str, Any]):
+def _convert_torch(ckpt: Checkpoint, cand: StateDictCandidate, tensors: Mapping[str, LazyTensor], dst: str,
+                   src: str, reader: _Reader, only_weights: bool, md: Mapping[str, Any]):
     dropped: list[str] = []
-    weights = {k: reader.get(t) for k, t in cand.tensors.items()}  # ties stay ties: one tensor object
-    cast_ids = {id(t) for t in cand.tensors.values()}
+    weights = {k: reader.get(t) for k, t in tensors.items()}  # ties stay ties: one tensor object
+    cast_ids = {id(t) for t in tensors.values()}
     whole = not only_weights and isinstance(ckpt.tree, dict) and cand.kind != "module"
     if whole:
         obj: Any = _real_tree(ckpt.tree, reader, cast_ids, dropped)

@@ -45,8 +45,8 @@ __all__ = ["scan", "ScanReport", "Reference", "render_text", "render_rich", "EXI
 
 RefKind = Literal["tensor", "data", "inert", "unknown", "dangerous"]
 _KIND_ORDER: dict[str, int] = {"dangerous": 0, "unknown": 1, "inert": 2, "data": 3, "tensor": 4}
-# The CLI's exit status for each verdict
-EXIT_CODES: dict[str, int] = {"clean": 0, "error": 1, "dangerous": 2, "not known to be safe": 3, "damaged": 4}
+# The CLI's exit status for each verdict (as in ckptfit._cli_common.EXIT_CODES, the CLI's one table)
+EXIT_CODES: dict[str, int] = {"clean": 0, "error": 1, "not known to be safe": 3, "damaged": 4, "dangerous": 5}
 _CRC_MISMATCH = "CRC mismatch"  # the anomaly that makes a file ``damaged``
 MAX_DIR_FILES = 100_000  # files a folder scan looks at
 MAX_NPY_HEADER = 10_000  # as numpy's own default for np.load
@@ -152,7 +152,7 @@ class ScanReport:
 
     @property
     def exit_code(self) -> int:
-        """The CLI's exit status: 0 clean, 1 error, 2 dangerous, 3 not known to be safe, 4 damaged (:data:`EXIT_CODES`)."""
+        """The CLI's exit status: 0 clean, 1 error, 3 not known to be safe, 4 damaged, 5 dangerous."""
         return EXIT_CODES[self.verdict]
 
     def to_dict(self) -> dict:

@@ -1,21 +1,39 @@
-"""Model SPEC strings, as the CLI takes them: where to get a model from, without weights.
+"""Model SPEC strings: where to get a model from, without weights. The one description of the grammar.
 
-- ``torchvision:resnet18`` — a torchvision builder (``weights=None``),
-- ``timm:resnet50`` — ``timm.create_model(name, pretrained=False)``,
-- ``hf:PATH`` — a Hugging Face model from the ``config.json`` in folder PATH (no download),
-- ``package.module:factory`` — any importable callable returning an ``nn.Module``.
+A SPEC names a model builder; ``--model SPEC`` (CLI), ``ckptfit.build("SPEC", ...)`` and the
+second argument of ``ckptfit diff`` take the same strings::
 
-Keyword arguments (``num_classes=10``) are passed to the builder.
+    torchvision:NAME            a torchvision builder, weights=None       torchvision:resnet18
+    timm:NAME                   timm.create_model(NAME, pretrained=False) timm:convnext_atto
+    hf:CONFIG_DIR               a Hugging Face model from CONFIG_DIR/config.json (no download)
+    package.module:ATTR         any importable callable returning an nn.Module   mypkg.models:Net
+    path/to/file.py:ATTR        the same, from a Python file               ./net.py:Net
+
+``ATTR`` may be dotted (``mypkg.zoo:Registry.small``). A file inside a package (a folder with
+``__init__.py``) is imported under its package name, so its relative imports work; other
+modules it imports must be importable (run from their folder, or set ``PYTHONPATH``).
+Importing a module runs its code: name only code you trust (the checkpoint itself never runs).
+
+Constructor arguments (``--model-arg K=V``, repeatable; ``model_kwargs`` in Python) are
+Python literals: ``num_classes=10``, ``dims=(64, 128)``, ``act='gelu'``, ``bias=False``,
+``scale=None``; a value that is not a literal stays a string (``act=gelu``); JSON's
+``true``/``false``/``null`` are read as JSON.
 """
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
+import sys
+import zlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 from .errors import CheckpointError
 
@@ -23,18 +41,49 @@ __all__ = ["model_factory", "parse_model_args"]
 
 
 def parse_model_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``["num_classes=10", "in_chans=1"]`` -> ``{"num_classes": 10, "in_chans": 1}`` (JSON values, else strings)."""
+    """``["num_classes=10", "dims=(64, 128)", "act=gelu"]`` -> ``{"num_classes": 10, "dims": (64, 128), "act": "gelu"}``.
+
+    Values are Python literals (:func:`ast.literal_eval`), else JSON (``true``, ``null``), else strings.
+
+    Raises:
+        CheckpointError: an item is not ``key=value`` or its key is not a Python name.
+
+    Example:
+        >>> parse_model_args(["num_classes=10", "dims=(64, 128)", "act=gelu", "bias=False"])
+        {'num_classes': 10, 'dims': (64, 128), 'act': 'gelu', 'bias': False}
+    """
     out: dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise CheckpointError(f"model argument {item!r} is not of the form key=value",
-                                  hint="write e.g. --model-arg num_classes=10")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise CheckpointError(f"model argument {item!r} is not of the form name=value",
+                                  hint="write e.g. --model-arg num_classes=10 (values are Python literals)")
+        out[key] = _literal(text)
     return out
+
+
+def _literal(text: str) -> Any:
+    """A Python literal, else a JSON constant, else the text itself."""
+    stripped = text.strip()
+    if len(stripped) > 10_000:  # literal_eval of a huge nested literal can exhaust the stack
+        return text
+    try:
+        return ast.literal_eval(stripped)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    if stripped in ("true", "false", "null"):
+        return json.loads(stripped)
+    return text
+
+
+def _split(spec: str) -> tuple[str, str]:
+    """``"KIND:NAME"`` -> ``(KIND, NAME)``; a file SPEC splits at its last ``':'`` (``C:\\m\\net.py:Net``)."""
+    head, sep, attr = spec.rpartition(":")
+    if sep and head.endswith(".py"):
+        return head, attr
+    kind, _, name = spec.partition(":")
+    return kind, name
 
 
 def model_factory(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callable[[], nn.Module]:
@@ -46,10 +95,9 @@ def model_factory(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callabl
         'ResNet'
     """
     kwargs = dict(kwargs or {})
-    if ":" not in spec:
-        raise CheckpointError(f"model SPEC {spec!r} has no ':'",
-                              hint="use torchvision:NAME, timm:NAME, hf:CONFIG_DIR or package.module:factory")
-    kind, name = spec.split(":", 1)
+    if not isinstance(spec, str) or ":" not in spec:
+        raise CheckpointError(f"model SPEC {spec!r} has no ':'", hint=_GRAMMAR)
+    kind, name = _split(spec)
     if kind == "torchvision":
         try:
             import torchvision
@@ -89,21 +137,91 @@ def model_factory(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callabl
             return cls(config)
 
         return make
-    module_name = kind
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise CheckpointError(f"cannot import {module_name!r} for model SPEC {spec!r}: {e}",
-                              hint="make the package importable (pip install it, or set PYTHONPATH)") from e
+    if kind.endswith(".py") or "/" in kind or os.sep in kind:
+        module = _import_file(kind, spec)
+    else:
+        if not all(part.isidentifier() for part in kind.split(".")):
+            raise CheckpointError(f"model SPEC {spec!r}: {kind!r} is neither a module name nor a .py file",
+                                  hint=_GRAMMAR)
+        try:
+            module = importlib.import_module(kind)
+        except ImportError as e:
+            raise CheckpointError(f"cannot import {kind!r} for model SPEC {spec!r}: {e}",
+                                  hint="make the package importable (pip install it, or set PYTHONPATH), "
+                                       "or name its file: path/to/module.py:ATTR") from e
     obj: Any = module
     for part in name.split("."):
-        obj = getattr(obj, part, None)
+        obj = getattr(obj, part, None) if part.isidentifier() else None
         if obj is None:
-            raise CheckpointError(f"{module_name} has no attribute {name!r}",
-                                  hint=f"check the name after ':' in {spec!r} (package.module:factory)")
+            names = sorted(n for n, v in vars(module).items() if isinstance(v, type) and not n.startswith("_")
+                           and getattr(v, "__module__", None) == module.__name__)
+            raise CheckpointError(f"{kind} has no attribute {name!r}",
+                                  hint=f"check the name after ':' in {spec!r}"
+                                       + (f"; classes defined there: {', '.join(names[:8])}" if names else ""))
     if not callable(obj):
-        raise CheckpointError(f"{spec} is not callable")
+        raise CheckpointError(f"{spec} is not callable ({type(obj).__name__})",
+                              hint="name a class or a function that returns an nn.Module")
     return _calling(spec, obj, kwargs)
+
+
+_GRAMMAR = ("use torchvision:NAME, timm:NAME, hf:CONFIG_DIR, package.module:ATTR or path/to/file.py:ATTR "
+            "(see docs/cli.md)")
+
+
+def _import_file(path: str, spec: str) -> Any:
+    """The module in a ``.py`` file; inside a package it is imported under its dotted name (relative imports work).
+
+    Nothing process-wide changes except what any import does (``sys.modules``); ``sys.path`` is left alone.
+    """
+    file = os.path.abspath(path)
+    if not file.endswith(".py") or not os.path.isfile(file):
+        raise CheckpointError(f"model SPEC {spec!r}: no Python file {path!r}" + (
+            f" (looked in {os.getcwd()})" if not os.path.isabs(path) else ""),
+            hint="give the path to a .py file, relative to the current folder: ./net.py:Net")
+    parts = [os.path.basename(file)[:-3]]
+    root = os.path.dirname(file)
+    while os.path.isfile(os.path.join(root, "__init__.py")):
+        parts.insert(0, os.path.basename(root))
+        root = os.path.dirname(root)
+    if not all(p.isidentifier() for p in parts):
+        raise CheckpointError(f"model SPEC {spec!r}: {'.'.join(parts)!r} is not a module name Python can import",
+                              hint="rename the file (and its package folders) to Python names")
+    name = ".".join(parts)
+    top = sys.modules.get(parts[0])
+    try:
+        if top is not None and _defined_in(top, os.path.join(root, parts[0])):
+            return importlib.import_module(name)  # already imported from this very file or package
+        if top is not None or parts[0] in sys.builtin_module_names:
+            if len(parts) > 1:
+                raise CheckpointError(f"model SPEC {spec!r}: a package {parts[0]!r} is already imported from "
+                                      f"{getattr(top, '__file__', None) or 'elsewhere'}",
+                                      hint=f"name it as a module instead: {name}:ATTR")
+            parts[0] = name = f"{parts[0]}_{zlib.crc32(file.encode()):08x}"  # another module has that name
+            found = importlib.util.spec_from_file_location(name, file)
+        else:
+            found = importlib.machinery.PathFinder.find_spec(parts[0], [root])
+        if found is None or found.loader is None:
+            raise CheckpointError(f"model SPEC {spec!r}: cannot import {file}", hint=_GRAMMAR)
+        module = importlib.util.module_from_spec(found)
+        sys.modules[parts[0]] = module
+        try:
+            found.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(parts[0], None)
+            raise
+        return importlib.import_module(name) if len(parts) > 1 else module
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's own module failed to import: say which and why
+        raise CheckpointError(f"importing {path} for model SPEC {spec!r} failed: {type(e).__name__}: {e}",
+                              hint=f"the modules it imports must be importable: run from the folder they are "
+                                   f"in, or set PYTHONPATH={root}") from e
+
+
+def _defined_in(module: Any, stem: str) -> bool:
+    """``module`` is the file ``stem.py`` or the package in folder ``stem``."""
+    where = getattr(module, "__file__", None) or ""
+    return os.path.abspath(where) in (stem + ".py", os.path.join(stem, "__init__.py"))
 
 
 def _calling(spec: str, builder: Callable[..., nn.Module], kwargs: dict[str, Any]) -> Callable[[], nn.Module]:

@@ -1,0 +1,251 @@
+"""``ckptfit load`` and ``ckptfit plan``, and the options they share (registered in :mod:`ckptfit.cli`)."""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ._cli_common import SOURCE, console, echo_json, handle_errors, parse_device, parse_dtype, stderr
+
+__all__ = ["load", "plan", "rename_rules"]
+
+SPEC_HELP = ("Where the model comes from: torchvision:NAME, timm:NAME, hf:CONFIG_DIR, package.module:ATTR or "
+             "path/to/file.py:ATTR (docs/cli.md).")
+
+
+def _load_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--model", "model_spec", metavar="SPEC", help=SPEC_HELP),
+        click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
+                     help="Constructor argument (repeatable), a Python literal: num_classes=10, dims=(64,128), "
+                          "act=gelu."),
+        click.option("--partial", is_flag=True, help="Allow model tensors to stay at init (new head)."),
+        click.option("--use", metavar="NAME", help="Which state dict in the file: 'ema' or a key path."),
+        click.option("--rename", "renames", multiple=True, metavar="'REGEX=>REPL'",
+                     help="Rename checkpoint keys before matching (repeatable)."),
+        click.option("--include", "include", multiple=True, metavar="GLOB", help="Load only matching tensors."),
+        click.option("--exclude", "exclude", multiple=True, metavar="GLOB", help="Do not load matching tensors."),
+        click.option("--trust", is_flag=True, help="Allow real unpickling (runs code from the file). Default: off."),
+        click.option("--transform", "transform_rules", multiple=True, metavar="'PATTERN=KIND'",
+                     help="Layout rule for tensors matching a glob or regex: transpose, none, split:N "
+                          "(repeatable; see docs/porting.md)."),
+        click.option("--adapt", "adapt", default=None, metavar="in_chans",
+                     help="Adapt an RGB first convolution to the model's input channels (summed for 1, repeated "
+                          "and rescaled for more), as timm does; reported as a transform."),
+        click.option("--sha256", "sha256", default=None, metavar="HEX|POINTER",
+                     help="Check the file's sha256 before reading it: 64 hex digits, or a Git LFS pointer file."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def rename_rules(renames: tuple[str, ...]) -> list[tuple[str, str]] | None:
+    """``("^module\\.=>",)`` -> ``[("^module\\.", "")]``: ``--rename`` as load and convert take it."""
+    rules = []
+    for r in renames:
+        if "=>" not in r:
+            raise click.BadParameter(f"{r!r}: write rename rules as 'REGEX=>REPLACEMENT'", param_hint="--rename")
+        a, b = r.split("=>", 1)
+        rules.append((a, b))
+    return rules or None
+
+
+def _transform_rules(rules: tuple[str, ...]) -> dict[str, str] | None:
+    from .porting import parse_rules
+
+    out: dict[str, str] = {}
+    for r in rules:
+        pattern, eq, kind = r.rpartition("=")
+        if not eq or not pattern:
+            raise click.BadParameter(f"{r!r}: write transform rules as 'PATTERN=KIND', e.g. "
+                                     f"'*.c_attn.weight=transpose'", param_hint="--transform")
+        out[pattern] = kind
+    try:
+        parse_rules(out)
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="--transform") from None
+    return out or None
+
+
+def _common(partial, use, renames, include, exclude, trust, transform_rules=(), adapt=None) -> dict[str, Any]:
+    out = dict(partial=partial, use=use, rename=rename_rules(renames), include=list(include) or None,
+               exclude=list(exclude) or None, trust=trust)
+    if transform_rules:
+        out["transforms"] = _transform_rules(transform_rules)
+    if adapt is not None:
+        from ._adapt import parse_adapt
+
+        try:
+            out["adapt"] = parse_adapt(adapt)
+        except ValueError as e:
+            raise click.BadParameter(str(e).replace("adapt=", "--adapt ", 1), param_hint="--adapt") from None
+    return out
+
+
+def _factory(model_spec: str | None, model_args: tuple[str, ...]):
+    from .specs import model_factory, parse_model_args
+
+    if not model_spec:
+        raise click.UsageError("pass --model SPEC (e.g. torchvision:resnet18, timm:resnet50, ./net.py:Net)")
+    return model_factory(model_spec, parse_model_args(model_args))
+
+
+def _check_save_path(path: str | None) -> None:
+    """``--save`` into a folder that does not exist fails now, before anything is read or built."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise click.BadParameter(f"{path!r}: the folder {os.path.dirname(path) or folder!r} {what}; create it first "
+                                 f"(mkdir -p {os.path.dirname(path) or folder}) or save elsewhere", param_hint="--save")
+    if os.path.isdir(path):
+        raise click.BadParameter(f"{path!r} is a folder; give a file name such as {os.path.join(path, 'model.safetensors')}",
+                                 param_hint="--save")
+    if not os.access(folder, os.W_OK):
+        raise click.BadParameter(f"{path!r}: the folder {folder!r} is not writable", param_hint="--save")
+
+
+@click.command(epilog="""\b
+Examples:
+  ckptfit load resnet18_imagenet.pth --model torchvision:resnet18 --model-arg num_classes=10 --partial
+  ckptfit load model_best.pth.tar --model timm:resnet18 --use ema --verify --save fixed.safetensors
+  ckptfit load last.pth --model ./net.py:Net --model-arg 'dims=(64, 128)'
+""")
+@click.argument("ckpt", type=SOURCE)
+@_load_options
+@click.option("--device", default=None, metavar="DEVICE", help="Load onto this device, e.g. cuda:0 (default: cpu).")
+@click.option("--dtype", default=None, metavar="DTYPE",
+              help="Cast floating tensors: fp32, fp16, bf16 or fp64 (also float16, bfloat16, half ...; "
+                   "default: keep the model's).")
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Run one forward pass and check for NaN/Inf; exit 1 (and do not --save) if it fails.")
+@click.option("--save", "save_path", type=click.Path(), default=None,
+              help="Write the loaded model's state dict here (.safetensors, else torch.save); every tensor kept, "
+                   "tied weights once, atomic and re-read to verify. The folder must exist.")
+@click.option("--mmap", "zero_copy", is_flag=True,
+              help="Map the file into the model instead of copying it (zero-copy). Risk: if the file is rewritten "
+                   "in place later the weights change with it, and if it is truncated the process dies (SIGBUS).")
+@click.option("--no-crc", "no_crc", is_flag=True,
+              help="Do not check the CRC-32 of the bytes read (only for a file you verified yourself).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
+         renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
+         device: str | None, dtype: str | None, do_verify: bool, save_path: str | None, as_json: bool,
+         transform_rules: tuple[str, ...] = (), zero_copy: bool = False, no_crc: bool = False,
+         adapt: str | None = None, sha256: str | None = None) -> None:
+    """Load a checkpoint into a model and print the report.
+
+    The model is built from --model SPEC without random init, then filled from the checkpoint.
+    Without --model, ckptfit builds the model the checkpoint records or identifies.
+    """
+    from .loading import build
+
+    _check_save_path(save_path)
+    opts = _common(partial, use, renames, include, exclude, trust, transform_rules, adapt)
+    opts.update(device=parse_device(device), dtype=parse_dtype(dtype))
+    if zero_copy:
+        opts["mmap"] = True
+    if no_crc:
+        opts["verify"] = False
+    if sha256:
+        opts["sha256"] = sha256
+    if model_spec:
+        model, report = build(_factory(model_spec, model_args), ckpt, **opts)
+    else:
+        from .auto import from_checkpoint
+
+        model, report = from_checkpoint(ckpt, **opts)  # the report says which model was built (report.model)
+    result: dict[str, Any] = {"report": report.to_dict()}
+    if not as_json:
+        console().print(report)
+    if do_verify:
+        from .verification import verify
+
+        v = verify(model)
+        result["verify"] = {"ok": v.ok, "input_shape": v.input_shape, "output_shapes": v.output_shapes,
+                            "nonfinite": v.nonfinite, "error": v.error}
+        if not as_json:
+            click.echo(str(v))
+        if not v.ok:
+            message = "verify failed: " + (v.error or f"{v.nonfinite} NaN/Inf values in the output") + (
+                "; not saved" if save_path else "")
+            if as_json:
+                result["error"] = {"type": "VerifyFailed", "message": message,
+                                   "hint": "the report says what was loaded; check the checkpoint and the model"}
+                echo_json(result)
+            else:
+                stderr("error: " + message)
+            sys.exit(1)
+    if save_path:
+        written = _save_state_dict(model, save_path, ckpt)
+        result["saved"] = save_path
+        result["save"] = written.to_dict()
+        if not as_json:
+            click.echo(f"saved {save_path}")
+            if written.aliases:
+                click.echo(f"  tied, written once ({len(written.aliases)}): "
+                           + ", ".join(f"{a} = {c}" for a, c in list(written.aliases.items())[:3])
+                           + (" ..." if len(written.aliases) > 3 else ""))
+    if as_json:
+        echo_json(result)
+
+
+def _save_state_dict(model, path: str, source: str):
+    """The model's state dict through the one writer (safetensors for ``*.safetensors``, else torch.save)."""
+    from .writing import write_checkpoint
+
+    return write_checkpoint(path, model.state_dict(), source=source)
+
+
+@click.command(epilog="""\b
+Examples:
+  ckptfit plan dp_model.pth --model mypkg.models:SimpleCNN
+  ckptfit plan resnet18_imagenet.pth --model torchvision:resnet18 --model-arg num_classes=10 --partial
+  ckptfit plan last.ckpt --model ./net.py:Net --resume
+""")
+@click.argument("ckpt", type=SOURCE)
+@_load_options
+@click.option("--json", "as_json", is_flag=True, help="Print every decision as JSON.")
+@click.option("--resume", "resume_", is_flag=True,
+              help="Also show how ckptfit.resume would map the saved optimizer state onto the model.")
+@handle_errors
+def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
+         renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
+         as_json: bool, transform_rules: tuple[str, ...] = (), resume_: bool = False,
+         adapt: str | None = None, sha256: str | None = None) -> None:
+    """Show what would be loaded where, and why, without loading.
+
+    A dry run of `load`: decides from names, shapes and dtypes only, reads no tensor data,
+    and exits 1 if the load would be refused (the problems and suggestions are printed).
+    """
+    from .loading import _parameters_on_meta, plan as make_plan
+    from .report import LoadReport, render_plan
+
+    factory = _factory(model_spec, model_args)
+    with _parameters_on_meta():
+        model = factory()
+    p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust, transform_rules, adapt),
+                  sha256=sha256)
+    resumed = None
+    if resume_:  # how ckptfit.resume would map the optimizer state (described by the saved groups)
+        from .resume import describe_resume
+
+        resumed = describe_resume(model, ckpt, p, trust=trust)
+    if as_json:
+        d = LoadReport.from_plan(p).to_dict()
+        d.update(ok=p.ok, problems=list(p.problems), suggestions=list(p.suggestions))
+        if resumed is not None:
+            d["resume"] = resumed.to_dict()
+        echo_json(d)
+    else:
+        click.echo(render_plan(p, max_lines=40))
+        if resumed is not None:
+            click.echo(str(resumed))
+    if not p.ok or (resumed is not None and not resumed.ok):
+        sys.exit(1)
