@@ -466,7 +466,8 @@ def test_scan_cli_exit_codes(tmp_path: pathlib.Path) -> None:
     assert __import__("json").loads(r.output)["verdict"] == "clean"
     empty = _p(tmp_path, "empty.pt", b"")
     r = runner.invoke(main, ["scan", str(empty)])
-    assert r.exit_code == 1 and r.stderr.strip().count("\n") == 0 and "the file is empty" in r.stderr
+    lines = r.stderr.strip().splitlines()  # one error line, then its hint
+    assert r.exit_code == 1 and len(lines) == 2 and "the file is empty" in lines[0] and lines[1].startswith("  hint: ")
     assert not canary.exists()
 
 
