@@ -1,6 +1,6 @@
 """Every example in the docs runs, so the docs cannot rot.
 
-Each ``## `` section of ``docs/troubleshooting.md``, ``docs/porting.md`` and ``README.md`` runs in a fresh empty
+Each ``## `` section of ``docs/troubleshooting.md``, ``docs/porting.md``, ``docs/sources.md`` and ``README.md`` runs in a fresh empty
 directory, its blocks in order, sharing one namespace:
 
 - a ```` ```python ```` block is executed; a line ending in ``# raises Name: fragment`` must
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from click.testing import CliRunner
 from ckptfit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "docs" / "troubleshooting.md", ROOT / "README.md", ROOT / "docs" / "porting.md", ROOT / "docs" / "cli.md"]
+DOCS = [ROOT / "docs" / "troubleshooting.md", ROOT / "README.md", ROOT / "docs" / "porting.md", ROOT / "docs" / "cli.md",
+        ROOT / "docs" / "sources.md"]
 
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 _RAISES = re.compile(r"^(?P<indent>[ \t]*)(?P<stmt>\S.*?)\s+# raises (?P<exc>\w+)(?::\s*(?P<msg>.*))?$")
@@ -160,13 +162,19 @@ def _run_console(block: Block, where: str) -> None:
 @pytest.mark.parametrize("blocks", _cases())
 def test_doc_section_runs(blocks: list[Block], tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CKPTFIT_CACHE", str(tmp_path / ".ckptfit-cache"))
+    environ = dict(os.environ)  # a page may set variables (HF_HUB_OFFLINE ...): they end with its section
     namespace: dict = {"__name__": "__doc__", "__raises__": _raises}
-    for block in blocks:
-        where = f"line {block.line}"
-        if block.lang == "python":
-            _run_python(block, namespace, where)
-        else:
-            _run_console(block, where)
+    try:
+        for block in blocks:
+            where = f"line {block.line}"
+            if block.lang == "python":
+                _run_python(block, namespace, where)
+            else:
+                _run_console(block, where)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def test_every_troubleshooting_entry_has_a_runnable_example() -> None:

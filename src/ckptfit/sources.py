@@ -305,5 +305,7 @@ def _open_remote(url: str, *, trust: bool, expected: tuple[str, int | None] | No
         check_sha256(remote.local, expected, what=url)
     register_filler(remote.local, None if remote.complete else remote.ensure)
     ckpt = open_local(remote.local, trust=trust)
+    ckpt._size = remote.size  # noqa: SLF001 - the size is the remote file's; its path, below, is not a local one
+    ckpt.path = url  # reports name the URL; the bytes come from the cache file (ckpt.remote.local)
     ckpt.remote = remote  # bytes fetched so far, the cache file: for reports and tests
     return ckpt
