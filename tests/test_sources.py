@@ -108,14 +108,21 @@ def _zeroed(model):
     return model
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "torch-zip"])
+@pytest.mark.parametrize("fmt", ["safetensors", "torch-zip", "npz"])
 def test_half_the_tensors_fetch_about_half_the_bytes(server, fmt):
     torch.manual_seed(0)
     src = _Two()
-    name = "two.safetensors" if fmt == "safetensors" else "two.pth"
+    name = {"safetensors": "two.safetensors", "torch-zip": "two.pth", "npz": "two.npz"}[fmt]
     path = os.path.join(server.root, name)
     sd = {k: v.contiguous() for k, v in src.state_dict().items()}
-    save_file(sd, path) if fmt == "safetensors" else torch.save(sd, path)
+    if fmt == "safetensors":
+        save_file(sd, path)
+    elif fmt == "torch-zip":
+        torch.save(sd, path)
+    else:
+        import numpy as np
+
+        np.savez(path, **{k: v.numpy() for k, v in sd.items()})
     size = os.path.getsize(path)
     model = _zeroed(_Two())
     report = ckptfit.load(model, f"{server.url}/{name}", include=["enc.*"], partial=True)
@@ -292,3 +299,85 @@ def test_an_object_store_without_its_backend_names_the_extra(url, extra):
     with pytest.raises(CheckpointError, match=r"needs an fsspec backend that is not installed") as info:
         ckptfit.open(url)
     assert info.value.hint == f'pip install "ckptfit[{extra}]"'
+
+
+def test_a_server_without_range_support_still_loads_exactly(tmp_path, monkeypatch):
+    import functools
+
+    monkeypatch.setenv("CKPTFIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "www").mkdir()
+    sd = {"weight": torch.randn(8, 4), "bias": torch.randn(8)}
+    save_file(sd, tmp_path / "www" / "m.safetensors")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        model = torch.nn.Linear(4, 8)
+        with ckptfit.open(f"http://127.0.0.1:{httpd.server_address[1]}/m.safetensors") as ckpt:
+            assert ckpt.remote.complete  # the first answer was the whole file: nothing more is asked for
+            ckptfit.load(model, ckpt)
+        assert torch.equal(model.weight.detach(), sd["weight"]) and torch.equal(model.bias.detach(), sd["bias"])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_cli_loads_and_inspects_a_url(server, tmp_path):
+    sd = {"weight": torch.randn(4, 3), "bias": torch.randn(4)}
+    save_file(sd, os.path.join(server.root, "m.safetensors"))
+    url = f"{server.url}/m.safetensors"
+    result = CliRunner().invoke(main, ["inspect", url])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("m.safetensors  safetensors") and "2 tensors" in result.output
+    out = tmp_path / "saved.safetensors"
+    result = CliRunner().invoke(main, ["load", url, "--model", "torch.nn:Linear", "--model-arg", "in_features=3",
+                                       "--model-arg", "out_features=4", "--save", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"Loaded 2/2 tensors from {url} (safetensors" in result.output
+    back = ckptfit.open(out)
+    assert torch.equal(dict(back.tensors())["weight"].load(), sd["weight"])
+    result = CliRunner().invoke(main, ["inspect", f"{server.url}/missing.pth"])
+    assert result.exit_code == 1 and "no such file at this URL" in result.output
+
+
+def test_from_checkpoint_builds_a_transformers_model_from_an_hf_repo(tmp_path, hf_offline):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    src = transformers.BertModel(config)
+    src.save_pretrained(tmp_path / "saved")
+    files = {name: (tmp_path / "saved" / name).read_bytes() for name in os.listdir(tmp_path / "saved")}
+    _hf_cache(hf_offline, "org/tiny-bert", files)
+    model, report = ckptfit.from_checkpoint("hf://org/tiny-bert")
+    assert type(model).__name__ == "BertModel"
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_online_resolution_downloads_only_the_weights_and_config(monkeypatch, tmp_path):
+    """With the hub reachable, ckptfit lists the repo and asks huggingface_hub for just what a load reads."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    listing = ["README.md", "config.json", "model.safetensors", "pytorch_model.bin", "flax_model.msgpack",
+               "onnx/model.onnx", "sub/config.json", "sub/pytorch_model-00001-of-00002.bin",
+               "sub/pytorch_model-00002-of-00002.bin", "sub/pytorch_model.bin.index.json"]
+    asked: list = []
+    (tmp_path / "snap" / "sub").mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None: listing)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: asked.append((repo, kw)) or str(tmp_path / "snap"))
+    from ckptfit.sources import resolve_hf
+
+    assert resolve_hf("hf://org/repo") == str(tmp_path / "snap")
+    assert sorted(asked[-1][1]["allow_patterns"]) == ["config.json", "model.safetensors"]
+    assert resolve_hf("hf://org/repo@v2/sub") == str(tmp_path / "snap" / "sub")
+    assert asked[-1][1]["revision"] == "v2"
+    assert sorted(asked[-1][1]["allow_patterns"]) == ["sub/config.json", "sub/pytorch_model-00001-of-00002.bin",
+                                                      "sub/pytorch_model-00002-of-00002.bin",
+                                                      "sub/pytorch_model.bin.index.json"]
+    with pytest.raises(CheckpointError, match=r"org/repo/onnx holds no weights ckptfit reads"):
+        resolve_hf("hf://org/repo/onnx")

@@ -186,8 +186,8 @@ class RemoteFile:
                 for (a, b), data in zip(batch, datas):
                     if isinstance(data, BaseException):
                         raise _truncated(self.url, a, self.size, f"{type(data).__name__}: {str(data)[:160]}")
-                    if len(data) == self.size and (a, b) != (0, self.size):  # the server ignored Range
-                        data = data[a:b]
+                    if len(data) == self.size and b - a != self.size:  # the server ignored Range: keep it all
+                        a, b = 0, self.size
                     if len(data) != b - a:
                         raise _truncated(self.url, a + len(data), self.size,
                                          f"asked for bytes {a}..{b}, the server sent {len(data)}")
