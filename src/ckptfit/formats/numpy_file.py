@@ -209,6 +209,16 @@ def _object_array(data: memoryview, *, path: str, member: str) -> tuple[Any, Any
     return numpy_to_tensors(value), scan
 
 
+def _npy_head(mapped: MappedFile, offset: int, size: int) -> bytes:
+    """The bytes of an ``.npy`` header at ``offset`` (of a member of ``size`` bytes): no more than it spans."""
+    first = mapped.read(offset, min(size, 12))  # magic, version, header length (2 or 4 bytes)
+    if len(first) >= 10 and first.startswith(NPY_MAGIC):
+        n = 10 + int.from_bytes(first[8:10], "little") if first[6] == 1 else \
+            12 + int.from_bytes(first[8:12], "little")
+        return mapped.read(offset, min(size, n, MAX_NPY_HEADER + 64))
+    return first
+
+
 def _sniff_npy(path: str, head: bytes) -> bool:
     return head.startswith(NPY_MAGIC)
 
@@ -219,7 +229,7 @@ def open_npy(path: str, trust: bool = False) -> Checkpoint:
     import os
 
     mapped = MappedFile(path)
-    head = mapped.read(0, min(mapped.size, MAX_NPY_HEADER + 64))
+    head = _npy_head(mapped, 0, mapped.size)
     shape, fortran, dt, start = _read_header(head, path=path)
     key = os.path.basename(path).rsplit(".", 1)[0] or "array"
     scans: tuple = ()
@@ -276,7 +286,7 @@ def open_npz(path: str, trust: bool = False) -> Checkpoint:
         for name, m in archive.members.items():
             key = name[:-4] if name.endswith(".npy") else name
             if m.compress_type == zipfile.ZIP_STORED:
-                head = mapped.read(m.data_offset, min(m.size, MAX_NPY_HEADER + 64))
+                head = _npy_head(mapped, m.data_offset, m.size)
             else:
                 head = archive.read(name, max_size=MAX_NPY_HEADER + 64) if m.size <= MAX_NPY_HEADER + 64 else \
                     _inflate_head(archive, name)
