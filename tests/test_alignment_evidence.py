@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import ckptfit
-from ckptfit.matching import _token_similarity, match
+from ckptfit.matching import match
+from ckptfit.matching.names import _token_similarity
 from ckptfit.plan import TensorSpec
 
 
@@ -102,7 +103,7 @@ def test_names_and_order_agreeing_say_both():
                                   ("down", "downsample"), ("fc", "head"), ("fc", "classifier"),
                                   ("attn", "attention"), ("ln", "norm")])
 def test_plausible_names_are_similar(a, b):
-    from ckptfit.matching import _alpha_path, _path_similarity
+    from ckptfit.matching.names import _alpha_path, _path_similarity
 
     assert _path_similarity(_alpha_path(a), _alpha_path(b)) > 0
 
@@ -184,9 +185,9 @@ def test_suggested_rules_touch_only_the_module_own_tensors_and_never_chain():
 
 
 def test_suggestion_orders_rules_so_that_none_rewrites_another_output():
-    from ckptfit.matching import _Matcher
+    from ckptfit.matching.matcher import Matcher
 
-    m = _Matcher([], [TensorSpec("a.w", (1,), torch.float32), TensorSpec("b.w", (1,), torch.float32)],
+    m = Matcher([], [TensorSpec("a.w", (1,), torch.float32), TensorSpec("b.w", (1,), torch.float32)],
                  partial=False, include=None, exclude=None, tied=None, optional=())
     mods = {"a": {"w": 0}, "b": {"w": 1}}
     rules = m._rename_rules({"a": "b", "b": "c"}, mods)

@@ -390,7 +390,7 @@ def test_load_slice_reads_blocks(files, two):
 
 
 def test_not_sharded_outside_a_process_group():
-    from ckptfit.distributed import is_sharded
+    from ckptfit.loading.distributed import is_sharded
 
     assert not is_sharded(_make())
 

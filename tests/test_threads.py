@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import ckptfit
-from ckptfit.loading import _parameters_on_meta
+from ckptfit.loading.meta import parameters_on_meta
 
 
 class _Net(nn.Module):
@@ -77,7 +77,7 @@ def test_meta_construction_holds_only_in_its_own_thread():
     made: list[nn.Module] = []
 
     def build_on_meta() -> None:
-        with _parameters_on_meta():
+        with parameters_on_meta():
             made.append(nn.Linear(4, 4))
             inside.set()
             release.wait(30)
@@ -86,7 +86,7 @@ def test_meta_construction_holds_only_in_its_own_thread():
     t.start()
     try:
         assert inside.wait(30)
-        here = nn.Linear(4, 4)  # built in this thread while the other is inside _parameters_on_meta
+        here = nn.Linear(4, 4)  # built in this thread while the other is inside parameters_on_meta
         assert not here.weight.is_meta and here.weight.std() > 0
         nn.init.ones_(here.weight)  # initialisers still work here
         assert torch.equal(here.weight, torch.ones(4, 4))

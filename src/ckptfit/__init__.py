@@ -90,10 +90,9 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 def _warm_up() -> None:
-    """Import what the first load needs (format readers, the distributed check), ~20 ms, once."""
+    """Import what the first load needs (the loader with its distributed check, format readers), ~20 ms, once."""
     for name in ("load", "from_checkpoint"):
         __getattr__(name)
-    importlib.import_module(".distributed", __name__)
     importlib.import_module(".formats", __name__).readers()
 
 

@@ -224,11 +224,12 @@ def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     A dry run of `load`: decides from names, shapes and dtypes only, reads no tensor data,
     and exits 1 if the load would be refused (the problems and suggestions are printed).
     """
-    from .loading import _parameters_on_meta, plan as make_plan
+    from .loading import plan as make_plan
+    from .loading.meta import parameters_on_meta
     from .report import LoadReport, render_plan
 
     factory = _factory(model_spec, model_args)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = factory()
     p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust, transform_rules, adapt),
                   sha256=sha256)

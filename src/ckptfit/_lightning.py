@@ -114,9 +114,9 @@ def lightning_kwargs(cls: type, tree: Any, new: Mapping[str, Any] | None = None,
 def build_lightning(cls: type, new: Mapping[str, Any], source: Any, build: Callable[..., Any], *,
                     mmap: bool = False, **load_options: Any) -> tuple[nn.Module, Any]:
     """``build`` a LightningModule ``cls`` with the file's hyper_parameters; the report's ``model`` says so."""
-    from .loading import _as_checkpoint
+    from .loading.planning import as_checkpoint
 
-    ckpt, opened = _as_checkpoint(source, bool(load_options.get("trust")))
+    ckpt, opened = as_checkpoint(source, bool(load_options.get("trust")))
     try:
         kwargs, why = lightning_kwargs(cls, ckpt.tree, new, path=ckpt.path)
 

@@ -109,10 +109,10 @@ def _side(src: str, model_args: Sequence[str], trust: bool) -> tuple[dict[str, A
         ckpt = open_checkpoint(src, trust=trust)
         return dict(ckpt.state_dict().tensors), True
     if ":" in src:
-        from .loading import _parameters_on_meta
+        from .loading.meta import parameters_on_meta
         from .specs import model_factory, parse_model_args
 
-        with _parameters_on_meta():
+        with parameters_on_meta():
             model = model_factory(src, parse_model_args(list(model_args)))()
         return dict(model.state_dict()), False
     from .errors import CheckpointError

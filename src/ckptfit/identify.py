@@ -270,9 +270,9 @@ def _on_meta(make) -> torch.nn.Module:
         with torch.device("meta"):
             return make()
     except (NotImplementedError, RuntimeError):
-        from .loading import _parameters_on_meta
+        from .loading.meta import parameters_on_meta
 
-        with _parameters_on_meta():
+        with parameters_on_meta():
             return make()
 
 
@@ -719,9 +719,9 @@ def _have(module: str) -> bool:
 
 
 def _query_of(source: Any, use: str | None, trust: bool) -> tuple[_Query, str | None, str | None, dict | None]:
-    from .loading import _as_checkpoint
+    from .loading.planning import as_checkpoint
 
-    ckpt, opened = _as_checkpoint(source, trust)
+    ckpt, opened = as_checkpoint(source, trust)
     try:
         cand = ckpt.state_dict(use)
         specs = [TensorSpec(k, t.shape, t.dtype) for k, t in cand.tensors.items() if not k.endswith(_NBT)]

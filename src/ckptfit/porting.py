@@ -788,7 +788,7 @@ class _Porter:
     # -- the new plan ----------------------------------------------------------------------
 
     def finish(self) -> Plan:
-        from .matching import _PARTIAL_MISSING, _PARTIAL_SHAPES
+        from .matching.decisions import PARTIAL_MISSING, PARTIAL_SHAPES
 
         for i, r in enumerate(self.rules):
             if not self.rule_hits[i]:
@@ -802,10 +802,10 @@ class _Porter:
                 self.changed.add(d.target)
         problems = [p for p in self.plan.problems if not any(p.startswith(f"{t}: ") for t in self.changed)]
         suggestions = list(self.plan.suggestions)
-        if not any(d.action == "skip_shape" for d in self.decs) and _PARTIAL_SHAPES in suggestions:
-            suggestions.remove(_PARTIAL_SHAPES)
-        if not any(d.action == "missing" for d in self.decs) and _PARTIAL_MISSING in suggestions:
-            suggestions.remove(_PARTIAL_MISSING)
+        if not any(d.action == "skip_shape" for d in self.decs) and PARTIAL_SHAPES in suggestions:
+            suggestions.remove(PARTIAL_SHAPES)
+        if not any(d.action == "missing" for d in self.decs) and PARTIAL_MISSING in suggestions:
+            suggestions.remove(PARTIAL_MISSING)
         sources = set()
         for d in self.decs:
             if d.action == "load" and d.source:

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LoadError
-from .lazy import LazyTensor
-from .loading import _as_checkpoint, _load_error, _plan, _Target
-from .report import LoadReport
+from ..errors import LoadError
+from ..lazy import LazyTensor
+from ..report import LoadReport
+from .planning import Target, as_checkpoint, load_error, plan_checkpoint
 
 __all__ = ["is_sharded", "load_sharded", "local_block"]
 
@@ -102,7 +102,7 @@ class _Read:
         self.key, self.dst, self.piece, self.whole = key, dst, piece, whole
 
 
-def _check_target(target: _Target, keys: list[str], device: Any, dtype: torch.dtype | None) -> list[str]:
+def _check_target(target: Target, keys: list[str], device: Any, dtype: torch.dtype | None) -> list[str]:
     """Problems that stop a sharded load before anything is read (the same on every rank)."""
     from torch.distributed.tensor import DTensor, Partial
 
@@ -126,7 +126,7 @@ def _check_target(target: _Target, keys: list[str], device: Any, dtype: torch.dt
     return problems
 
 
-def _read_local(target: _Target, cand: Any, p: Any) -> tuple[list[_Read], int]:
+def _read_local(target: Target, cand: Any, p: Any) -> tuple[list[_Read], int]:
     """Read what this rank needs for every planned load: its block of DTensors, plain tensors whole."""
     from torch.distributed.tensor import DTensor
 
@@ -199,12 +199,12 @@ def load_sharded(model: nn.Module, source: Any, *, partial: bool = False, use: s
     nbytes = 0
     try:
         try:
-            ckpt, opened = _as_checkpoint(source, trust)
-            target = _Target(model)
-            cand, p = _plan(target, ckpt, partial=partial, use=use, rename=rename, include=include,
+            ckpt, opened = as_checkpoint(source, trust)
+            target = Target(model)
+            cand, p = plan_checkpoint(target, ckpt, partial=partial, use=use, rename=rename, include=include,
                             exclude=exclude)
             if not p.ok:
-                raise _load_error(p, model)
+                raise load_error(p, model)
             ported = [d.target for d in p.loads if d.transform is not None]
             if ported:  # the sharded reads copy stored bytes as they are (ckptfit.porting: not here)
                 raise LoadError(f"the checkpoint needs transposed, split or joined tensors ('{ported[0]}' and "

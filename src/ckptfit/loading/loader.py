@@ -1,0 +1,272 @@
+"""The verbs: :func:`open`, :func:`load` (plan, then apply all or nothing) and :func:`build`."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._gc import gc_paused
+from ..checkpoint import Checkpoint, StateDictCandidate
+from ..errors import LoadError
+from ..formats import open_checkpoint
+from ..hooks import metadata_of, run_after_load
+from ..lazy import checking_reads
+from ..plan import Plan
+from ..report import LoadReport
+from ..specs import model_factory
+from .copying import Rollback, apply_plan
+from .distributed import is_sharded, load_sharded
+from .materialising import ZERO_COPY
+from .meta import parameters_on_meta
+from .options import check_options
+from .planning import Target, as_checkpoint, device_of, load_error, plan_checkpoint
+
+__all__ = ["open", "load", "build"]
+
+
+def open(source: str | os.PathLike[str], *, trust: bool = False,  # noqa: A001 - public verb
+         sha256: str | None = None) -> Checkpoint:
+    """Open a checkpoint file or directory lazily; no tensor bytes are read.
+
+    The format is recognised by content, not by extension: torch zip archives (``.pt``,
+    ``.pth``, ``.ckpt``, ``.bin``), legacy torch files, safetensors, TorchScript archives,
+    Hugging Face folders (sharded or not) and torch.distributed checkpoint folders.
+
+    Args:
+        source: path to the file or directory; also ``hf://org/name[@revision][/subfolder]``,
+            ``https://...``, ``s3://...``, ``gs://...`` (see :mod:`ckptfit.sources`).
+        trust: allow real unpickling (runs code from the file). Only for files you made.
+        sha256: check the file's sha256 before reading it: 64 hex digits, or the path of a Git
+            LFS pointer file (its digest and size). A mismatch raises :class:`CorruptCheckpoint`.
+
+    Returns:
+        A :class:`Checkpoint`.
+
+    Raises:
+        NotACheckpoint: the input is not a checkpoint (empty, HTML page, LFS pointer ...).
+        CorruptCheckpoint: truncated or damaged.
+        UnsafeCheckpoint: its pickles reference code that would run.
+
+    Example:
+        >>> ckpt = ckptfit.open("resnet18.pth")                  # doctest: +SKIP
+        >>> ckpt.format, ckpt.num_tensors                        # doctest: +SKIP
+        ('torch-zip', 122)
+    """
+    return open_checkpoint(source, trust=trust, sha256=sha256)
+
+
+def _after_apply(target: Target, cand: StateDictCandidate, p: Plan, ckpt: Checkpoint) -> None:
+    """What ``load_state_dict`` does after the copy: modules' own loads, load post-hooks (ckptfit.hooks)."""
+    if not target.custom:
+        return
+    entry = target.hooks.get(id(cand))
+    hooks = entry[1] if entry is not None and entry[0] is cand else None
+    run_after_load(target.model, hooks, cand.tensors, p, metadata_of(ckpt.tree, cand.name))
+
+
+def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | None = None,
+         rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
+         exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
+         trust: bool = False, transforms: Mapping[str, str] | None = None,
+         adapt: str | None = None, verify: bool = True, sha256: str | None = None) -> LoadReport:
+    """Put a checkpoint into ``model`` in place, loading only what provably belongs, and report it.
+
+    The state dict inside the file is found (the model's own weights over EMA and optimizer
+    state), names are reconciled (``module.``, ``_orig_mod.``, ``model.`` ... prefixes learned
+    from both key sets, your ``rename`` rules, structural alignment when names differ
+    entirely), and shapes are checked: a tensor whose shape differs is never loaded. Unless
+    ``partial=True``, every model tensor must come from the checkpoint (harmless differences
+    such as a missing ``num_batches_tracked`` or a tied ``lm_head.weight`` aside); otherwise
+    one :class:`LoadError` lists every problem and the model is left untouched.
+
+    Args:
+        model: the module to fill (in place, like ``load_state_dict``).
+        source: a path (file or directory), an opened :class:`Checkpoint`, or a state dict.
+        partial: allow model tensors to stay at their init (transfer learning: new head).
+        use: which state dict in the file: ``"ema"``, or a key path such as ``"model.ema"``.
+        rename: ``[(regex, replacement), ...]`` applied to checkpoint keys before matching.
+        include: glob patterns; only matching tensors are loaded.
+        exclude: glob patterns; matching tensors are not loaded (kept at init).
+        device: move the model to this device and load there (default: where it is).
+        dtype: cast the model's floating tensors to this dtype (default: keep the model's).
+        trust: allow real unpickling; runs code from the file. Never needed for weights.
+        sha256: check the file's sha256 (64 hex digits, or a Git LFS pointer file) before
+            anything is read; a mismatch raises :class:`CorruptCheckpoint` with both digests.
+        transforms: ``{pattern: kind}`` for layouts the evidence cannot settle: ``"transpose"``,
+            ``"none"`` (as stored), ``"split:N"``; see :mod:`ckptfit.porting` and docs/porting.md.
+        adapt: ``"in_chans"``: load an RGB first convolution into a model with other input channels
+            (summed for 1, repeated and rescaled for more), as timm's ``adapt_input_conv``; reported.
+        verify: check the CRC-32 of every record read (torch zip archives and DCP; fused with the
+            copy, about one more pass at memory speed). ``False`` only for a file you verified yourself.
+
+    Returns:
+        A :class:`LoadReport`; ``print(report)`` for a summary (its ``bytes:`` line says whether
+        the bytes were checked).
+
+    Raises:
+        LoadError: names or shapes do not reconcile (all problems listed, model untouched).
+        CorruptCheckpoint: damaged bytes (a CRC mismatch, naming the record and the tensor) or
+            an unreadable file; the model is left exactly as it was, also when this happens
+            part way through the copy (as does any I/O error).
+        CheckpointError: the file cannot be read (see :func:`open`).
+
+    Example:
+        >>> model = torchvision.models.resnet18(num_classes=10)  # doctest: +SKIP
+        >>> report = ckptfit.load(model, "resnet18_imagenet.pth", partial=True)  # doctest: +SKIP
+        >>> print(report)                                         # doctest: +SKIP
+        Loaded 120/122 tensors from resnet18_imagenet.pth (torch-zip, state dict at the root)
+          on cpu, 44.7 MB read, in 0.02 s
+          left at init, shape differs (2):
+            fc.weight — checkpoint [1000, 512], model [10, 512]
+            fc.bias — checkpoint [1000], model [10]
+    """
+    o = check_options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms, adapt)
+    rename, include, exclude, device, dtype = o["rename"], o["include"], o["exclude"], o["device"], o["dtype"]
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify= must be True or False, not {verify!r}")
+    if is_sharded(model):  # FSDP2 / DTensor / DDP in a process group: each rank reads its shards only
+        if o["transforms"]:
+            raise ValueError("transforms= is not supported for a sharded model; port the weights into the "
+                             "unsharded model first, then save and shard it")
+        if sha256 is not None:  # checked (and, for a URL, fetched) before any rank reads
+            open(source, trust=trust, sha256=sha256).close()
+        with checking_reads(verify):
+            return load_sharded(model, source, partial=partial, use=use, rename=rename, include=include,
+                                exclude=exclude, device=device, dtype=dtype, trust=trust)
+    with gc_paused(), checking_reads(verify):
+        return _load(model, source, partial=partial, use=use, rename=rename, include=include, exclude=exclude,
+                     device=device, dtype=dtype, trust=trust, transforms=o["transforms"], verify=verify,
+                     sha256=sha256)
+
+
+def _load(model: nn.Module, source: Any, *, partial: bool, use: str | None, rename, include, exclude, device: Any,
+          dtype: torch.dtype | None, trust: bool, transforms=(), verify: bool = True,
+          sha256: str | None = None) -> LoadReport:
+    start = time.perf_counter()
+    ckpt, opened = as_checkpoint(source, trust, sha256)
+    try:
+        target = Target(model)
+        cand, p = plan_checkpoint(target, ckpt, partial=partial, use=use, rename=rename, include=include, exclude=exclude,
+                        transforms=transforms)
+        if not p.ok:
+            raise load_error(p, model)
+        rollback = Rollback(model)  # an I/O error or a CRC mismatch from here on leaves the model as it was
+        try:
+            if device is not None or dtype is not None:
+                _move_model(model, device, dtype)
+                target = Target(model)
+            nbytes, checked = apply_plan(target, cand, p, device=device, dtype=dtype, verify=verify, rollback=rollback)
+            _after_apply(target, cand, p, ckpt)  # the modules' own load logic (ckptfit.hooks)
+        except BaseException:
+            rollback.restore()
+            raise
+        dev = str(device) if device is not None else device_of(model)
+        return LoadReport.from_plan(p, device=dev, dtype=dtype, seconds=time.perf_counter() - start,
+                                    bytes_read=nbytes, integrity=checked)
+    finally:
+        if opened:
+            ckpt.close()
+
+
+def _move_model(model: nn.Module, device: Any, dtype: torch.dtype | None) -> None:
+    """Move and cast the model's real tensors for ``load(device=, dtype=)``.
+
+    Parameters keep their identity (``param.data`` is replaced, as ``Module.to`` does), so an
+    optimizer made before the load still holds them. In a model built on the meta device
+    (:func:`build`) only the real tensors (buffers computed in ``__init__``) move here; meta
+    tensors are placed on ``device`` as they are assigned.
+    """
+    if device is None and dtype is None:
+        return
+    has_meta = any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
+    if not has_meta:
+        model.to(device=device, dtype=dtype)
+        return
+    dev = torch.device(device) if device is not None else None
+    moved: dict[int, torch.Tensor] = {}  # tied buffers stay tied
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is None or t.is_meta:
+                    continue
+                if id(t) in moved:
+                    store[name] = moved[id(t)]
+                    continue
+                want = dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype
+                new = t.data.to(device=dev if dev is not None else t.device, dtype=want)
+                if new is t.data:
+                    continue
+                if isinstance(t, nn.Parameter):
+                    t.data = new
+                else:
+                    store[name] = moved[id(t)] = new
+
+
+def build(factory: Callable[[], nn.Module] | str, source: Any, *, mmap: bool = False,
+          **load_options: Any) -> tuple[nn.Module, LoadReport]:
+    """Construct a model without random init and fill it straight from the checkpoint.
+
+    The model is built with its parameters on the meta device (no memory, no init; buffers
+    computed in ``__init__`` are real), then each parameter is materialised from the
+    checkpoint: read with ``pread`` into the model's own private memory (CRC-checked as it
+    is read, cast or sent to the GPU on the way where needed), so the built model's values
+    never change and the process never crashes whatever later happens to the file (a
+    training job rewriting ``last.pth`` in place, a truncation). Parameters the checkpoint
+    lacks (``partial=True``) get their module's own ``reset_parameters`` init.
+
+    Args:
+        factory: a zero-argument callable returning the model, or a model SPEC string
+            (``"torchvision:resnet18"``, ``"timm:resnet50"``, ``"package.module:factory"``).
+        source: as for :func:`load`.
+        mmap: zero-copy: where dtype and device already match, a parameter *is* a
+            copy-on-write view of the memory-mapped file (no copy, no memory until used).
+            Risk: if the file is later rewritten in place the model's weights change with it,
+            and if it is truncated the process dies with SIGBUS when they are used.
+        **load_options: as for :func:`load` (``partial``, ``use``, ``rename``, ``device``, ``dtype``,
+            ``verify`` ...).
+
+    Returns:
+        ``(model, report)``.
+
+    Raises:
+        LoadError: the checkpoint does not fill the model (nothing is returned half-built).
+
+    Example:
+        >>> model, report = ckptfit.build(lambda: torchvision.models.resnet50(), "r50.safetensors")  # doctest: +SKIP
+        >>> model, report = ckptfit.build("torchvision:resnet50", "r50.pth", device="cuda")  # doctest: +SKIP
+        >>> model, report = ckptfit.build("torchvision:resnet50", "r50.pth", mmap=True)  # doctest: +SKIP
+    """
+    if not isinstance(mmap, bool):
+        raise TypeError(f"mmap= must be True or False, not {mmap!r}")
+    if isinstance(factory, nn.Module):
+        raise TypeError(f"build() takes a factory that makes the model (e.g. {type(factory).__name__} or "
+                        f"lambda: {type(factory).__name__}(...)), not a model; to fill an existing model use "
+                        f"ckptfit.load(model, source)")
+    if not isinstance(factory, str) and not callable(factory):
+        raise TypeError(f"factory must be a zero-argument callable or a model SPEC string, not "
+                        f"{type(factory).__name__}")
+    if isinstance(factory, str):
+        factory = model_factory(factory)
+    from .._lightning import build_lightning, lightning_target
+
+    if (lit := lightning_target(factory)) is not None:  # a LightningModule class: the file's hyper_parameters
+        return build_lightning(*lit, source, build, mmap=mmap, **load_options)
+    with gc_paused():  # the model's modules are as long-lived as the checkpoint's objects (see _gc)
+        with parameters_on_meta():
+            model = factory()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"build's factory must return an nn.Module, not {type(model).__name__}")
+        token = ZERO_COPY.set(mmap)
+        try:
+            report = load(model, source, **load_options)
+        finally:
+            ZERO_COPY.reset(token)
+        leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise LoadError(f"after loading, {len(leftover)} tensor(s) are still on the meta device: "
+                        f"{', '.join(leftover[:5])}", hint="pass partial=True or check the checkpoint")
+    return model, report
