@@ -95,9 +95,9 @@ def adapt_plan(plan: Plan, adapt: str | None) -> Plan:
     problems = tuple(p for p in plan.problems if not p.startswith(f"{d.target}: "))
     suggestions = plan.suggestions
     if not any(x.action == "skip_shape" for x in decisions):
-        from .matching import _PARTIAL_SHAPES
+        from .matching.decisions import PARTIAL_SHAPES
 
-        suggestions = tuple(s for s in suggestions if s != _PARTIAL_SHAPES)
+        suggestions = tuple(s for s in suggestions if s != PARTIAL_SHAPES)
     unused = tuple(u for u in plan.unused if u.source != d.source)
     return replace(plan, decisions=decisions, problems=problems, suggestions=suggestions, unused=unused)
 
