@@ -381,3 +381,17 @@ def test_online_resolution_downloads_only_the_weights_and_config(monkeypatch, tm
                                                       "sub/pytorch_model.bin.index.json"]
     with pytest.raises(CheckpointError, match=r"org/repo/onnx holds no weights ckptfit reads"):
         resolve_hf("hf://org/repo/onnx")
+
+
+def test_scan_and_convert_take_a_url(server, tmp_path):
+    sd = {"weight": torch.randn(4, 3), "bias": torch.randn(4)}
+    torch.save({"epoch": 1, "state_dict": sd}, os.path.join(server.root, "m.pth"))
+    url = f"{server.url}/m.pth"
+    result = CliRunner().invoke(main, ["scan", url])
+    assert result.exit_code == 0, result.output
+    assert "verdict: clean" in result.output
+    out = tmp_path / "m.safetensors"
+    result = CliRunner().invoke(main, ["convert", url, str(out)])
+    assert result.exit_code == 0, result.output
+    back = dict(ckptfit.open(out).tensors())
+    assert torch.equal(back["weight"].load(), sd["weight"]) and torch.equal(back["bias"].load(), sd["bias"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ._cli_common import echo_json, handle_errors, parse_dtype
+from ._cli_common import SOURCE, echo_json, handle_errors, parse_dtype
 from ._cli_load import rename_rules
 
 __all__ = ["convert_command"]
@@ -16,7 +16,7 @@ Examples:
   ckptfit convert train.pth backbone.safetensors --include 'backbone.*' --rename '^backbone\\.=>'
   ckptfit convert model_best.pth.tar ./sharded --shard-size 2GB --use ema
 """)
-@click.argument("src", type=click.Path(exists=True))
+@click.argument("src", type=SOURCE)
 @click.argument("dst", type=click.Path())
 @click.option("--dtype", default=None, metavar="DTYPE", show_default="keep",
               help="Cast floating weights: fp32, fp16, bf16 or fp64 (also float16, bfloat16, half ...).")

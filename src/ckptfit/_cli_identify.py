@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ._cli_common import EXIT_CODES, echo_json, handle_errors, stderr
+from ._cli_common import EXIT_CODES, SOURCE, echo_json, handle_errors, stderr
 
 __all__ = ["identify_command", "render_identification", "SUPPORT"]
 
@@ -20,7 +20,7 @@ Examples:
   ckptfit identify last.ckpt --json --top 3
 Exit status: 0 identified, 6 unknown, 1 error, 2 usage error.
 """)
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=SOURCE)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text (every candidate, scored).")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1, 100), help="How many candidates to list.")
 @click.option("--use", metavar="NAME", default=None, help="Which state dict in the file: 'ema' or a key path.")

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from ._cli_common import EXIT_CODES, echo_json, handle_errors, stderr
+from ._cli_common import EXIT_CODES, SOURCE, echo_json, handle_errors, stderr
 
 __all__ = ["scan_command"]
 
@@ -21,7 +21,7 @@ Examples:
   ckptfit scan model.ckpt --json | jq .dangerous
 Exit status: 0 clean, 1 error, 2 usage error, 3 not known to be safe, 4 damaged (a CRC mismatch), 5 dangerous.
 """)
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=SOURCE)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @handle_errors
 def scan_command(path: str, as_json: bool) -> None:

@@ -394,7 +394,11 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
         model.pth: torch-zip, 1 pickle(s), 123 CRC(s) checked
         verdict: clean: only tensors, plain data and known inert classes; ...
     """
+    from .sources import is_remote, local_file
+
     path = os.fspath(path)
+    if is_remote(path):  # scan reads every byte: the whole file is fetched into ckptfit's cache first
+        path = local_file(path)
     if not os.path.exists(path):
         raise CheckpointError("no such file or directory", path=path, hint="check the path")
     from .formats import check_regular

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .errors import CheckpointError, CorruptCheckpoint, NotACheckpoint
 
-__all__ = ["is_remote", "open_source", "resolve_hf", "LfsPointer", "read_lfs_pointer", "find_lfs_object",
+__all__ = ["is_remote", "open_source", "local_file", "resolve_hf", "LfsPointer", "read_lfs_pointer", "find_lfs_object",
            "check_sha256", "expected_digest"]
 
 LFS_HEADER = b"version https://git-lfs.github.com/spec/v1"
@@ -254,6 +254,19 @@ def resolve_hf(spec: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- opening
+
+def local_file(spec: str) -> str:
+    """A local path holding all of ``spec``'s bytes: the hub cache's for ``hf://``, ckptfit's cache for a URL."""
+    if spec.lower().startswith("hf://"):
+        return resolve_hf(spec)
+    if is_remote(spec):
+        from ._remote import RemoteFile
+
+        remote = RemoteFile(spec)
+        remote.fetch_all()
+        return remote.local
+    return spec
+
 
 def open_source(source: str | os.PathLike[str], *, trust: bool = False, sha256: str | None = None):
     """Open any source (local path, LFS pointer, ``hf://``, URL) as a :class:`~ckptfit.checkpoint.Checkpoint`.
