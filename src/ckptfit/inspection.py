@@ -12,8 +12,7 @@ from typing import Any
 
 from ._fold import fold_keys
 from .checkpoint import Checkpoint
-from .lazy import dtype_name
-from .loading import open as open_checkpoint
+from .formats import open_checkpoint
 
 __all__ = ["Inspection", "inspect_checkpoint", "TensorGroup", "human_bytes"]
 
@@ -169,7 +168,7 @@ def _short_json(v: Any, limit: int = 160) -> str:
 def _groups(items: list[tuple[str, Any]]) -> list[TensorGroup]:
     by_sig: OrderedDict[tuple, list[tuple[str, Any]]] = OrderedDict()
     for name, t in items:
-        by_sig.setdefault((t.shape, t.dtype, t.device), []).append((name, t))
+        by_sig.setdefault((t.shape, t.dtype_name, t.device), []).append((name, t))
     out: list[tuple[int, TensorGroup]] = []
     order = {name: i for i, (name, _) in enumerate(items)}
     for (shape, dtype, device), members in by_sig.items():
@@ -183,7 +182,7 @@ def _groups(items: list[tuple[str, Any]]) -> list[TensorGroup]:
             for s in shape:
                 numel *= s
             first = min(order.get(c, 0) for c in covered)
-            out.append((first, TensorGroup(pattern, shape, dtype_name(dtype), count, numel * count,
+            out.append((first, TensorGroup(pattern, shape, dtype, count, numel * count,
                                            members[0][1].nbytes * count, device)))
     out.sort(key=lambda x: x[0])
     return [g for _, g in out]
@@ -233,7 +232,7 @@ def summarize(ckpt: Checkpoint) -> Inspection:
         default=default.name if default is not None else None,
         modules=tuple((k, *v) for k, v in modules.items()),  # type: ignore[misc]
         groups=tuple(_groups(items)),
-        tensors=tuple((n, t.shape, dtype_name(t.dtype), t.nbytes, t.device) for n, t in items),
+        tensors=tuple((n, t.shape, t.dtype_name, t.nbytes, t.device) for n, t in items),
     )
 
 

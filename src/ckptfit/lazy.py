@@ -4,6 +4,10 @@ A :class:`LazyTensor` knows its shape, dtype, size and saved device; it reads it
 when :meth:`LazyTensor.load` is called, and then, where the format allows, straight from a
 private memory map of the file (no copy until a cast or a device move needs one).
 
+Nothing here imports torch until tensor bytes are read: a lazy tensor's dtype is kept by name
+(``dtype_name``) and becomes a ``torch.dtype`` when ``dtype`` is first asked for, so describing
+a checkpoint (``ckptfit inspect``, ``scan``, ``diff``) never pays torch's import.
+
 Formats that checksum their records (torch zip archives: a CRC-32 per storage) register each
 record on its :class:`MappedFile` (:class:`Record`) and call :func:`note_read` whenever they
 hand out a record's bytes: outside a load the whole record is CRC-checked there, once; inside
@@ -21,23 +25,20 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ._crc import crc32
+from .dtypes import dtype_name, itemsize, torch_dtype
 from .errors import CorruptCheckpoint
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["LazyTensor", "MappedFile", "StorageRef", "Record", "dtype_name", "strided_reader", "locate", "buffer_of",
            "note_read", "collecting_reads", "checking_reads", "CRC_CHUNK", "register_filler"]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size() if dtype.is_complex else dtype.itemsize
+_itemsize = itemsize  # the name loading.py imports (ckptfit.dtypes.itemsize)
 
 
 # Live mappings by address: (start, end, weakref to the mmap, MappedFile), sorted by start.
@@ -211,14 +212,17 @@ class MappedFile:
                     self._mm = mm
         return self._mm
 
-    def tensor(self, offset: int, dtype: torch.dtype, count: int) -> torch.Tensor:
+    def tensor(self, offset: int, dtype: torch.dtype | str, count: int) -> torch.Tensor:
         """A 1-D tensor of ``count`` elements viewing the file from byte ``offset`` (zero-copy)."""
-        nbytes = count * _itemsize(dtype)
+        nbytes = count * itemsize(dtype)
         if offset < 0 or offset + nbytes > self.size:
             raise CorruptCheckpoint(
                 f"tensor data at bytes {offset}..{offset + nbytes} lies beyond the end of the file "
                 f"({self.size} bytes); the file is truncated or damaged", path=self.path,
                 hint="download or copy the file again")
+        import torch
+
+        dtype = torch_dtype(dtype)
         if count == 0:
             return torch.empty(0, dtype=dtype)
         if self._fill is not None:
@@ -335,19 +339,19 @@ def _rec_start(r: Record) -> int:
 class StorageRef:
     """A storage as a pickle references it: dtype, element count, saved device, and where its bytes are.
 
-    ``read`` returns a 1-D CPU tensor of ``numel`` elements of ``dtype`` (a view of the file
-    where possible).
+    ``dtype`` is a name (``"float32"``) or a ``torch.dtype``. ``read`` returns a 1-D CPU tensor of
+    ``numel`` elements of ``dtype`` (a view of the file where possible).
     """
 
     key: str
-    dtype: torch.dtype
+    dtype: torch.dtype | str
     numel: int
     location: str
     read: Callable[[], torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.numel * _itemsize(self.dtype)
+        return self.numel * itemsize(self.dtype)
 
 
 class LazyTensor:
@@ -355,22 +359,26 @@ class LazyTensor:
 
     Attributes:
         shape: the tensor's shape.
-        dtype: the dtype it was saved with.
+        dtype: the ``torch.dtype`` it was saved with (asking for it imports torch).
+        dtype_name: the same dtype by name (``"float32"``), without torch.
         device: the device it was saved on (``"cpu"``, ``"cuda:0"`` ...); informative only.
         nbytes: bytes of data the tensor itself spans.
         requires_grad: as saved (parameters usually ``True``).
         is_parameter: whether it was saved as an ``nn.Parameter``.
     """
 
-    __slots__ = ("shape", "dtype", "device", "requires_grad", "is_parameter", "_reader", "storage_key",
-                 "storage_offset", "stride")
+    __slots__ = ("shape", "dtype_name", "_dtype", "device", "requires_grad", "is_parameter", "_reader",
+                 "storage_key", "storage_offset", "stride")
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, reader: Callable[[], torch.Tensor] | None,
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype | str, reader: Callable[[], torch.Tensor] | None,
                  *, device: str = "cpu", requires_grad: bool = False, is_parameter: bool = False,
                  storage_key: str | None = None, storage_offset: int = 0,
                  stride: tuple[int, ...] | None = None):
         self.shape = tuple(map(int, shape))
-        self.dtype = dtype
+        if isinstance(dtype, str):
+            self.dtype_name, self._dtype = dtype_name(dtype), None
+        else:
+            self.dtype_name, self._dtype = dtype_name(dtype), dtype
         self.device = device
         self.requires_grad = requires_grad
         self.is_parameter = is_parameter
@@ -387,8 +395,23 @@ class LazyTensor:
         return n
 
     @property
+    def dtype(self) -> torch.dtype:
+        dt = self._dtype
+        if dt is None:
+            dt = self._dtype = torch_dtype(self.dtype_name)
+        return dt
+
+    @dtype.setter
+    def dtype(self, value: torch.dtype | str) -> None:
+        self.dtype_name, self._dtype = dtype_name(value), None if isinstance(value, str) else value
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self._dtype if self._dtype is not None else self.dtype_name)
+
+    @property
     def nbytes(self) -> int:
-        return self.numel * _itemsize(self.dtype)
+        return self.numel * self.itemsize
 
     def load(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read the tensor, as ``dtype`` on ``device`` (defaults: as saved, on the CPU).
@@ -404,8 +427,11 @@ class LazyTensor:
             raise CorruptCheckpoint(f"tensor data has shape {list(t.shape)}, expected {list(self.shape)}")
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype=dtype)
-        if device is not None and t.device != torch.device(device):
-            t = t.to(device=device)
+        if device is not None:
+            import torch
+
+            if t.device != torch.device(device):
+                t = t.to(device=device)
         return t
 
     def load_slice(self, index: tuple[slice, ...], device: torch.device | str | None = None,
@@ -447,16 +473,21 @@ class LazyTensor:
             raise CorruptCheckpoint(f"slice of tensor data has shape {list(t.shape)}, expected {list(want)}")
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype=dtype)
-        if device is not None and t.device != torch.device(device):
-            t = t.to(device=device)
+        if device is not None:
+            import torch
+
+            if t.device != torch.device(device):
+                t = t.to(device=device)
         return t
 
     def __repr__(self) -> str:
-        return f"LazyTensor(shape={list(self.shape)}, dtype={dtype_name(self.dtype)}, device={self.device!r})"
+        return f"LazyTensor(shape={list(self.shape)}, dtype={self.dtype_name}, device={self.device!r})"
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "LazyTensor":
         """Wrap an in-memory tensor (a plain state dict handed to ckptfit)."""
+        import torch
+
         t = tensor.detach()
         return cls(tuple(t.shape), t.dtype, lambda: t, device=str(t.device),
                    requires_grad=tensor.requires_grad, is_parameter=isinstance(tensor, torch.nn.Parameter))
@@ -469,6 +500,8 @@ def strided_reader(storage: StorageRef, offset: int, shape: tuple[int, ...],
     def read() -> torch.Tensor:
         if storage.read is None:
             raise CorruptCheckpoint(f"storage {storage.key!r} has no data in the file")
+        import torch
+
         return torch.as_strided(storage.read(), shape, stride, offset)
 
     return read

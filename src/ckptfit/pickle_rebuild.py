@@ -13,11 +13,11 @@ from __future__ import annotations
 import codecs
 import collections
 import datetime
+import sys
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
+from .dtypes import PLAIN_DTYPES, dtype_name, itemsize, torch_dtype
 from .errors import CorruptCheckpoint, ResourceLimitExceeded, UnsafeCheckpoint, UnsupportedFormat
 from .lazy import LazyTensor, StorageRef, strided_reader
 from .pickle_numpy import NUMPY_HANDLERS
@@ -25,35 +25,38 @@ from .pickle_policy import Kind, is_dangerous, normalise
 from .pickle_values import (DangerousRef, Handler, Placeholder, PlaceholderClass, StorageType, charge, check_key,
                             held, int_tuple)
 
+
 __all__ = ["TENSOR_HANDLERS", "DATA_HANDLERS", "PLAIN_BASES", "classify", "check_dtype", "reconstructor",
            "torch_constant"]
 
+# torch's typed storage classes, by the dtype name of their elements (torch is never imported for them)
 _STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool, "ComplexDoubleStorage": torch.complex128, "ComplexFloatStorage": torch.complex64,
-    "QInt8Storage": torch.qint8, "QUInt8Storage": torch.quint8, "QInt32Storage": torch.qint32,
-    "UntypedStorage": torch.uint8,
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "BoolStorage": "bool", "ComplexDoubleStorage": "complex128", "ComplexFloatStorage": "complex64",
+    "QInt8Storage": "qint8", "QUInt8Storage": "quint8", "QInt32Storage": "qint32",
+    "UntypedStorage": "uint8",
 }
 for _n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "uint16", "uint32", "uint64"):
-    if hasattr(torch, _n):
-        _STORAGE_DTYPES[f"{_n}Storage"] = getattr(torch, _n)
+    _STORAGE_DTYPES[f"{_n}Storage"] = _n
 
 
 _MAX_DIM = 1 << 62
-# Dtypes whose storages may be materialised as tensors (read, viewed with as_strided, copied): plain
-# numbers only. Quantized (qint8 ...), bit-packed (bits8, quint4x2) and sub-byte (int4, uint2) dtypes
-# have no plain element layout; torch crashes the process on some of them (as_strided of a qint8 view).
-_PLAIN_DTYPES = frozenset(getattr(torch, n) for n in (
-    "float64", "float32", "float16", "bfloat16", "complex128", "complex64", "int64", "int32", "int16", "int8",
-    "uint8", "bool", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-    "float8_e5m2fnuz") if isinstance(getattr(torch, n, None), torch.dtype))
+def _is_torch_dtype(value: Any) -> bool:
+    """Whether ``value`` is a ``torch.dtype`` (one exists only once a pickle's ``torch.float32`` imported torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.dtype)
 
 
 def check_dtype(dtype: Any, what: str = "tensor") -> None:
-    if dtype not in _PLAIN_DTYPES:
-        raise UnsupportedFormat(f"the checkpoint holds a {what} of dtype {dtype}, which ckptfit does not rebuild "
+    """Refuse a dtype (a name or a ``torch.dtype``) that is not a plain number dtype (:data:`PLAIN_DTYPES`)."""
+    if not isinstance(dtype, str) and not _is_torch_dtype(dtype):
+        raise UnsupportedFormat(f"the checkpoint holds a {what} of dtype {str(dtype)[:40]}, which ckptfit does not "
+                                f"rebuild (only plain number dtypes)",
+                                hint="convert it to a plain dtype (dequantize it) with the code that wrote it")
+    if dtype_name(dtype) not in PLAIN_DTYPES:
+        raise UnsupportedFormat(f"the checkpoint holds a {what} of dtype torch.{dtype_name(dtype)}, which ckptfit does not rebuild "
                                 f"(only plain number dtypes)",
                                 hint="convert it to a plain dtype (dequantize it) with the code that wrote it")
 
@@ -89,27 +92,27 @@ def _check_view(storage: StorageRef, offset: int, size: tuple[int, ...], stride:
         # the elements beyond the storage's own count are charged to the pickle's object budget
         if numel >= _MAX_DIM:
             raise CorruptCheckpoint(f"tensor view of size {list(size)[:8]} has more elements than any tensor can")
-        charge((numel - storage.numel) * storage.dtype.itemsize)
+        charge((numel - storage.numel) * itemsize(storage.dtype))
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                    metadata=None, *, dtype: torch.dtype | None = None) -> LazyTensor:
+                    metadata=None, *, dtype: str | None = None) -> LazyTensor:
     if not isinstance(storage, StorageRef):
         raise CorruptCheckpoint(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
     check_dtype(storage.dtype if dtype is None else dtype)
     size_t, stride_t = int_tuple(size, "size"), int_tuple(stride, "stride")
-    if dtype is not None and dtype != storage.dtype:
+    if dtype is not None and dtype != dtype_name(storage.dtype):
         # untyped storage (v3): re-express element counts in the tensor's dtype
-        itemsize = dtype.itemsize
-        if storage.nbytes % itemsize:
+        size = itemsize(dtype)
+        if storage.nbytes % size:
             raise CorruptCheckpoint(f"storage {storage.key!r} of {storage.nbytes} bytes is not a whole number "
-                                    f"of {dtype} elements")
+                                    f"of torch.{dtype} elements")
         base = storage
 
         def read_cast():
-            return base.read().view(dtype)
+            return base.read().view(torch_dtype(dtype))
 
-        storage = StorageRef(base.key, dtype, base.nbytes // itemsize, base.location,
+        storage = StorageRef(base.key, dtype, base.nbytes // size, base.location,
                              read_cast if base.read is not None else None)
     _check_view(storage, storage_offset, size_t, stride_t)
     return LazyTensor(size_t, storage.dtype, strided_reader(storage, storage_offset, size_t, stride_t),
@@ -119,10 +122,10 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                        metadata=None):
-    if not isinstance(dtype, torch.dtype):
+    if not _is_torch_dtype(dtype):
         raise CorruptCheckpoint("tensor dtype is not a torch dtype")
     return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata,
-                           dtype=dtype)
+                           dtype=dtype_name(dtype))
 
 
 def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None):
@@ -150,7 +153,7 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 
 def _rebuild_meta(dtype, size, stride, requires_grad=False):
     size_t = int_tuple(size, "size")
-    if not isinstance(dtype, torch.dtype) or len(size_t) > 64 or any(not 0 <= s < _MAX_DIM for s in size_t):
+    if not _is_torch_dtype(dtype) or len(size_t) > 64 or any(not 0 <= s < _MAX_DIM for s in size_t):
         raise CorruptCheckpoint(f"meta tensor with an invalid dtype or size {list(size_t)[:8]}")
     check_dtype(dtype, "meta tensor")
     numel = 1
@@ -243,12 +246,16 @@ def _codecs_encode(obj, encoding="utf-8", errors="strict"):
 
 
 def _torch_size(*args):
+    import torch  # only for pickles that hold a torch.Size
+
     return torch.Size(int_tuple(args[0] if args else (), "size"))
 
 
 def _torch_device(*args):
     if not args or not all(isinstance(a, str | int) for a in args):
         raise CorruptCheckpoint("torch.device called with unexpected arguments")
+    import torch  # only for pickles that hold a torch.device
+
     return str(torch.device(*args))
 
 
@@ -313,8 +320,8 @@ def _tensor_handlers() -> dict[tuple[str, str], tuple[Callable | None, Any]]:
     for name, dt in _STORAGE_DTYPES.items():
         h[("torch", name)] = (None, StorageType(name, dt))
         h[("torch.cuda", name)] = (None, StorageType(name, dt))
-    h[("torch.storage", "UntypedStorage")] = (None, StorageType("UntypedStorage", torch.uint8))
-    h[("torch.storage", "TypedStorage")] = (None, StorageType("TypedStorage", torch.uint8))
+    h[("torch.storage", "UntypedStorage")] = (None, StorageType("UntypedStorage", "uint8"))
+    h[("torch.storage", "TypedStorage")] = (None, StorageType("TypedStorage", "uint8"))
     return h
 
 
@@ -370,6 +377,11 @@ def classify(module: str, name: str) -> Kind:
 
 def torch_constant(name: str) -> Any:
     """``torch.float32``, ``torch.strided``, ``torch.channels_last`` ... looked up without ``getattr``
-    (``torch.__getattr__`` imports submodules lazily; a pickle must never trigger an import)."""
+    (``torch.__getattr__`` imports submodules lazily; a pickle must never trigger an import of its choosing).
+
+    Only pickles that name such a constant (or another ``torch.X`` outside the tables) import torch itself.
+    """
+    import torch
+
     v = vars(torch).get(name)
     return v if isinstance(v, torch.dtype | torch.layout | torch.memory_format) else None

@@ -9,9 +9,10 @@ turned into JSON.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # annotations only: describing a checkpoint never imports torch
+    import torch
 
 __all__ = ["TensorSpec", "Transform", "Decision", "Unused", "Plan", "Action", "Stage"]
 

@@ -14,12 +14,11 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-
 from ._fold import fold_keys, fold_pairs
 from .plan import Decision, Plan, Unused
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch for annotations only: describing a checkpoint never imports torch
+    import torch
     from rich.console import Group
 
 __all__ = ["LoadReport", "render_plan", "printable"]

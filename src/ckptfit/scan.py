@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .dtypes import itemsize
 from .errors import CheckpointError, NotACheckpoint
 from .lazy import StorageRef
 from .safety import GlobalRef, PickleScan, StorageType, interpret, is_inert
@@ -363,7 +364,7 @@ def _recording_stub(records: dict[str, tuple[Any, int]]):
     def load(pid: Any) -> Any:
         ref = _storage_stub(pid)
         if isinstance(ref, StorageRef):
-            nbytes = ref.numel * (1 if pid[1].name == "UntypedStorage" else ref.dtype.itemsize)
+            nbytes = ref.numel * (1 if pid[1].name == "UntypedStorage" else itemsize(ref.dtype))
             prev = records.get(ref.key)
             records[ref.key] = (ref.dtype, max(nbytes, prev[1]) if prev else nbytes)
         return ref
@@ -703,11 +704,11 @@ def _scan_legacy(w: _Walk, path: str) -> None:
         if rec is None:
             w.anomalies.append(f"storage {key!r} is listed but never referenced")
             return
-        itemsize = rec[0].itemsize
-        if numel < 0 or numel * itemsize != rec[1]:
+        size = itemsize(rec[0])
+        if numel < 0 or numel * size != rec[1]:
             w.anomalies.append(f"storage {key!r} declares {numel} elements in the data section, not "
-                               f"{rec[1] // max(itemsize, 1)} as in the pickle")
-        pos += 8 + max(numel, 0) * itemsize
+                               f"{rec[1] // max(size, 1)} as in the pickle")
+        pos += 8 + max(numel, 0) * size
         if pos > len(data):
             w.errors.append(f"storage {key!r} runs {pos - len(data)} bytes past the end of the file (truncated)")
             return

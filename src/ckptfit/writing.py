@@ -292,8 +292,8 @@ def _check_safetensors(tree: Any) -> dict[str, Any]:
     if bad:
         raise CheckpointError("safetensors holds only tensors under string names: " + "; ".join(bad[:5]),
                               hint="write .pt to keep other objects, or pass the state dict alone")
-    known = set(SAFETENSORS_DTYPES.values())
-    odd = [f"{k!r} ({v.dtype})" for k, v in tree.items() if v.dtype not in known]
+    known = set(SAFETENSORS_DTYPES.values())  # dtype names
+    odd = [f"{k!r} ({v.dtype})" for k, v in tree.items() if str(v.dtype).removeprefix("torch.") not in known]
     if odd:
         raise CheckpointError(f"safetensors cannot hold the dtype of {', '.join(odd[:5])}",
                               hint="write torch format instead (.pt, --format torch)")

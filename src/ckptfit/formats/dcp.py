@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpoint, UnsupportedFormat
@@ -21,6 +19,9 @@ from ..lazy import LazyTensor, MappedFile
 from ..pickle_rebuild import check_dtype
 from ..safety import Placeholder, load_pickle, short_repr
 from . import check_regular, register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["open_dcp", "DcpChunk", "read_region"]
 
@@ -89,6 +90,8 @@ def read_region(path: str, chunks: list[DcpChunk], mapped: dict[str, MappedFile]
     (a chunk is a view of the memory-mapped file), so a rank loading its shard touches about
     its share of the bytes whatever the number of ranks that saved the checkpoint.
     """
+    import torch  # reading tensor bytes
+
     lo = tuple(s.start for s in index)
     hi = tuple(s.stop for s in index)
     out: torch.Tensor | None = None
@@ -109,6 +112,8 @@ def read_region(path: str, chunks: list[DcpChunk], mapped: dict[str, MappedFile]
 @register("dcp", sniff=_sniff, priority=6, directory=True)
 def open_dcp(path: str, trust: bool = False) -> Checkpoint:
     """Open a torch.distributed.checkpoint directory lazily, in one process, without a process group."""
+    import torch  # the metadata's dtypes are torch dtypes: torch is imported to read them anyway
+
     mpath = os.path.join(path, ".metadata")
     check_regular(mpath, what="the DCP .metadata file")
     if os.path.getsize(mpath) > MAX_METADATA_BYTES:

@@ -13,10 +13,10 @@ import mmap
 import struct
 from typing import Any
 
-import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpoint, UnsupportedFormat
+from ..dtypes import itemsize
 from ..lazy import MappedFile, StorageRef
 from ..safety import (PlaceholderClass, StorageType, check_depth, interpret, merge_extra, refuse_if_dangerous,
                       scan_trailing, short_repr)
@@ -71,7 +71,7 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
     if isinstance(header[2], dict) and header[2].get("little_endian") is False:
         raise UnsupportedFormat("this checkpoint was written on a big-endian machine", path=path)
 
-    records: dict[str, tuple[torch.dtype, int, str]] = {}
+    records: dict[str, tuple[str, int, str]] = {}  # key -> (dtype name, numel, location)
     views: list[tuple[str, str, int, int]] = []
     refs: dict[str, StorageRef] = {}
     offsets: dict[str, int] = {}
@@ -86,8 +86,8 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
         if (not isinstance(stype, StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0
                 or not isinstance(location, str)):
             raise CorruptCheckpoint(f"malformed storage record {short_repr(pid)}", path=path)
-        if numel * stype.dtype.itemsize > len(data):  # bounds before anything is built on it
-            raise CorruptCheckpoint(f"storage {key!r} declares {numel} elements ({numel * stype.dtype.itemsize} "
+        if numel * itemsize(stype.dtype) > len(data):  # bounds before anything is built on it
+            raise CorruptCheckpoint(f"storage {key!r} declares {numel} elements ({numel * itemsize(stype.dtype)} "
                                     f"bytes) but the whole file holds {len(data)} bytes (truncated or damaged)",
                                     path=path, hint="download or copy the file again")
         records.setdefault(key, (stype.dtype, numel, location))
@@ -140,7 +140,7 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
                                     f"{numel} in the pickle", path=path)
         pos += 8
         offsets[key] = pos
-        pos += numel * dtype.itemsize
+        pos += numel * itemsize(dtype)
         if pos > len(data):
             raise CorruptCheckpoint(f"storage {key!r} needs {numel * dtype.itemsize} bytes but the file ends "
                                     f"{pos - len(data)} bytes early (truncated)", path=path,

@@ -17,29 +17,37 @@ from __future__ import annotations
 import io
 import zipfile
 from collections.abc import Callable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpoint
 from ..lazy import LazyTensor, MappedFile, Record, note_read
 from . import register
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["open_npy", "open_npz", "array_to_tensor", "torch_dtype_of", "numpy_to_tensors", "NPY_MAGIC"]
 
 NPY_MAGIC = b"\x93NUMPY"
 MAX_NPY_HEADER = 10_000  # numpy's own default for np.load
 
-# numpy (kind, itemsize) -> torch dtype
-_DTYPES: dict[tuple[str, int], torch.dtype] = {
-    ("f", 2): torch.float16, ("f", 4): torch.float32, ("f", 8): torch.float64,
-    ("i", 1): torch.int8, ("i", 2): torch.int16, ("i", 4): torch.int32, ("i", 8): torch.int64,
-    ("u", 1): torch.uint8, ("b", 1): torch.bool, ("c", 8): torch.complex64, ("c", 16): torch.complex128,
+# numpy (kind, itemsize) -> torch dtype name (torch is imported only when a tensor is made)
+_DTYPES: dict[tuple[str, int], str] = {
+    ("f", 2): "float16", ("f", 4): "float32", ("f", 8): "float64",
+    ("i", 1): "int8", ("i", 2): "int16", ("i", 4): "int32", ("i", 8): "int64",
+    ("u", 1): "uint8", ("b", 1): "bool", ("c", 8): "complex64", ("c", 16): "complex128",
+    ("u", 2): "uint16", ("u", 4): "uint32", ("u", 8): "uint64",
 }
-for _kind, _size, _name in (("u", 2, "uint16"), ("u", 4, "uint32"), ("u", 8, "uint64")):
-    if hasattr(torch, _name):
-        _DTYPES[(_kind, _size)] = getattr(torch, _name)
+
+
+def dtype_name_of(dt: Any) -> str | None:
+    """The torch dtype name of a numpy dtype (any byte order), or ``None`` when torch has none; no torch import."""
+    if dt.names is not None or dt.subdtype is not None:
+        return None
+    if dt.name == "bfloat16":  # ml_dtypes' bfloat16, as JAX writes it when ml_dtypes is imported
+        return "bfloat16"
+    return _DTYPES.get((dt.kind, dt.itemsize))
 
 
 def torch_dtype_of(dt: Any) -> torch.dtype | None:
@@ -50,11 +58,10 @@ def torch_dtype_of(dt: Any) -> torch.dtype | None:
         >>> torch_dtype_of(np.dtype(">f4")), torch_dtype_of(np.dtype("U3"))
         (torch.float32, None)
     """
-    if dt.names is not None or dt.subdtype is not None:
-        return None
-    if dt.name == "bfloat16":  # ml_dtypes' bfloat16, as JAX writes it when ml_dtypes is imported
-        return torch.bfloat16
-    return _DTYPES.get((dt.kind, dt.itemsize))
+    from ..dtypes import torch_dtype
+
+    name = dtype_name_of(dt)
+    return torch_dtype(name) if name is not None else None
 
 
 def _native(dt: Any) -> bool:
@@ -74,6 +81,7 @@ def array_to_tensor(arr: Any) -> torch.Tensor | None:
         [[0, 1, 2], [3, 4, 5]]
     """
     import numpy as np
+    import torch
 
     dtype = torch_dtype_of(arr.dtype)
     if dtype is None:
@@ -98,17 +106,20 @@ def numpy_to_tensors(obj: Any, *, beside_tensors: bool = False) -> Any:
     tensors and containers are converted: an array beside ``epoch`` and ``args`` is metadata.
     Walks iteratively, each container once.
     """
-    import numpy as np
+    import sys
 
+    np = sys.modules.get("numpy")
+    if np is None:  # no numpy array can have been rebuilt (and numpy's import is not paid for nothing)
+        return obj
     from ..pickle_numpy import NumpyArray
 
     def conv(v: Any) -> Any:
         if isinstance(v, NumpyArray):
             v = v.value
         if isinstance(v, np.ndarray):
-            t = array_to_tensor(v)
-            if t is not None:
-                return LazyTensor(tuple(v.shape), t.dtype, lambda t=t: t, device="cpu")
+            name = dtype_name_of(v.dtype)
+            if name is not None:  # the tensor is made (importing torch) when it is read
+                return LazyTensor(tuple(v.shape), name, lambda v=v: array_to_tensor(v), device="cpu")
         return v
 
     def weights_only(values: list[Any]) -> bool:
@@ -165,7 +176,7 @@ def _lazy(mapped: MappedFile, path: str, offset: int, shape: tuple[int, ...], fo
     """A lazy tensor over ``.npy`` data at ``offset`` of ``mapped`` (bounds checked when read)."""
     import numpy as np
 
-    dtype = torch_dtype_of(dt)
+    dtype = dtype_name_of(dt)  # a name: torch is imported when the tensor is read
     if dtype is None:
         raise CorruptCheckpoint(f"{what} has dtype {dt.str}, which torch has no equivalent for", path=path)
     count = 1
@@ -177,7 +188,7 @@ def _lazy(mapped: MappedFile, path: str, offset: int, shape: tuple[int, ...], fo
                                 f"but the file holds only {mapped.size}: truncated", path=path,
                                 hint="download or copy the file again")
     order = tuple(reversed(shape)) if fortran else shape
-    native = _native(dt) and dtype is not torch.bfloat16
+    native = _native(dt) and dtype != "bfloat16"
 
     def read() -> torch.Tensor:
         if record is not None:
@@ -238,7 +249,7 @@ def open_npy(path: str, trust: bool = False) -> Checkpoint:
             body = f.read()[start:]
         tree, scan = _object_array(memoryview(body), path=path, member="object array")
         scans = (scan,)
-    elif torch_dtype_of(dt) is None:
+    elif dtype_name_of(dt) is None:
         tree = {key: _untensor(dt, shape)}
     else:
         tree = {key: _lazy(mapped, path, start, shape, fortran, dt, None, what="the array")}
@@ -298,7 +309,7 @@ def open_npz(path: str, trust: bool = False) -> Checkpoint:
                 value, scan = _object_array(memoryview(archive.read(name))[start:], path=path, member=name)
                 tree[key] = value
                 scans.append(scan)
-            elif torch_dtype_of(dt) is None:
+            elif dtype_name_of(dt) is None:
                 tree[key] = _untensor(dt, shape)
             elif m.compress_type == zipfile.ZIP_STORED:
                 record = Record(name, m.data_offset, m.size, m.crc)
@@ -310,7 +321,7 @@ def open_npz(path: str, trust: bool = False) -> Checkpoint:
                                             f"describes {_nbytes(shape, dt)}", path=path,
                                             hint="download or copy the file again")
             else:
-                tree[key] = LazyTensor(shape, torch_dtype_of(dt), _inflated(path, name, start, shape, fortran, dt),
+                tree[key] = LazyTensor(shape, dtype_name_of(dt), _inflated(path, name, start, shape, fortran, dt),
                                        device="cpu")
     finally:
         archive.close()

@@ -13,24 +13,22 @@ import json
 import os
 import struct
 
-import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpoint, ResourceLimitExceeded, UnsupportedFormat
+from ..dtypes import itemsize
 from ..lazy import LazyTensor, MappedFile
 from . import register
 
 __all__ = ["open_safetensors", "SAFETENSORS_DTYPES", "read_header"]
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "C64": torch.complex64,
+# safetensors dtype -> torch dtype name (torch is imported only when a tensor is read)
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
 }
-for _k, _n in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
-               ("U64", "uint64")):
-    if hasattr(torch, _n):
-        SAFETENSORS_DTYPES[_k] = getattr(torch, _n)
 
 MAX_HEADER = 100_000_000  # as the reference implementation
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
@@ -102,7 +100,7 @@ def read_header(path: str) -> tuple[dict, dict, int]:
         for s in shape:
             numel *= s
         begin, end = offs
-        if end < begin or numel * SAFETENSORS_DTYPES[dt].itemsize != end - begin:
+        if end < begin or numel * itemsize(SAFETENSORS_DTYPES[dt]) != end - begin:
             raise CorruptCheckpoint(f"safetensors tensor {name!r} of shape {shape} ({dt}) spans bytes "
                                     f"{begin}..{end}, which does not match its size", path=path)
         spans.append((begin, end, name))
@@ -130,7 +128,7 @@ def tensors_of(path: str, mapped: MappedFile | None = None) -> tuple[dict[str, L
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
         shape = tuple(info["shape"])
         begin, end = info["data_offsets"]
-        count = (end - begin) // dtype.itemsize
+        count = (end - begin) // itemsize(dtype)
 
         def read(off=start + begin, dtype=dtype, count=count, shape=shape):
             return mapped.tensor(off, dtype, count).view(shape)

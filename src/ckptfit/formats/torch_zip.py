@@ -12,10 +12,9 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-import torch
-
 from ..checkpoint import Checkpoint, StateDictCandidate
 from ..errors import CorruptCheckpoint, UnsupportedFormat
+from ..dtypes import itemsize
 from ..lazy import LazyTensor, MappedFile, Record, StorageRef, note_read
 from ..safety import (PickleScan, Placeholder, PlaceholderClass, StorageType, interpret, load_pickle, merge_extra,
                       refuse_if_dangerous, short_repr)
@@ -64,25 +63,26 @@ def _persistent_loader(archive: ZipArchive, prefix: str, mapped: MappedFile, pat
         if member is None:
             raise CorruptCheckpoint(f"data.pkl refers to storage {key!r} but the archive has no {name!r} "
                                     f"(truncated or damaged)", path=path, hint="download or copy the file again")
-        dtype = stype.dtype
-        nbytes = numel * (dtype.itemsize if stype.name != "UntypedStorage" else 1)
+        dtype = stype.dtype  # a dtype name: torch is imported only when the bytes are read
+        size = itemsize(dtype)
+        nbytes = numel * (size if stype.name != "UntypedStorage" else 1)
         if stype.name == "UntypedStorage":
-            dtype = torch.uint8
+            dtype, size = "uint8", 1
         if member.size < nbytes:
             raise CorruptCheckpoint(f"storage {key!r} declares {nbytes} bytes but its record holds {member.size}",
                                     path=path, hint="the file is damaged; download or copy it again")
         if member.compress_type != 0:
-            read = _inflating_reader(archive, member, mapped, path, dtype, nbytes // max(dtype.itemsize, 1))
+            read = _inflating_reader(archive, member, mapped, path, dtype, nbytes // max(size, 1))
         else:
             offset = member.data_offset
-            count = nbytes // dtype.itemsize
+            count = nbytes // size
             record = Record(member.name, member.data_offset, member.size, member.crc)
             mapped.add_record(record)
 
             def read(offset=offset, dtype=dtype, count=count, record=record):
                 note_read(mapped, record)  # CRC-32 of the whole record: now, or by the loader with its copy
                 return mapped.tensor(offset, dtype, count)
-        ref = StorageRef(key, dtype, nbytes // dtype.itemsize, str(location), read)
+        ref = StorageRef(key, dtype, nbytes // size, str(location), read)
         storages[key] = ref
         return ref
 
@@ -95,7 +95,7 @@ MAX_INFLATE_TOTAL_RATIO = 16  # total inflated / total compressed, beyond a fixe
 INFLATE_ALLOWANCE = 64 << 20
 
 
-def _inflating_reader(archive: ZipArchive, member: Any, mapped: MappedFile, path: str, dtype: torch.dtype,
+def _inflating_reader(archive: ZipArchive, member: Any, mapped: MappedFile, path: str, dtype: str,
                       count: int):
     """A reader that inflates one deflated tensor record when called (CRC checked), after checking the
     file's total: a 10 MB archive of deflated records may not ask for gigabytes."""
@@ -117,7 +117,11 @@ def _inflating_reader(archive: ZipArchive, member: Any, mapped: MappedFile, path
                                        "uncompressed: re-save it with torch.save")
     name, offset, csize, size, crc = member.name, member.data_offset, member.compressed_size, member.size, member.crc
 
-    def read() -> torch.Tensor:
+    def read():
+        import torch
+
+        from ..dtypes import torch_dtype
+
         raw = mapped.read(offset, csize)
         d = zlib.decompressobj(-15)
         try:
@@ -131,8 +135,8 @@ def _inflating_reader(archive: ZipArchive, member: Any, mapped: MappedFile, path
             raise CorruptCheckpoint(f"member {name!r} fails its CRC check: the bytes differ from what was written",
                                     path=path, hint="the file is damaged; download or copy it again")
         if not count:
-            return torch.empty(0, dtype=dtype)
-        return torch.frombuffer(bytearray(data[: count * dtype.itemsize]), dtype=dtype, count=count)
+            return torch.empty(0, dtype=torch_dtype(dtype))
+        return torch.frombuffer(bytearray(data[: count * itemsize(dtype)]), dtype=torch_dtype(dtype), count=count)
 
     return read
 
@@ -227,6 +231,8 @@ def open_torch_zip(path: str, trust: bool = False) -> Checkpoint:
 
 def _open_trusted(path: str) -> Checkpoint:
     """Real unpickling (``trust=True``): torch.load with weights_only=False, memory-mapped."""
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError as e:
@@ -242,6 +248,8 @@ def _open_trusted(path: str) -> Checkpoint:
 
 def wrap_real(obj: Any) -> Any:
     """Real objects from a trusted unpickle -> a tree of LazyTensor leaves (modules as state dicts)."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return LazyTensor.of(obj)
     if isinstance(obj, torch.nn.Module) or isinstance(obj, torch.jit.ScriptModule):
