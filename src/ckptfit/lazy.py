@@ -34,7 +34,7 @@ from .errors import CorruptCheckpoint
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LazyTensor", "MappedFile", "StorageRef", "Record", "dtype_name", "strided_reader", "locate", "buffer_of",
+__all__ = ["LazyTensor", "MappedFile", "StorageRef", "Record", "ByteSpan", "dtype_name", "strided_reader", "locate", "buffer_of",
            "note_read", "collecting_reads", "checking_reads", "CRC_CHUNK", "register_filler"]
 
 
@@ -335,6 +335,26 @@ def _rec_start(r: Record) -> int:
     return r.offset
 
 
+@dataclass(frozen=True)
+class ByteSpan:
+    """Where a tensor's bytes lie in a file, in order (C-contiguous): for comparing them without torch.
+
+    ``record``, when set, is the checksummed record holding them (checked by :meth:`read`).
+    """
+
+    mapped: MappedFile
+    offset: int
+    nbytes: int
+    record: Record | None = None
+
+    def chunks(self, size: int = 16 << 20) -> Iterator[bytes]:
+        """The bytes, ``size`` at a time (CRC-checked first when they have a record)."""
+        if self.record is not None:
+            note_read(self.mapped, self.record)
+        for start in range(0, self.nbytes, size):
+            yield self.mapped.read(self.offset + start, min(size, self.nbytes - start))
+
+
 @dataclass(frozen=True, eq=False)
 class StorageRef:
     """A storage as a pickle references it: dtype, element count, saved device, and where its bytes are.
@@ -480,6 +500,14 @@ class LazyTensor:
                 t = t.to(device=device)
         return t
 
+    def byte_span(self) -> ByteSpan | None:
+        """Where the tensor's bytes lie in its file, when they are one C-contiguous run (else ``None``).
+
+        A reader offers it as a ``span()`` attribute; reading through it needs no torch.
+        """
+        span = getattr(self._reader, "span", None)
+        return span() if span is not None else None
+
     def __repr__(self) -> str:
         return f"LazyTensor(shape={list(self.shape)}, dtype={self.dtype_name}, device={self.device!r})"
 
@@ -504,4 +532,25 @@ def strided_reader(storage: StorageRef, offset: int, shape: tuple[int, ...],
 
         return torch.as_strided(storage.read(), shape, stride, offset)
 
+    span = getattr(storage.read, "span", None)
+    if span is not None and tuple(stride) == _contiguous_strides(shape):
+        size = itemsize(storage.dtype)
+        numel = 1
+        for n in shape:
+            numel *= n
+
+        def read_span() -> ByteSpan:
+            whole = span()
+            return ByteSpan(whole.mapped, whole.offset + offset * size, numel * size, whole.record)
+
+        read.span = read_span  # type: ignore[attr-defined]
     return read
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))

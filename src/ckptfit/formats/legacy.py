@@ -17,7 +17,7 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpoint, UnsupportedFormat
 from ..dtypes import itemsize
-from ..lazy import MappedFile, StorageRef
+from ..lazy import ByteSpan, MappedFile, StorageRef
 from ..safety import (PlaceholderClass, StorageType, check_depth, interpret, merge_extra, refuse_if_dangerous,
                       scan_trailing, short_repr)
 from . import register
@@ -97,6 +97,9 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
 
             def read(key=key, dtype=dtype):
                 return mapped.tensor(offsets[key], dtype, records[key][1])
+
+            read.span = lambda key=key, dtype=dtype: ByteSpan(  # type: ignore[attr-defined]
+                mapped, offsets[key], records[key][1] * itemsize(dtype))
 
             ref = StorageRef(key, dtype, numel, str(location), read)
             refs[key] = ref

@@ -17,7 +17,7 @@ import struct
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpoint, ResourceLimitExceeded, UnsupportedFormat
 from ..dtypes import itemsize
-from ..lazy import LazyTensor, MappedFile
+from ..lazy import ByteSpan, LazyTensor, MappedFile
 from . import register
 
 __all__ = ["open_safetensors", "SAFETENSORS_DTYPES", "read_header"]
@@ -132,6 +132,8 @@ def tensors_of(path: str, mapped: MappedFile | None = None) -> tuple[dict[str, L
 
         def read(off=start + begin, dtype=dtype, count=count, shape=shape):
             return mapped.tensor(off, dtype, count).view(shape)
+
+        read.span = lambda off=start + begin, n=end - begin: ByteSpan(mapped, off, n)  # type: ignore[attr-defined]
 
         out[name] = LazyTensor(shape, dtype, read, device="cpu")
     return out, metadata

@@ -15,7 +15,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, StateDictCandidate
 from ..errors import CorruptCheckpoint, UnsupportedFormat
 from ..dtypes import itemsize
-from ..lazy import LazyTensor, MappedFile, Record, StorageRef, note_read
+from ..lazy import ByteSpan, LazyTensor, MappedFile, Record, StorageRef, note_read
 from ..safety import (PickleScan, Placeholder, PlaceholderClass, StorageType, interpret, load_pickle, merge_extra,
                       refuse_if_dangerous, short_repr)
 from . import register
@@ -82,6 +82,9 @@ def _persistent_loader(archive: ZipArchive, prefix: str, mapped: MappedFile, pat
             def read(offset=offset, dtype=dtype, count=count, record=record):
                 note_read(mapped, record)  # CRC-32 of the whole record: now, or by the loader with its copy
                 return mapped.tensor(offset, dtype, count)
+
+            read.span = lambda offset=offset, n=count * size, record=record: ByteSpan(  # type: ignore[attr-defined]
+                mapped, offset, n, record)
         ref = StorageRef(key, dtype, nbytes // size, str(location), read)
         storages[key] = ref
         return ref

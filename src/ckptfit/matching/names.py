@@ -5,31 +5,26 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-import torch
+from ..dtypes import dtype_kind as _dtype_kind
+from ..dtypes import short_name
 
 NBT = "num_batches_tracked"
 # How many modules a structural suggestion names before folding the rest into a count.
 MAX_LISTED = 3
 
-_SHORT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-
-
 def fmt_shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return _SHORT_DTYPES.get(dtype) or str(dtype).removeprefix("torch.")
+def dtype_name(dtype: object) -> str:
+    """``fp16``, ``bf16``, ``fp32``, ``fp64``, else the dtype's name (a ``torch.dtype`` or a name alike: diff
+    passes names and never imports torch)."""
+    return short_name(dtype)  # type: ignore[arg-type]
 
 
-def dtype_kind(dtype: torch.dtype) -> str:
-    if dtype == torch.bool:
-        return "bool"
-    if dtype.is_complex:
-        return "complex"
-    if dtype.is_floating_point:
-        return "float"
-    return "int"
+def dtype_kind(dtype: object) -> str:
+    """``bool``, ``complex``, ``float`` or ``int``: what casts into what (quantized dtypes count as ``int``)."""
+    return _dtype_kind(dtype)  # type: ignore[arg-type]
 
 
 def leaf(name: str) -> str:
