@@ -137,7 +137,8 @@ def _same_bytes(x: Any, y: Any) -> bool:
     if not isinstance(x, LazyTensor) or not isinstance(y, LazyTensor) or x.dtype_name != y.dtype_name:
         return False
     sx, sy = x.byte_span(), y.byte_span()
-    if sx is None or sy is None or sx.nbytes != sy.nbytes or tuple(x.shape) != tuple(y.shape):
+    if (sx is None or sy is None or sx.nbytes != sy.nbytes or sx.stride != sy.stride
+            or tuple(x.shape) != tuple(y.shape)):
         return False
     return all(a == b for a, b in zip(sx.chunks(), sy.chunks()))
 

@@ -337,15 +337,19 @@ def _rec_start(r: Record) -> int:
 
 @dataclass(frozen=True)
 class ByteSpan:
-    """Where a tensor's bytes lie in a file, in order (C-contiguous): for comparing them without torch.
+    """The run of a file's bytes that holds a tensor's elements: for comparing tensors without torch.
 
-    ``record``, when set, is the checksummed record holding them (checked by :meth:`read`).
+    The elements lie at ``stride`` (in elements; ``None``: C-contiguous, the run holds exactly
+    the tensor) from ``offset``; two tensors of one shape, dtype and stride whose runs hold the
+    same bytes are equal. ``record``, when set, is the checksummed record holding them (checked
+    by :meth:`chunks`).
     """
 
     mapped: MappedFile
     offset: int
     nbytes: int
     record: Record | None = None
+    stride: tuple[int, ...] | None = None
 
     def chunks(self, size: int = 16 << 20) -> Iterator[bytes]:
         """The bytes, ``size`` at a time (CRC-checked first when they have a record)."""
@@ -533,15 +537,14 @@ def strided_reader(storage: StorageRef, offset: int, shape: tuple[int, ...],
         return torch.as_strided(storage.read(), shape, stride, offset)
 
     span = getattr(storage.read, "span", None)
-    if span is not None and tuple(stride) == _contiguous_strides(shape):
+    if span is not None:
         size = itemsize(storage.dtype)
-        numel = 1
-        for n in shape:
-            numel *= n
+        count = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, stride))  # elements the view spans
+        layout = None if tuple(stride) == _contiguous_strides(shape) else tuple(stride)
 
         def read_span() -> ByteSpan:
             whole = span()
-            return ByteSpan(whole.mapped, whole.offset + offset * size, numel * size, whole.record)
+            return ByteSpan(whole.mapped, whole.offset + offset * size, count * size, whole.record, layout)
 
         read.span = read_span  # type: ignore[attr-defined]
     return read
