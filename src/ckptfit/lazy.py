@@ -34,11 +34,8 @@ from .errors import CorruptCheckpoint
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LazyTensor", "MappedFile", "StorageRef", "Record", "ByteSpan", "dtype_name", "strided_reader", "locate", "buffer_of",
-           "note_read", "collecting_reads", "checking_reads", "CRC_CHUNK", "register_filler"]
-
-
-_itemsize = itemsize  # the name loading.py imports (ckptfit.dtypes.itemsize)
+__all__ = ["LazyTensor", "MappedFile", "StorageRef", "Record", "ByteSpan", "dtype_name", "strided_reader", "locate",
+           "buffer_of", "note_read", "collecting_reads", "checking_reads", "CRC_CHUNK", "register_filler"]
 
 
 # Live mappings by address: (start, end, weakref to the mmap, MappedFile), sorted by start.

@@ -14,7 +14,8 @@ from torch import nn
 from .._crc import crc32
 from .._progress import progress
 from ..checkpoint import StateDictCandidate
-from ..lazy import CRC_CHUNK, LazyTensor, MappedFile, Record, _itemsize, buffer_of, collecting_reads, crc_error, locate
+from ..dtypes import itemsize
+from ..lazy import CRC_CHUNK, LazyTensor, MappedFile, Record, buffer_of, collecting_reads, crc_error, locate
 from ..plan import Plan
 from ..porting import apply_transform
 from .materialising import assign, device_for, holders_of, materialize_unloaded
@@ -112,7 +113,7 @@ class Streamer:
     def _pieces(self, flat: torch.Tensor, mfile: MappedFile, offset: int, src_dtype: torch.dtype,
                 check: bool = False) -> int:
         """Stream through the staging buffer(s); returns the CRC-32 of the bytes read when ``check``."""
-        size = _itemsize(src_dtype)
+        size = itemsize(src_dtype)
         per = max(_CHUNK_BYTES // size, 1)
         n = flat.numel()
         cuda = flat.device.type == "cuda"
