@@ -219,7 +219,7 @@ def run_entry_point(name: str, path: str, work: str) -> str:
             str(d)
             json.dumps(d.to_dict(), default=str)
         elif name == "identify":
-            from ckptfit.identify import identify
+            from ckptfit.identification import identify
 
             r = identify(path)
             str(r)

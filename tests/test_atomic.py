@@ -156,7 +156,8 @@ def test_atomic_dir_all_or_nothing(tmp_path):
 
 def test_identify_cache_goes_through_the_one_atomic_writer(tmp_path, monkeypatch):
     """The cache file is written like every other file: atomically, with a plain file's permissions."""
-    from ckptfit import _atomic, identify
+    from ckptfit import _atomic
+    from ckptfit.identification import cache
 
     calls = []
     real = _atomic.atomic_path
@@ -167,7 +168,7 @@ def test_identify_cache_goes_through_the_one_atomic_writer(tmp_path, monkeypatch
 
     monkeypatch.setattr(_atomic, "atomic_path", spy)
     path = tmp_path / "cache" / "index.json"
-    identify._write_json(str(path), {"x": [1, 2]})
+    cache.write_json(str(path), {"x": [1, 2]})
     assert calls == [str(path)]
     assert json.loads(path.read_text()) == {"x": [1, 2]}
     plain = tmp_path / "plain.json"

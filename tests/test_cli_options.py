@@ -327,7 +327,7 @@ def test_cli_modules_import_in_any_order_and_run_as_a_module():
 # ------------------------------------------------------------------------------------ identify: unknown
 
 def _identification(*scores: float):
-    from ckptfit.identify import Candidate, Identification
+    from ckptfit.identification import Candidate, Identification
 
     names = ["torchvision.models.googlenet", "torchvision.models.resnet18", "timm.convnext_atto"]
     cands = tuple(Candidate(n, {"num_classes": 10} if i == 1 else {}, s, f"{int(s * 100)}/100 model tensors match",
@@ -356,7 +356,7 @@ def test_identify_unknown_lists_only_candidates_with_real_support():
 
 
 def test_identify_cli_unknown_exit_code(tmp_path, monkeypatch):
-    import ckptfit.identify as identify_module
+    import ckptfit.identification as identify_module
 
     monkeypatch.setattr(identify_module, "identify", lambda *a, **k: _identification(0.007, 0.004, 0.001))
     torch.save({"w": torch.zeros(2)}, tmp_path / "odd.pth")

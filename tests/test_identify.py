@@ -14,7 +14,7 @@ import torch.nn as nn
 from click.testing import CliRunner
 
 from ckptfit.cli import main
-from ckptfit.identify import identify
+from ckptfit.identification import identify
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -165,7 +165,7 @@ def test_cli_identify_json_and_exit_codes(cache, resnet34_sd, tmp_path):
 
 
 def test_text_without_any_comparable_candidate_lists_none():
-    from ckptfit.identify import Candidate, Identification
+    from ckptfit.identification import Candidate, Identification
 
     zero = tuple(Candidate(f"torchvision.models.m{i}", {}, 0.0, "0/16 model tensors match") for i in range(3))
     text = str(Identification("gone.pth", None, 2, zero, False))

@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # the public names, for type checkers and IDEs; at run time t
     from .plan import Decision as Decision
     from .plan import Plan as Plan
     from .report import LoadReport as LoadReport
-    from .resume import ResumeReport as ResumeReport
-    from .resume import resume as resume
+    from .resuming import ResumeReport as ResumeReport
+    from .resuming import resume as resume
     from .verification import VerifyResult as VerifyResult
     from .verification import verify as verify
 
@@ -57,8 +57,8 @@ _LAZY = {
     "Decision": ".plan",
     "Plan": ".plan",
     "LoadReport": ".report",
-    "ResumeReport": ".resume",
-    "resume": ".resume",
+    "ResumeReport": ".resuming",
+    "resume": ".resuming",
     "VerifyResult": ".verification",
     "verify": ".verification",
 }

@@ -1,4 +1,4 @@
-"""``ckptfit identify``: the command over :func:`ckptfit.identify.identify` and its text rendering
+"""``ckptfit identify``: the command over :func:`ckptfit.identification.identify` and its text rendering
 (registered in :mod:`ckptfit.cli`)."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def identify_command(path: str, as_json: bool, top: int, use: str | None, trust:
     first run takes a minute. When nothing fits, only candidates sharing at least half of their
     tensors with the file are listed, else the closest one and why it fails. Exit code 6 when unknown.
     """
-    from .identify import identify
+    from .identification import identify
 
     result = identify(path, top=top, use=use, trust=trust)
     if as_json:

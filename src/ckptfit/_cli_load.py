@@ -235,7 +235,7 @@ def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
                   sha256=sha256)
     resumed = None
     if resume_:  # how ckptfit.resume would map the optimizer state (described by the saved groups)
-        from .resume import describe_resume
+        from .resuming import describe_resume
 
         resumed = describe_resume(model, ckpt, p, trust=trust)
     if as_json:

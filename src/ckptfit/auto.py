@@ -6,7 +6,7 @@
    config class, no weights fetched); a Lightning checkpoint's ``hyper_parameters`` plus the
    LightningModule class path it records (``_class_path``, as LightningCLI writes it), which is
    imported only with ``trust=True`` because importing and constructing it runs its code;
-2. **identified** from names and shapes (:func:`ckptfit.identify.identify`), only when the best
+2. **identified** from names and shapes (:func:`ckptfit.identification.identify`), only when the best
    candidate is clearly right; otherwise it refuses and lists the candidates.
 
 The model is then built through :func:`ckptfit.build`: on the meta device, no random init,
@@ -123,7 +123,7 @@ def _recorded_class(ckpt: Checkpoint) -> str | None:
 
 
 def _identified_factory(ckpt: Checkpoint, use: str | None, families: Any) -> tuple[Callable[[], nn.Module], str]:
-    from .identify import identify
+    from .identification import identify
     from .specs import model_factory
 
     result = identify(ckpt, use=use, families=families)
@@ -215,7 +215,7 @@ def from_checkpoint(source: str | os.PathLike[str] | Checkpoint, *, trust: bool 
         source: a checkpoint path (file or folder) or an opened :class:`~ckptfit.Checkpoint`.
         trust: allow real unpickling and importing a LightningModule class the file names
             (runs code). Off by default.
-        families: restrict identification (see :func:`ckptfit.identify.identify`).
+        families: restrict identification (see :func:`ckptfit.identification.identify`).
         **load_options: as for :func:`ckptfit.load` (``partial``, ``use``, ``device``, ``dtype`` ...).
 
     Returns:

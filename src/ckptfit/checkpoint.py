@@ -96,7 +96,7 @@ def _kind_of(name: str) -> CandidateKind:
     return "model"
 
 
-def _is_optimizer_state(obj: dict) -> bool:
+def is_optimizer_state(obj: dict) -> bool:
     """``Optimizer.state_dict()``: ``{"state": {...}, "param_groups": [...]}``; its tensors are not weights."""
     # (a DCP directory flattens param_groups into a dict of its indices, hence any type)
     return "state" in obj and isinstance(obj.get("param_groups"), list | dict)
@@ -542,7 +542,7 @@ def _find_candidates(tree: Any) -> list[StateDictCandidate]:
             continue
         seen[id(obj)] = None
         if isinstance(obj, dict):
-            if _is_optimizer_state(obj):
+            if is_optimizer_state(obj):
                 continue
             tensors = [(k, v) for k, v in obj.items() if isinstance(v, LazyTensor)]
             values = [v for k, v in obj.items() if k not in _META_KEYS and v is not None]
