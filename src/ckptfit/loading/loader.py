@@ -22,6 +22,7 @@ from .copying import Rollback, apply_plan
 from .distributed import is_sharded, load_sharded
 from .materialising import ZERO_COPY
 from .meta import parameters_on_meta
+from ..provenance import source_model_option
 from .options import check_options
 from .planning import Target, as_checkpoint, device_of, load_error, plan_checkpoint
 
@@ -72,7 +73,8 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
          trust: bool = False, transforms: Mapping[str, str] | None = None,
-         adapt: str | None = None, verify: bool = True, sha256: str | None = None) -> LoadReport:
+         adapt: str | None = None, verify: bool = True, sha256: str | None = None,
+         source_model: Any = None) -> LoadReport:
     """Put a checkpoint into ``model`` in place, loading only what provably belongs, and report it.
 
     The state dict inside the file is found (the model's own weights over EMA and optimizer
@@ -98,6 +100,9 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
             anything is read; a mismatch raises :class:`CorruptCheckpoint` with both digests.
         transforms: ``{pattern: kind}`` for layouts the evidence cannot settle: ``"transpose"``,
             ``"none"`` (as stored), ``"split:N"``; see :mod:`ckptfit.porting` and docs/porting.md.
+        source_model: the implementation that wrote the file, when names cannot settle a port
+            (a model SPEC, a factory, an nn.Module or ``"identify"``); a Hugging Face folder's
+            ``config.json`` names it by itself. See :mod:`ckptfit.provenance`.
         adapt: ``"in_chans"``: load an RGB first convolution into a model with other input channels
             (summed for 1, repeated and rescaled for more), as timm's ``adapt_input_conv``; reported.
         verify: check the CRC-32 of every record read (torch zip archives and DCP; fused with the
@@ -137,7 +142,7 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         with checking_reads(verify):
             return load_sharded(model, source, partial=partial, use=use, rename=rename, include=include,
                                 exclude=exclude, device=device, dtype=dtype, trust=trust)
-    with gc_paused(), checking_reads(verify):
+    with gc_paused(), checking_reads(verify), source_model_option(source_model):  # ckptfit.provenance
         return _load(model, source, partial=partial, use=use, rename=rename, include=include, exclude=exclude,
                      device=device, dtype=dtype, trust=trust, transforms=o["transforms"], verify=verify,
                      sha256=sha256)

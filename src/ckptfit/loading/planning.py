@@ -21,6 +21,7 @@ from ..lazy import LazyTensor
 from ..matching import match
 from ..plan import Plan, TensorSpec
 from ..porting import layouts_of, port, recorded_layouts
+from ..provenance import source_aware, source_model_option
 from ..report import render_plan
 from .options import check_options
 
@@ -104,6 +105,19 @@ def _plan_for(target: Target, cand: StateDictCandidate, *, partial: bool, rename
     return p
 
 
+def _plan_renamed(target: Target, cand: StateDictCandidate, renamed: StateDictCandidate, opts: dict) -> Plan:
+    """The plan for ``cand``'s tensors under the names the source model gave them (ckptfit.provenance).
+    Modules' own load logic is learned under those names: only renames and post-hooks may remain."""
+    p = _plan_for(target, renamed, **opts)
+    entry = target.hooks.pop(id(renamed), None)
+    if entry is not None and entry[1].own_loads:
+        return replace(p, problems=p.problems + ("a module's own _load_from_state_dict must run on the file's "
+                                                 "tensors, which a port by the source model does not do",))
+    if p.ok:
+        target.hooks.pop(id(cand), None)  # the hooks learned for the names the file has do not apply
+    return p
+
+
 def _choose(target: Target, ckpt: Checkpoint, *, use: str | None, partial: bool, rename, include,
             exclude, transforms=()) -> tuple[StateDictCandidate, Plan, str]:
     """The state dict to load (:meth:`Checkpoint.choose`, fitting each candidate to the model) and its plan.
@@ -127,6 +141,8 @@ def _choose(target: Target, ckpt: Checkpoint, *, use: str | None, partial: bool,
     choice = ckpt.choose(use, fit=fit)
     c = choice.candidate
     p = plans.get(id(c)) or _plan_for(target, c, **opts)
+    if not p.ok and not choice.ambiguous:  # the model that wrote the file says which is which (provenance)
+        p = source_aware(target.model, ckpt, c, p, lambda cand: _plan_renamed(target, c, cand, opts))
     if choice.ambiguous:
         p = replace(p, problems=p.problems + (choice.ambiguity,),
                     suggestions=(choice.hint,) + p.suggestions)
@@ -137,7 +153,7 @@ def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
          trust: bool = False, transforms: Mapping[str, str] | None = None,
-         adapt: str | None = None, sha256: str | None = None) -> Plan:
+         adapt: str | None = None, sha256: str | None = None, source_model: Any = None) -> Plan:
     """Decide what :func:`load` would do, from names, shapes and dtypes only (a dry run).
 
     Takes the same arguments as :func:`load`; reads no tensor bytes and changes nothing.
@@ -152,7 +168,7 @@ def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         (True, ("strip 'module.'",))
     """
     o = check_options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms, adapt)
-    with gc_paused():
+    with gc_paused(), source_model_option(source_model):  # ckptfit.provenance
         ckpt, opened = as_checkpoint(source, trust, sha256)
         try:
             return plan_checkpoint(Target(model), ckpt, partial=partial, use=use, rename=o["rename"], include=o["include"],
