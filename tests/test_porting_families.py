@@ -168,3 +168,41 @@ def test_vit_layer_norm_eps_differs_refused():
 def test_source_model_checked_early():
     with pytest.raises(ValueError, match=r"source_model=3: pass the implementation that wrote the file"):
         ckptfit.load(_tv_resnet(), {}, source_model=3)
+
+
+# ---------------------------------------------------------------------------------- layer types
+
+class _Square(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.a, self.b = layer(16, 16), layer(16, 16)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _conv1d_square():
+    from transformers.pytorch_utils import Conv1D
+
+    return _Square(Conv1D)
+
+
+def _linear_square():
+    return _Square(torch.nn.Linear)
+
+
+@pytest.mark.parametrize("source,transposed", [(_conv1d_square, False), (_linear_square, True)])
+def test_the_source_models_layer_types_settle_square_conv1d_weights(tmp_path, source, transposed):
+    """All weights square: the shapes cannot tell [in, out] from [out, in]; the source model's layer types can."""
+    torch.manual_seed(0)
+    src = _random(source())
+    save_file(src.state_dict(), tmp_path / "square.safetensors")
+    model = _conv1d_square().eval()
+    with pytest.raises(ckptfit.LoadError, match="all 2 of them are square"):
+        ckptfit.load(model, tmp_path / "square.safetensors")
+    report = ckptfit.load(model, tmp_path / "square.safetensors", source_model=source)
+    _same_function(model, src, torch.randn(4, 16))
+    assert [d.transform.kind for d in report.loaded if d.transform is not None] == (["transpose"] * 2 if transposed
+                                                                                    else [])
+    label = "Conv1D" if not transposed else "nn.Linear"
+    assert f"layer types from the source model {source.__name__} (source_model=): 2 {label} weights" in str(report)

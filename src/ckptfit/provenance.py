@@ -170,11 +170,14 @@ def _renamed(pairs: dict[str, str], fused: list[tuple[list[str], list[str]]], to
 
 
 def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, plan: Plan,
-                 plan_with: Callable[[StateDictCandidate], Plan]) -> Plan:
+                 plan_with: Callable[[StateDictCandidate, dict], Plan]) -> Plan:
     """The plan by the source model's forward order when ``plan`` (by names) is refused; else ``plan``.
 
-    The returned plan names the file's own keys (its decisions load ``cand``'s tensors), and its
-    ``transforms`` say which source model was built. When the source model cannot settle it,
+    First the source model's layer types alone (which weights are ``Conv1D``, stored ``[in, out]``)
+    are given to the porting pass as evidence (``plan_with(cand, {id(tensor): Layout})``); if that
+    does not settle it, the forward order pairs the tensors. The returned plan names the file's own
+    keys (its decisions load ``cand``'s tensors), and its ``transforms`` say which source model was
+    built. When the source model cannot settle it,
     ``plan`` comes back with a line saying why.
     """
     if plan.ok:
@@ -207,6 +210,15 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
     to_ckpt = _keys_of_file(src, cand)
     if to_ckpt is None:
         return note("its tensors are not the file's (names or shapes differ), so it cannot say which is which")
+    from .porting import layouts_of
+
+    # the source model's layer types (which weights are Conv1D [in, out]): evidence for the porting pass
+    recorded = {id(cand.tensors[to_ckpt[k]]): lay for k, lay in layouts_of(src).items() if k in to_ckpt}
+    if recorded:
+        p1 = plan_with(cand, recorded)
+        if p1.ok:
+            return replace(p1, transforms=p1.transforms + (
+                f"layer types from the source model {label}: {_layer_types(layouts_of(src), to_ckpt)}",))
     so, to = forward_order(src), forward_order(model)
     if so is None or to is None:
         which = "the source model" if so is None else "the model"
@@ -226,10 +238,18 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
     tensors = {names.get(k, k): v for k, v in cand.tensors.items()}
     if len(tensors) != len(cand.tensors):
         return note("two of the file's tensors would take one name")
-    p2 = plan_with(StateDictCandidate(cand.name, tensors, cand.kind, cand.default, cand.reason))
+    p2 = plan_with(StateDictCandidate(cand.name, tensors, cand.kind, cand.default, cand.reason), recorded)
     if not p2.ok:
         return note(f"aligned by forward order, but the plan still fails: {p2.problems[0]}")
     return _back(p2, {v: k for k, v in names.items()}, label, so[1])
+
+
+def _layer_types(layouts: dict, to_ckpt: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for k, lay in layouts.items():
+        if k in to_ckpt:
+            counts[lay.label] = counts.get(lay.label, 0) + 1
+    return ", ".join(f"{n} {label} weight{'s' if n > 1 else ''}" for label, n in counts.items())
 
 
 def _back(p: Plan, back: dict[str, str], label: str, ran_on: str) -> Plan:

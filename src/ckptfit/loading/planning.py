@@ -105,10 +105,14 @@ def _plan_for(target: Target, cand: StateDictCandidate, *, partial: bool, rename
     return p
 
 
-def _plan_renamed(target: Target, cand: StateDictCandidate, renamed: StateDictCandidate, opts: dict) -> Plan:
-    """The plan for ``cand``'s tensors under the names the source model gave them (ckptfit.provenance).
-    Modules' own load logic is learned under those names: only renames and post-hooks may remain."""
-    p = _plan_for(target, renamed, **opts)
+def _plan_renamed(target: Target, cand: StateDictCandidate, renamed: StateDictCandidate, opts: dict,
+                  recorded: dict) -> Plan:
+    """The plan for ``cand``'s tensors under the names the source model gave them, with the layer
+    types it declares (``recorded``; ckptfit.provenance). Modules' own load logic is learned under
+    those names: only renames and post-hooks may remain."""
+    p = _plan_for(target, renamed, **dict(opts, recorded={**(opts.get("recorded") or {}), **recorded}))
+    if renamed is cand:
+        return p
     entry = target.hooks.pop(id(renamed), None)
     if entry is not None and entry[1].own_loads:
         return replace(p, problems=p.problems + ("a module's own _load_from_state_dict must run on the file's "
@@ -142,7 +146,7 @@ def _choose(target: Target, ckpt: Checkpoint, *, use: str | None, partial: bool,
     c = choice.candidate
     p = plans.get(id(c)) or _plan_for(target, c, **opts)
     if not p.ok and not choice.ambiguous:  # the model that wrote the file says which is which (provenance)
-        p = source_aware(target.model, ckpt, c, p, lambda cand: _plan_renamed(target, c, cand, opts))
+        p = source_aware(target.model, ckpt, c, p, lambda cand, rec: _plan_renamed(target, c, cand, opts, rec))
     if choice.ambiguous:
         p = replace(p, problems=p.problems + (choice.ambiguity,),
                     suggestions=(choice.hint,) + p.suggestions)
