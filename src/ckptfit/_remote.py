@@ -279,15 +279,15 @@ def _fetch_zip_metadata(remote: RemoteFile) -> bool:
         if isinstance(e, CheckpointError):
             raise
         return False  # the reader reports it in its own words, on the whole file
-    from .formats._zip import _NAME_GUESS
+    from .formats._zip import NAME_GUESS
 
     ranges = []
     for info in infos:
         # the local header with its name and extra field (and, for an .npz member, its .npy header)
-        ranges.append((info.header_offset, info.header_offset + 30 + 2 * _NAME_GUESS))
+        ranges.append((info.header_offset, info.header_offset + 30 + 2 * NAME_GUESS))
         parts = info.filename.split("/")
         tensor_record = "data" in parts[:-1] or info.filename.endswith(".npy")
         if info.compress_type != zipfile.ZIP_STORED or not tensor_record or info.filename.endswith(".pkl"):
-            ranges.append((info.header_offset, info.header_offset + 30 + 2 * _NAME_GUESS + info.compress_size))
+            ranges.append((info.header_offset, info.header_offset + 30 + 2 * NAME_GUESS + info.compress_size))
     remote.ensure_many(ranges)
     return True

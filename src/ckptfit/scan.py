@@ -431,7 +431,7 @@ def _reader(path: str) -> Any:
 
 def _scan_file(w: _Walk, path: str) -> None:
     """One file, read by the reader the registry picks (and by torch.load's own rules where they differ)."""
-    from .formats import _not_a_checkpoint
+    from .formats import not_a_checkpoint
 
     head = _head(path)
     reader = _reader(path)
@@ -463,7 +463,7 @@ def _scan_file(w: _Walk, path: str) -> None:
         w.concerns.append(f"read by the {name!r} reader, whose pickles ckptfit scan does not know how to find")
     else:
         if not _scan_tar(w, path):
-            raise _not_a_checkpoint(path, head)
+            raise not_a_checkpoint(path, head)
         return
     _scan_tar(w, path)
 
@@ -601,10 +601,10 @@ def _scan_one_zip(w: _Walk, path: str, base: int, length: int | None, label: str
         sub.anomalies.extend(archive.anomalies)
         names = list(archive.members)
         if any(n.endswith("data.pkl") for n in names):
-            from .formats.torch_zip import _prefix_of  # the data.pkl the loader reads
+            from .formats.torch_zip import prefix_of  # the data.pkl the loader reads
 
             try:
-                prefix, is_script = _prefix_of(archive)
+                prefix, is_script = prefix_of(archive)
             except CheckpointError:
                 prefix, is_script = "", False
             sub.format = "torchscript" if is_script else "torch-zip"
@@ -868,10 +868,10 @@ def _scan_hf(w: _Walk, path: str) -> set[str]:
     """The shards an ``*.index.json`` names (or the single weights file), as the folder reader opens them."""
     import json
 
-    from .formats.hf_dir import _SINGLE, _index_files
+    from .formats.hf_dir import SINGLE_FILES, index_files
 
     covered: set[str] = set()
-    indexes = _index_files(path)
+    indexes = index_files(path)
     if indexes:
         try:
             from .formats import read_json
@@ -883,7 +883,7 @@ def _scan_hf(w: _Walk, path: str) -> set[str]:
             return covered
     else:
         names = os.listdir(path)
-        shards = [next(n for n in _SINGLE if n in names)]
+        shards = [next(n for n in SINGLE_FILES if n in names)]
     for shard in shards:
         if not isinstance(shard, str) or os.path.basename(shard) != shard:
             w.errors.append(f"the index names a shard outside the folder: {shard!r}")

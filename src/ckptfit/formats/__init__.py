@@ -151,10 +151,10 @@ def detect(path: str | os.PathLike[str]) -> Reader:
             f"this directory is not a checkpoint ckptfit knows: no *.index.json, model.safetensors, "
             f"pytorch_model.bin or torch.distributed .metadata (it holds: {', '.join(names) or 'nothing'})",
             path=path, hint="pass the checkpoint file itself, or the folder save_pretrained/dcp.save wrote")
-    raise _not_a_checkpoint(path, head)
+    raise not_a_checkpoint(path, head)
 
 
-def _not_a_checkpoint(path: str, head: bytes) -> CheckpointError:
+def not_a_checkpoint(path: str, head: bytes) -> CheckpointError:
     size = os.path.getsize(path)
     low = head.lstrip().lower()
     if size == 0:

@@ -27,7 +27,7 @@ __all__ = ["ZipArchive", "Member", "Window"]
 MAX_INFLATED = 4 << 30  # bytes one compressed member may inflate to
 MAX_RATIO = 200  # inflated / compressed
 MAX_MEMBERS = 1_000_000  # checked from the end record before zipfile builds one object per member
-_NAME_GUESS = 256  # bytes read after a local header along with it (its name, if no longer)
+NAME_GUESS = 256  # bytes read after a local header along with it (its name, if no longer)
 _HAS_PREAD = hasattr(os, "pread")
 
 
@@ -190,7 +190,7 @@ class ZipArchive:
                                         f"outside the archive (truncated or damaged)", path=self.path,
                                         hint="download or copy the file again")
             at = self.base + info.header_offset
-            head = self._pread(30 + _NAME_GUESS, at)  # the fixed header and, usually, the name after it
+            head = self._pread(30 + NAME_GUESS, at)  # the fixed header and, usually, the name after it
             local = head[:30]
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
                 raise CorruptCheckpoint(f"the {what} member {name!r} has no valid local header (the archive is "

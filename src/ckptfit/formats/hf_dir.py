@@ -17,11 +17,11 @@ from . import check_regular, detect, read_json, register
 
 __all__ = ["open_hf_dir"]
 
-_SINGLE = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
            "diffusion_pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def _index_files(path: str) -> list[str]:
+def index_files(path: str) -> list[str]:
     names = sorted(n for n in os.listdir(path) if n.endswith(".index.json"))
     # safetensors first: the format transformers prefers when both exist
     return sorted(names, key=lambda n: (".safetensors" not in n, n))
@@ -29,7 +29,7 @@ def _index_files(path: str) -> list[str]:
 
 def _sniff(path: str, head: bytes) -> bool:
     names = os.listdir(path)
-    return bool(_index_files(path)) or any(n in names for n in _SINGLE)
+    return bool(index_files(path)) or any(n in names for n in SINGLE_FILES)
 
 
 def _short(value: object) -> str:
@@ -40,7 +40,7 @@ def _short(value: object) -> str:
 @register("hf-folder", sniff=_sniff, priority=5, directory=True)
 def open_hf_dir(path: str, trust: bool = False) -> Checkpoint:
     """Open a Hugging Face folder: all shards behind one flat, lazy state dict."""
-    indexes = _index_files(path)
+    indexes = index_files(path)
     scans = []
     closers = []
     tensors: dict[str, LazyTensor] = collections.OrderedDict()
@@ -90,7 +90,7 @@ def open_hf_dir(path: str, trust: bool = False) -> Checkpoint:
                                     f"{missing[0]!r}", path=path, hint="the shards and the index do not match")
     else:
         names = os.listdir(path)
-        single = next(n for n in _SINGLE if n in names)
+        single = next(n for n in SINGLE_FILES if n in names)
         spath = os.path.join(path, single)
         check_regular(spath, what=single)
         ck = detect(spath).open(spath, trust)

@@ -43,9 +43,9 @@ def _sniff(path: str, head: bytes) -> bool:
 def open_legacy(path: str, trust: bool = False) -> Checkpoint:
     """Open a legacy torch.save file lazily."""
     if trust:
-        from .torch_zip import _open_trusted
+        from .torch_zip import open_trusted
 
-        ck = _open_trusted(path)
+        ck = open_trusted(path)
         ck.format = "torch-legacy"
         return ck
     mapped = MappedFile(path)

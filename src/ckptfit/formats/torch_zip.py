@@ -27,7 +27,7 @@ def _sniff(path: str, head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04")
 
 
-def _prefix_of(archive: ZipArchive) -> tuple[str, bool]:
+def prefix_of(archive: ZipArchive) -> tuple[str, bool]:
     """The archive's top folder (``archive/``) and whether it is TorchScript."""
     pkls = [n for n in archive.members if n.endswith("/data.pkl") and n.count("/") == 1]
     if not pkls:
@@ -149,7 +149,7 @@ def read_torch_zip_at(path: str, *, base: int = 0, length: int | None = None, ma
     """Interpret the torch zip at ``[base, base+length)`` of ``path``: (value, scan, archive)."""
     archive = ZipArchive(path, base=base, length=length, what=what)
     try:
-        prefix, is_script = _prefix_of(archive)
+        prefix, is_script = prefix_of(archive)
         bo = archive.members.get(prefix + "byteorder")
         if bo is not None and archive.read(bo.name, max_size=16).strip() not in (b"little", b""):
             raise UnsupportedFormat("this checkpoint was written on a big-endian machine", path=path,
@@ -216,7 +216,7 @@ def _script_state(obj: Any) -> dict[str, LazyTensor]:
 def open_torch_zip(path: str, trust: bool = False) -> Checkpoint:
     """Open a torch.save zip archive or a TorchScript archive lazily."""
     if trust:
-        return _open_trusted(path)
+        return open_trusted(path)
     mapped = MappedFile(path)
     value, scan, (archive, prefix, is_script) = read_torch_zip_at(path, mapped=mapped, what="torch zip archive")
     if is_script:
@@ -232,7 +232,7 @@ def open_torch_zip(path: str, trust: bool = False) -> Checkpoint:
                       scans=(scan,), closers=(mapped.close,))
 
 
-def _open_trusted(path: str) -> Checkpoint:
+def open_trusted(path: str) -> Checkpoint:
     """Real unpickling (``trust=True``): torch.load with weights_only=False, memory-mapped."""
     import torch
 
