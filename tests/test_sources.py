@@ -276,6 +276,11 @@ def test_hf_repo_from_the_cache_single_sharded_revision_and_subfolder(tmp_path, 
     model = _zeroed(_Two())
     report = ckptfit.load(model, "hf://org/two@v1", partial=True)
     assert len(report.loaded) == 2 and torch.equal(model.enc.weight, src.enc.weight)
+    model = _zeroed(_Two())
+    ckptfit.load(model, "hf://org/two/model.safetensors", sha256=hashlib.sha256(single).hexdigest())
+    assert torch.equal(model.dec.weight, src.dec.weight)
+    with pytest.raises(CorruptCheckpoint, match="sha256 mismatch"):
+        ckptfit.load(model, "hf://org/two/model.safetensors", sha256=hashlib.sha256(shard1).hexdigest())
     result = CliRunner().invoke(main, ["inspect", "hf://org/two/sub"])
     assert result.exit_code == 0 and "hf-folder" in result.output and "4 tensors" in result.output
 
