@@ -36,7 +36,7 @@ def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
-def _hf_factory(path: str, config: Mapping[str, Any]) -> tuple[Callable[[], nn.Module], str]:
+def hf_factory(path: str, config: Mapping[str, Any]) -> tuple[Callable[[], nn.Module], str]:
     from .specs import model_factory
 
     archs = config.get("architectures")
@@ -122,7 +122,7 @@ def _recorded_class(ckpt: Checkpoint) -> str | None:
     return name
 
 
-def _identified_factory(ckpt: Checkpoint, use: str | None, families: Any) -> tuple[Callable[[], nn.Module], str]:
+def identified_factory(ckpt: Checkpoint, use: str | None, families: Any) -> tuple[Callable[[], nn.Module], str]:
     from .identification import identify
     from .specs import model_factory
 
@@ -181,7 +181,7 @@ def choose_architecture(ckpt: Checkpoint, *, trust: bool = False, use: str | Non
     """
     config = ckpt.metadata.get("config") if ckpt.format == "hf-folder" else None
     if isinstance(config, dict) and config.get("model_type"):
-        return _hf_factory(ckpt.path, config)
+        return hf_factory(ckpt.path, config)
     found = _lightning_class(ckpt.tree)
     if found is not None:
         class_path, args = found
@@ -199,7 +199,7 @@ def choose_architecture(ckpt: Checkpoint, *, trust: bool = False, use: str | Non
             args, _ = lightning_kwargs(cls, {"hyper_parameters": args, "hparams_name": hname}, path=ckpt.path)
         text = f"{class_path}({_kwargs_text(args)}) (recorded in the Lightning checkpoint's hyper_parameters)"
         return (lambda: cls(**args)), text
-    return _identified_factory(ckpt, use, families)
+    return identified_factory(ckpt, use, families)
 
 
 def from_checkpoint(source: str | os.PathLike[str] | Checkpoint, *, trust: bool = False,

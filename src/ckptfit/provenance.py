@@ -69,9 +69,9 @@ def _source_factory(ckpt: Checkpoint) -> tuple[Callable[[], nn.Module] | nn.Modu
         name = getattr(value, "__qualname__", type(value).__name__)
         return value, (f"{name} (source_model=)" if "<lambda>" not in name else "the source_model= factory")
     if value == "identify":
-        from .auto import _identified_factory
+        from .auto import identified_factory
 
-        factory, chosen = _identified_factory(ckpt, None, None)
+        factory, chosen = identified_factory(ckpt, None, None)
         return factory, chosen
     if isinstance(value, str):
         from .specs import model_factory
@@ -79,9 +79,9 @@ def _source_factory(ckpt: Checkpoint) -> tuple[Callable[[], nn.Module] | nn.Modu
         return model_factory(value), f"{value} (source_model=)"
     config = ckpt.metadata.get("config") if ckpt.format == "hf-folder" else None
     if isinstance(config, dict) and isinstance(config.get("architectures"), list) and config.get("model_type"):
-        from .auto import _hf_factory
+        from .auto import hf_factory
 
-        factory, chosen = _hf_factory(ckpt.path, config)
+        factory, chosen = hf_factory(ckpt.path, config)
         return factory, chosen
     return None
 
