@@ -155,6 +155,10 @@ class LoadReport:
             (:func:`ckptfit.auto.from_checkpoint`).
         integrity: whether the tensor bytes were checked against the file's checksums
             (``"CRC-32 checked (122 records)"``, ``"not checked (safetensors has no checksum)"``).
+        mode: ``"eval"`` or ``"train"``, when the load built the model (:func:`ckptfit.build`
+            returns it in eval mode unless ``train=True``).
+        frozen: the parameters ``freeze=True`` froze (``requires_grad=False``): exactly the
+            loaded ones.
     """
 
     path: str | None
@@ -175,6 +179,8 @@ class LoadReport:
     bytes_read: int | None = None
     model: str | None = None
     integrity: str | None = None
+    mode: str | None = None
+    frozen: tuple[str, ...] = ()
 
     @classmethod
     def from_plan(
@@ -237,6 +243,20 @@ class LoadReport:
     def num_tied(self) -> int:
         """How many model tensors were filled through a tie."""
         return len(self.tied)
+
+    @property
+    def loaded_keys(self) -> tuple[str, ...]:
+        """The model's keys that hold checkpoint values: loaded, or filled through a tie.
+
+        The keys to freeze for transfer learning, when doing it by hand:
+
+        Example:
+            >>> from ckptfit.plan import Decision, Plan
+            >>> plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name"),))
+            >>> LoadReport.from_plan(plan).loaded_keys
+            ('fc.weight',)
+        """
+        return tuple(d.target for d in self.loaded) + tuple(d.target for d in self.tied)
 
     @property
     def num_targets(self) -> int:
@@ -348,6 +368,13 @@ class LoadReport:
             lines.append("  " + ", ".join(where))
         if self.integrity:
             lines.append(f"  bytes: {self.integrity}")
+        if self.mode == "eval":
+            lines.append("  mode: eval (as from_pretrained returns it; pass train=True to keep training mode)")
+        elif self.mode == "train":
+            lines.append("  mode: train (train=True)")
+        if self.frozen:
+            lines.append(f"  frozen: {len(self.frozen)} loaded parameters (requires_grad=False); "
+                         "the others are left as they were")
         if self.container_reason and len(self.containers) > 1:
             lines.append(f"  container: {self.container_reason}")
         if self.transforms:
@@ -415,6 +442,8 @@ class LoadReport:
             "bytes_read": self.bytes_read,
             "integrity": self.integrity,
             "model": self.model,
+            "mode": self.mode,
+            "frozen": list(self.frozen),
             "ok": self.ok,
             "complete": self.complete,
             "counts": {
