@@ -25,7 +25,8 @@ def demo(keep: str | None) -> None:
     Writes three small checkpoints with the classic problems (a DataParallel training
     checkpoint with argparse args, a head with another num_classes, a torch.compile-d model
     saved on a GPU), shows what model.load_state_dict(torch.load(path)) says about each, then
-    loads each with ckptfit and prints the report. No download, no GPU; a few seconds.
+    loads each with ckptfit and prints the report. No download, no GPU; most of its time
+    is importing torch and torchvision.
     """
     from .demo import run_demo
 

@@ -114,7 +114,7 @@ def _check_save_path(path: str | None) -> None:
 Examples:
   ckptfit load resnet18_imagenet.pth --model torchvision:resnet18 --model-arg num_classes=10 --partial
   ckptfit load model_best.pth.tar --model timm:resnet18 --use ema --verify --save fixed.safetensors
-  ckptfit load last.pth --model ./net.py:Net --model-arg 'dims=(64, 128)'
+  ckptfit load last.pth --model ./net.py:Net --model-arg 'dims=(64, 128)' --freeze
 """)
 @click.argument("ckpt", type=SOURCE)
 @_load_options
@@ -122,6 +122,8 @@ Examples:
 @click.option("--dtype", default=None, metavar="DTYPE",
               help="Cast floating tensors: fp32, fp16, bf16 or fp64 (also float16, bfloat16, half ...; "
                    "default: keep the model's).")
+@click.option("--freeze", is_flag=True,
+              help="Freeze the parameters that were loaded (requires_grad=False); the report lists them.")
 @click.option("--verify", "do_verify", is_flag=True,
               help="Run one forward pass and check for NaN/Inf; exit 1 (and do not --save) if it fails.")
 @click.option("--save", "save_path", type=click.Path(), default=None,
@@ -138,11 +140,12 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
          device: str | None, dtype: str | None, do_verify: bool, save_path: str | None, as_json: bool,
          transform_rules: tuple[str, ...] = (), zero_copy: bool = False, no_crc: bool = False,
-         adapt: str | None = None, sha256: str | None = None) -> None:
+         adapt: str | None = None, sha256: str | None = None, freeze: bool = False) -> None:
     """Load a checkpoint into a model and print the report.
 
-    The model is built from --model SPEC without random init, then filled from the checkpoint.
-    Without --model, ckptfit builds the model the checkpoint records or identifies.
+    The model is built from --model SPEC without random init, then filled from the checkpoint
+    (and put in eval mode, as from_pretrained does). Without --model, ckptfit builds the model
+    the checkpoint records or identifies.
     """
     from .loading import build
 
@@ -155,6 +158,8 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
         opts["verify"] = False
     if sha256:
         opts["sha256"] = sha256
+    if freeze:
+        opts["freeze"] = True
     if model_spec:
         model, report = build(_factory(model_spec, model_args), ckpt, **opts)
     else:

@@ -10,7 +10,8 @@
    candidate is clearly right; otherwise it refuses and lists the candidates.
 
 The model is then built through :func:`ckptfit.build`: on the meta device, no random init,
-filled straight from the file. The report's ``model`` field says what was chosen and why.
+filled straight from the file, returned in eval mode (``train=True`` keeps training mode).
+The report's ``model`` field says what was chosen and why.
 """
 from __future__ import annotations
 
@@ -216,10 +217,12 @@ def from_checkpoint(source: str | os.PathLike[str] | Checkpoint, *, trust: bool 
         trust: allow real unpickling and importing a LightningModule class the file names
             (runs code). Off by default.
         families: restrict identification (see :func:`ckptfit.identification.identify`).
-        **load_options: as for :func:`ckptfit.load` (``partial``, ``use``, ``device``, ``dtype`` ...).
+        **load_options: as for :func:`ckptfit.build` (``partial``, ``use``, ``device``, ``dtype``,
+            ``freeze``, ``train`` ...).
 
     Returns:
-        ``(model, report)``; ``report.model`` says which architecture was built and why.
+        ``(model, report)``, the model in eval mode unless ``train=True`` (as ``from_pretrained``);
+        ``report.model`` says which architecture was built and why.
 
     Raises:
         CheckpointError: the architecture is unknown or ambiguous (candidates listed), or it

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,7 +75,7 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
          trust: bool = False, transforms: Mapping[str, str] | None = None,
          adapt: str | None = None, verify: bool = True, sha256: str | None = None,
-         source_model: Any = None) -> LoadReport:
+         source_model: Any = None, freeze: bool = False) -> LoadReport:
     """Put a checkpoint into ``model`` in place, loading only what provably belongs, and report it.
 
     The state dict inside the file is found (the model's own weights over EMA and optimizer
@@ -107,6 +108,9 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
             (summed for 1, repeated and rescaled for more), as timm's ``adapt_input_conv``; reported.
         verify: check the CRC-32 of every record read (torch zip archives and DCP; fused with the
             copy, about one more pass at memory speed). ``False`` only for a file you verified yourself.
+        freeze: set ``requires_grad=False`` on exactly the parameters that were loaded (transfer
+            learning: train only the new layers); ``report.frozen`` lists them. To do it by hand,
+            use ``report.loaded_keys``.
 
     Returns:
         A :class:`LoadReport`; ``print(report)`` for a summary (its ``bytes:`` line says whether
@@ -133,6 +137,8 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
     rename, include, exclude, device, dtype = o["rename"], o["include"], o["exclude"], o["device"], o["dtype"]
     if not isinstance(verify, bool):
         raise TypeError(f"verify= must be True or False, not {verify!r}")
+    if not isinstance(freeze, bool):
+        raise TypeError(f"freeze= must be True or False, not {freeze!r}")
     if is_sharded(model):  # FSDP2 / DTensor / DDP in a process group: each rank reads its shards only
         if o["transforms"]:
             raise ValueError("transforms= is not supported for a sharded model; port the weights into the "
@@ -140,12 +146,23 @@ def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | Non
         if sha256 is not None:  # checked (and, for a URL, fetched) before any rank reads
             open(source, trust=trust, sha256=sha256).close()
         with checking_reads(verify):
-            return load_sharded(model, source, partial=partial, use=use, rename=rename, include=include,
-                                exclude=exclude, device=device, dtype=dtype, trust=trust)
-    with gc_paused(), checking_reads(verify), source_model_option(source_model):  # ckptfit.provenance
-        return _load(model, source, partial=partial, use=use, rename=rename, include=include, exclude=exclude,
-                     device=device, dtype=dtype, trust=trust, transforms=o["transforms"], verify=verify,
-                     sha256=sha256)
+            report = load_sharded(model, source, partial=partial, use=use, rename=rename, include=include,
+                                  exclude=exclude, device=device, dtype=dtype, trust=trust)
+    else:
+        with gc_paused(), checking_reads(verify), source_model_option(source_model):  # ckptfit.provenance
+            report = _load(model, source, partial=partial, use=use, rename=rename, include=include,
+                           exclude=exclude, device=device, dtype=dtype, trust=trust, transforms=o["transforms"],
+                           verify=verify, sha256=sha256)
+    return _freeze(model, report) if freeze else report
+
+
+def _freeze(model: nn.Module, report: LoadReport) -> LoadReport:
+    """``requires_grad=False`` on the loaded parameters (ties included); the report lists them."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    frozen = tuple(k for k in report.loaded_keys if k in params)
+    for k in frozen:
+        params[k].requires_grad_(False)
+    return replace(report, frozen=frozen)
 
 
 def _load(model: nn.Module, source: Any, *, partial: bool, use: str | None, rename, include, exclude, device: Any,
@@ -211,7 +228,7 @@ def _move_model(model: nn.Module, device: Any, dtype: torch.dtype | None) -> Non
                     store[name] = moved[id(t)] = new
 
 
-def build(factory: Callable[[], nn.Module] | str, source: Any, *, mmap: bool = False,
+def build(factory: Callable[[], nn.Module] | str, source: Any, *, mmap: bool = False, train: bool = False,
           **load_options: Any) -> tuple[nn.Module, LoadReport]:
     """Construct a model without random init and fill it straight from the checkpoint.
 
@@ -221,7 +238,9 @@ def build(factory: Callable[[], nn.Module] | str, source: Any, *, mmap: bool = F
     is read, cast or sent to the GPU on the way where needed), so the built model's values
     never change and the process never crashes whatever later happens to the file (a
     training job rewriting ``last.pth`` in place, a truncation). Parameters the checkpoint
-    lacks (``partial=True``) get their module's own ``reset_parameters`` init.
+    lacks (``partial=True``) get their module's own ``reset_parameters`` init. The model comes
+    back in eval mode, as Hugging Face's ``from_pretrained`` returns it (``train=True`` keeps
+    training mode); ``report.mode`` says which.
 
     Args:
         factory: a zero-argument callable returning the model, or a model SPEC string
@@ -231,8 +250,9 @@ def build(factory: Callable[[], nn.Module] | str, source: Any, *, mmap: bool = F
             copy-on-write view of the memory-mapped file (no copy, no memory until used).
             Risk: if the file is later rewritten in place the model's weights change with it,
             and if it is truncated the process dies with SIGBUS when they are used.
+        train: return the model in training mode (``model.train()``) instead of eval mode.
         **load_options: as for :func:`load` (``partial``, ``use``, ``rename``, ``device``, ``dtype``,
-            ``verify`` ...).
+            ``verify``, ``freeze`` ...).
 
     Returns:
         ``(model, report)``.
@@ -247,6 +267,8 @@ def build(factory: Callable[[], nn.Module] | str, source: Any, *, mmap: bool = F
     """
     if not isinstance(mmap, bool):
         raise TypeError(f"mmap= must be True or False, not {mmap!r}")
+    if not isinstance(train, bool):
+        raise TypeError(f"train= must be True or False, not {train!r}")
     if isinstance(factory, nn.Module):
         raise TypeError(f"build() takes a factory that makes the model (e.g. {type(factory).__name__} or "
                         f"lambda: {type(factory).__name__}(...)), not a model; to fill an existing model use "
@@ -259,7 +281,7 @@ def build(factory: Callable[[], nn.Module] | str, source: Any, *, mmap: bool = F
     from .._lightning import build_lightning, lightning_target
 
     if (lit := lightning_target(factory)) is not None:  # a LightningModule class: the file's hyper_parameters
-        return build_lightning(*lit, source, build, mmap=mmap, **load_options)
+        return build_lightning(*lit, source, build, mmap=mmap, train=train, **load_options)
     with gc_paused():  # the model's modules are as long-lived as the checkpoint's objects (see _gc)
         with parameters_on_meta():
             model = factory()
@@ -274,4 +296,5 @@ def build(factory: Callable[[], nn.Module] | str, source: Any, *, mmap: bool = F
     if leftover:
         raise LoadError(f"after loading, {len(leftover)} tensor(s) are still on the meta device: "
                         f"{', '.join(leftover[:5])}", hint="pass partial=True or check the checkpoint")
-    return model, report
+    model.train(train)  # eval mode unless asked, as from_pretrained
+    return model, replace(report, mode="train" if train else "eval")
