@@ -27,7 +27,7 @@ from .checkpoint import Checkpoint
 from .errors import CheckpointError
 from .report import LoadReport
 
-__all__ = ["from_checkpoint", "choose_architecture"]
+__all__ = ["from_checkpoint", "choose_architecture", "hf_factory", "identified_factory"]
 
 _CLASS_PATH_KEYS = ("_class_path", "class_path")
 _NOT_ARGS = {"_class_path", "class_path", "_instantiator", "init_args"}
