@@ -400,3 +400,15 @@ def test_scan_and_convert_take_a_url(server, tmp_path):
     assert result.exit_code == 0, result.output
     back = dict(ckptfit.open(out).tensors())
     assert torch.equal(back["weight"].load(), sd["weight"]) and torch.equal(back["bias"].load(), sd["bias"])
+
+
+def test_an_unreachable_server_is_a_clear_error(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("CKPTFIT_CACHE", str(tmp_path / "cache"))
+    with socket.socket() as s:  # a port nothing listens on: bound, then closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(CheckpointError, match=r"cannot reach the file \(") as info:
+        ckptfit.open(f"http://127.0.0.1:{port}/model.pth")
+    assert info.value.hint == "check the URL, the network and the credentials"

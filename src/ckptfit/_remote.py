@@ -58,6 +58,17 @@ def _filesystem(url: str) -> Any:
                               hint=f'pip install "ckptfit[{extra}]"') from e
 
 
+def _connection_error(e: BaseException) -> BaseException | None:
+    """A connection failure (refused, reset, DNS) among the causes of ``e``, if any."""
+    seen = 0
+    while e is not None and seen < 16:
+        seen += 1
+        if isinstance(e, ConnectionError) or "Connect" in type(e).__name__:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _truncated(url: str, at: int, size: int, cause: str = "") -> CorruptCheckpoint:
     return CorruptCheckpoint(f"the download stopped at byte {at} of {size}{f' ({cause})' if cause else ''}: the file "
                              f"is truncated", path=url, hint="download or copy the file again (nothing was changed)")
@@ -79,6 +90,10 @@ class RemoteFile:
         try:
             info = self.fs.info(url)
         except FileNotFoundError as e:
+            cause = _connection_error(e)
+            if cause is not None:  # fsspec's HTTP backend reports a refused connection as "not found"
+                raise CheckpointError(f"cannot reach the file ({type(cause).__name__}: {str(cause)[:200]})", path=url,
+                                      hint="check the URL, the network and the credentials") from e
             raise CheckpointError("no such file at this URL (the server answered 404 / not found)", path=url,
                                   hint="check the URL") from e
         except Exception as e:  # noqa: BLE001 - a backend's own error: connection refused, auth, DNS
