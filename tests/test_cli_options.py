@@ -223,6 +223,14 @@ def test_json_errors_for_every_command_with_json(small, tmp_path):
     assert r.exit_code == 2 and "--top" in json.loads(r.stdout)["error"]["message"]
 
 
+def test_a_refused_load_in_json_lists_its_problems(small):
+    _net, ckpt = small
+    r = run("load", ckpt, "--model", "torchvision:resnet18", "--json")
+    err = json.loads(r.stdout)["error"]
+    assert r.exit_code == 1 and err["type"] == "LoadError" and "the model was not changed" in err["message"]
+    assert err["problems"] and all(isinstance(p, str) for p in err["problems"])
+
+
 def test_verify_failure_in_json_is_an_error_object(tmp_path):
     net = Small()
     with torch.no_grad():

@@ -57,14 +57,17 @@ def echo_json(obj: Any) -> None:
 
 
 def error_object(e: BaseException) -> dict[str, Any]:
-    """``{"error": {"type", "message", "hint"}}`` for an exception."""
+    """``{"error": {"type", "message", "hint"}}`` for an exception (a refused load adds ``problems``)."""
     if isinstance(e, CheckpointError):
         message, hint = (f"{e.path}: {e.detail}" if e.path else e.detail), e.hint
     elif isinstance(e, click.ClickException):
         message, hint = e.format_message(), "run the command with --help for its options"
     else:
         message, hint = f"{type(e).__name__}: {e}", "run with --debug for the full traceback"
-    return {"error": {"type": type(e).__name__, "message": message, "hint": hint}}
+    error: dict[str, Any] = {"type": type(e).__name__, "message": message, "hint": hint}
+    if getattr(e, "problems", None):  # LoadError: every problem, one line each
+        error["problems"] = list(e.problems)
+    return {"error": error}
 
 
 def fail(e: BaseException, *, as_json: bool, code: int = EXIT_CODES["error"]) -> NoReturn:
