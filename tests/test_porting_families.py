@@ -206,3 +206,27 @@ def test_the_source_models_layer_types_settle_square_conv1d_weights(tmp_path, so
                                                                                     else [])
     label = "Conv1D" if not transposed else "nn.Linear"
     assert f"layer types from the source model {source.__name__} (source_model=): 2 {label} weights" in str(report)
+
+
+def test_cli_source_model(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from ckptfit.cli import main
+
+    src = _trained(_tv_resnet())
+    save_file(src.state_dict(), tmp_path / "r18.safetensors")
+    _hf_resnet().save_pretrained(tmp_path / "cfg")  # the --model hf: SPEC reads its config.json
+    base = ["load", str(tmp_path / "r18.safetensors"), "--model", f"hf:{tmp_path / 'cfg'}"]
+    r = CliRunner().invoke(main, base)
+    assert r.exit_code == 1
+    out = tmp_path / "hf.safetensors"
+    r = CliRunner().invoke(main, base + ["--source-model", "torchvision:resnet18", "--source-model-arg",
+                                         "num_classes=10", "--save", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "aligned through the source model torchvision:resnet18(num_classes=10)" in r.output
+    saved = load_file(out)
+    assert torch.equal(saved["resnet.encoder.stages.1.layers.0.shortcut.convolution.weight"],
+                       src.layer2[0].downsample[0].weight)
+    r = CliRunner().invoke(main, base + ["--source-model", "resnet18"])
+    assert r.exit_code == 2 and "a model SPEC" in r.output

@@ -35,6 +35,11 @@ def _load_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--adapt", "adapt", default=None, metavar="in_chans",
                      help="Adapt an RGB first convolution to the model's input channels (summed for 1, repeated "
                           "and rescaled for more), as timm does; reported as a transform."),
+        click.option("--source-model", "source_model", default=None, metavar="SPEC|identify",
+                     help="The implementation that wrote the file, when names cannot settle a port (same SPEC forms "
+                          "as --model, or 'identify'); see docs/porting.md."),
+        click.option("--source-model-arg", "source_model_args", multiple=True, metavar="K=V",
+                     help="Constructor argument for --source-model (repeatable)."),
         click.option("--sha256", "sha256", default=None, metavar="HEX|POINTER",
                      help="Check the file's sha256 before reading it: 64 hex digits, or a Git LFS pointer file."),
     ]
@@ -71,7 +76,8 @@ def _transform_rules(rules: tuple[str, ...]) -> dict[str, str] | None:
     return out or None
 
 
-def _common(partial, use, renames, include, exclude, trust, transform_rules=(), adapt=None) -> dict[str, Any]:
+def _common(partial, use, renames, include, exclude, trust, transform_rules=(), adapt=None, source_model=None,
+            source_model_args=()) -> dict[str, Any]:
     out = dict(partial=partial, use=use, rename=rename_rules(renames), include=list(include) or None,
                exclude=list(exclude) or None, trust=trust)
     if transform_rules:
@@ -83,6 +89,19 @@ def _common(partial, use, renames, include, exclude, trust, transform_rules=(), 
             out["adapt"] = parse_adapt(adapt)
         except ValueError as e:
             raise click.BadParameter(str(e).replace("adapt=", "--adapt ", 1), param_hint="--adapt") from None
+    if source_model is not None:  # ckptfit.provenance
+        if source_model != "identify":
+            from .specs import model_factory, parse_model_args
+
+            if ":" not in source_model:
+                raise click.BadParameter(f"{source_model!r}: a model SPEC (torchvision:NAME, timm:NAME, hf:DIR, "
+                                         f"package.module:factory) or 'identify'", param_hint="--source-model")
+            args = parse_model_args(source_model_args)
+            factory = model_factory(source_model, args)
+            factory.ckptfit_label = source_model + (f"({', '.join(source_model_args)})" if args else "")
+            out["source_model"] = factory
+        else:
+            out["source_model"] = source_model
     return out
 
 
@@ -140,7 +159,8 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
          device: str | None, dtype: str | None, do_verify: bool, save_path: str | None, as_json: bool,
          transform_rules: tuple[str, ...] = (), zero_copy: bool = False, no_crc: bool = False,
-         adapt: str | None = None, sha256: str | None = None, freeze: bool = False) -> None:
+         adapt: str | None = None, sha256: str | None = None, freeze: bool = False,
+         source_model: str | None = None, source_model_args: tuple[str, ...] = ()) -> None:
     """Load a checkpoint into a model and print the report.
 
     The model is built from --model SPEC without random init, then filled from the checkpoint
@@ -150,7 +170,8 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     from .loading import build
 
     _check_save_path(save_path)
-    opts = _common(partial, use, renames, include, exclude, trust, transform_rules, adapt)
+    opts = _common(partial, use, renames, include, exclude, trust, transform_rules, adapt, source_model,
+                   source_model_args)
     opts.update(device=parse_device(device), dtype=parse_dtype(dtype))
     if zero_copy:
         opts["mmap"] = True
@@ -223,7 +244,8 @@ Examples:
 def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial: bool, use: str | None,
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
          as_json: bool, transform_rules: tuple[str, ...] = (), resume_: bool = False,
-         adapt: str | None = None, sha256: str | None = None) -> None:
+         adapt: str | None = None, sha256: str | None = None, source_model: str | None = None,
+         source_model_args: tuple[str, ...] = ()) -> None:
     """Show what would be loaded where, and why, without loading.
 
     A dry run of `load`: decides from names, shapes and dtypes only, reads no tensor data,
@@ -236,7 +258,8 @@ def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     factory = _factory(model_spec, model_args)
     with parameters_on_meta():
         model = factory()
-    p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust, transform_rules, adapt),
+    p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust, transform_rules, adapt,
+                                         source_model, source_model_args),
                   sha256=sha256)
     resumed = None
     if resume_:  # how ckptfit.resume would map the optimizer state (described by the saved groups)

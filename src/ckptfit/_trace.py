@@ -108,7 +108,7 @@ def forward_order(model: nn.Module) -> tuple[list[str], str] | None:
             metas[id(v)] = torch.empty_like(v, device="meta")
             keys[id(metas[id(v)])] = k
         stand_in[k] = metas[id(v)]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode, put back as it was
     for x in example_inputs(model):
         rec = _FirstUse(keys, rank)
         try:
@@ -118,7 +118,8 @@ def forward_order(model: nn.Module) -> tuple[list[str], str] | None:
         except Exception:  # noqa: BLE001 - any model code on any input: only whether it ran matters
             continue
         finally:
-            model.train(was_training)
+            for m, mode in modes:
+                m.training = mode
         return _by_module(rec.order, rank), f"an input of shape {list(x.shape)}"
     return None
 

@@ -66,6 +66,8 @@ def _source_factory(ckpt: Checkpoint) -> tuple[Callable[[], nn.Module] | nn.Modu
     if isinstance(value, nn.Module):
         return value, f"{type(value).__name__} (source_model=)"
     if callable(value) and not isinstance(value, str):
+        if isinstance(getattr(value, "ckptfit_label", None), str):  # the CLI's --source-model SPEC
+            return value, value.ckptfit_label
         name = getattr(value, "__qualname__", type(value).__name__)
         return value, (f"{name} (source_model=)" if "<lambda>" not in name else "the source_model= factory")
     if value == "identify":
