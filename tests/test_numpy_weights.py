@@ -144,3 +144,11 @@ def test_truncated_numpy_files_are_corrupt(tmp_path):
     (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
     with pytest.raises(CorruptCheckpoint, match=r"truncated"):
         ckptfit.open(tmp_path / "cut.npz")
+
+
+def test_a_large_compressed_npz_member_loads(tmp_path):
+    a = np.random.default_rng(0).standard_normal((200, 100)).astype("f4")  # 80 KB: beyond one header's worth
+    np.savez_compressed(tmp_path / "c.npz", weight=a)
+    model = torch.nn.Linear(100, 200, bias=False)
+    ckptfit.load(model, tmp_path / "c.npz")
+    assert torch.equal(model.weight.detach(), torch.from_numpy(a))

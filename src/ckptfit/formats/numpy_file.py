@@ -300,7 +300,7 @@ def open_npz(path: str, trust: bool = False) -> Checkpoint:
                 head = _npy_head(mapped, m.data_offset, m.size)
             else:
                 head = archive.read(name, max_size=MAX_NPY_HEADER + 64) if m.size <= MAX_NPY_HEADER + 64 else \
-                    _inflate_head(archive, name)
+                    _inflate_head(mapped, archive.members[name], path)
             if not head.startswith(NPY_MAGIC):
                 raise CorruptCheckpoint(f"npz member {name!r} is not an .npy array", path=path,
                                         hint="an .npz holds only .npy members; check the file")
@@ -335,12 +335,16 @@ def _nbytes(shape: tuple[int, ...], dt: Any) -> int:
     return n
 
 
-def _inflate_head(archive: Any, name: str) -> bytes:
+def _inflate_head(mapped: MappedFile, m: Any, path: str) -> bytes:
+    """The first bytes of a deflated member (its .npy header), inflating no more than a header's worth."""
     import zlib
 
-    m = archive.members[name]
-    raw = archive._pread(min(m.compressed_size, 1 << 16), m.data_offset)
-    return zlib.decompressobj(-15).decompress(raw, MAX_NPY_HEADER + 64)
+    raw = mapped.read(m.data_offset, min(m.compressed_size, 1 << 16))
+    try:
+        return zlib.decompressobj(-15).decompress(raw, MAX_NPY_HEADER + 64)
+    except zlib.error as e:
+        raise CorruptCheckpoint(f"npz member {m.name!r} cannot be inflated ({e})", path=path,
+                                hint="the file is damaged; download or copy it again") from e
 
 
 def _inflated(path: str, name: str, start: int, shape: tuple[int, ...], fortran: bool,
