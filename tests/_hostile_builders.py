@@ -198,14 +198,14 @@ def run_entry_point(name: str, path: str, work: str) -> str:
 
             info.print(Console(file=io.StringIO(), width=120, highlight=False))
         elif name == "scan":
-            from ckptfit.scan import render_rich, render_text, scan
+            from ckptfit.scanning import render_rich, render_text, scan
 
             r = scan(path)
             render_text(r)
             _console_text(render_rich(r))
             json.dumps(r.to_dict(), default=str) if hasattr(r, "to_dict") else None
         elif name in ("convert-st", "convert-pt"):
-            from ckptfit.convert import convert
+            from ckptfit.conversion import convert
 
             dst = os.path.join(work, "out.safetensors" if name == "convert-st" else "out.pt")
             for p in (dst,):

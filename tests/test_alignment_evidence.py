@@ -17,7 +17,7 @@ from torch import nn
 import ckptfit
 from ckptfit.matching import match
 from ckptfit.matching.names import _token_similarity
-from ckptfit.plan import TensorSpec
+from ckptfit.plans import TensorSpec
 
 
 def _distinct(model: nn.Module, seed: int) -> nn.Module:

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckptfit.matching import match
-from ckptfit.plan import TensorSpec
+from ckptfit.plans import TensorSpec
 
 LONG = os.environ.get("CKPTFIT_LONG", "") not in ("", "0")
 EXAMPLES = 3000 if LONG else 30

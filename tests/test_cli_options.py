@@ -245,7 +245,7 @@ def test_verify_failure_in_json_is_an_error_object(tmp_path):
 
 
 def test_exit_codes_are_one_table_documented_in_help_and_readme():
-    from ckptfit.scan import EXIT_CODES as SCAN
+    from ckptfit.scanning import EXIT_CODES as SCAN
 
     assert len(set(EXIT_CODES.values())) == len(EXIT_CODES)  # distinct per meaning
     assert {v: c for v, c in SCAN.items() if v != "clean"} == {v: EXIT_CODES[v] for v in SCAN if v != "clean"}
@@ -295,7 +295,7 @@ def test_convert_writes_a_clean_state_dict_from_a_dataparallel_training_checkpoi
 
 
 def test_convert_key_options_refuse_what_would_be_wrong(small, tmp_path):
-    from ckptfit.convert import convert
+    from ckptfit.conversion import convert
 
     net, ckpt = small
     with pytest.raises(CheckpointError, match="strip_prefix 'module.': no key starts with it"):

@@ -75,7 +75,7 @@ def test_use_picks_one_of_them_by_key_path(dino, tmp_path):
 
 
 def test_convert_and_state_dict_refuse_the_same_ambiguity(dino, tmp_path):
-    from ckptfit.convert import convert
+    from ckptfit.conversion import convert
 
     path, _, teacher = dino
     with pytest.raises(ckptfit.CheckpointError, match="equally plausible") as e:
@@ -120,7 +120,7 @@ def test_a_state_dict_that_does_not_fit_is_no_rival(tmp_path):
 
 
 def test_lightning_ema_prefix_is_found_by_load_convert_and_state_dict_alike(tmp_path):
-    from ckptfit.convert import convert
+    from ckptfit.conversion import convert
 
     model_sd, ema_sd = _weights(1), _weights(2)
     sd = {**{"model." + k: v for k, v in model_sd.items()}, **{"model_ema." + k: v for k, v in ema_sd.items()}}

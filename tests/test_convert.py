@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import ckptfit
 from ckptfit import writing
 from ckptfit.cli import main
-from ckptfit.convert import convert, parse_size
+from ckptfit.conversion import convert, parse_size
 from ckptfit.errors import CheckpointError
 
 safetensors = pytest.importorskip("safetensors")
@@ -319,7 +319,7 @@ def test_the_library_does_not_need_the_cli(trained, tmp_path):
     import sys
 
     _net, _sd, src = trained
-    code = ("import sys; from ckptfit.convert import convert; "
+    code = ("import sys; from ckptfit.conversion import convert; "
             f"convert({str(src)!r}, {str(tmp_path / 'y.safetensors')!r}, dtype='bf16'); "
             "print(sorted(m for m in ('click', 'ckptfit.cli') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 import ckptfit
 from ckptfit import UnsafeCheckpoint
 from ckptfit.cli import main
-from ckptfit.scan import scan
+from ckptfit.scanning import scan
 
 CANARY = "/tmp/ckptfit-canary-never-created"
 # os.system("touch CANARY"), as a protocol 2 pickle

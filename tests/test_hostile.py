@@ -36,7 +36,7 @@ import torch.nn as nn
 import ckptfit
 from ckptfit import (CheckpointError, CorruptCheckpoint, NotACheckpoint, ResourceLimitExceeded, UnsafeCheckpoint,
                      UnsupportedFormat)
-from ckptfit.scan import scan
+from ckptfit.scanning import scan
 
 TIME_LIMIT_S = 20
 MEMORY_LIMIT = 1 << 30

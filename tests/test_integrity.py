@@ -13,9 +13,9 @@ from torch import nn
 
 import ckptfit
 from ckptfit.cli import main
-from ckptfit.convert import convert
+from ckptfit.conversion import convert
 from ckptfit.errors import CorruptCheckpoint
-from ckptfit.scan import EXIT_CODES, scan
+from ckptfit.scanning import EXIT_CODES, scan
 
 
 class Big(nn.Module):

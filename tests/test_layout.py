@@ -192,3 +192,37 @@ def test_every_module_imports_first():
     r = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST, *names], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT.parent)}, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_no_submodule_is_named_like_a_public_name():
+    """``import ckptfit.x`` sets the attribute ``ckptfit.x``: a module named like a verb would shadow it."""
+    import ckptfit
+
+    clash = sorted(n.split(".")[1] for n in MODULES if n.count(".") >= 1 and n.split(".")[1] in ckptfit.__all__)
+    assert not clash, f"submodules named like public names of ckptfit: {clash}"
+
+
+_VERBS_AFTER_SUBMODULES = """
+import importlib, sys
+import ckptfit
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+bad = [v for v in ckptfit.__all__ if v != "__version__" and getattr(ckptfit, v) is None]
+verbs = ["open", "plan", "load", "build", "from_checkpoint", "verify", "resume", "identify", "convert", "scan", "diff"]
+bad += [v for v in verbs if not callable(getattr(ckptfit, v)) or isinstance(getattr(ckptfit, v), type(sys))]
+print(bad)
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_every_public_name_resolves_after_every_submodule_is_imported():
+    names = sorted(n for n in MODULES if n != PACKAGE)
+    r = subprocess.run([sys.executable, "-c", _VERBS_AFTER_SUBMODULES, *names], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT.parent)}, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_importing_ckptfit_stays_torch_free():
+    code = "import sys, ckptfit, ckptfit.errors; dir(ckptfit); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT.parent)}, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr

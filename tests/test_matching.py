@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ckptfit.matching import match
-from ckptfit.plan import Plan, TensorSpec
+from ckptfit.plans import Plan, TensorSpec
 
 F32, F16, I64 = torch.float32, torch.float16, torch.int64
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckptfit.matching import match
-from ckptfit.plan import Plan, TensorSpec
+from ckptfit.plans import Plan, TensorSpec
 
 
 def _specs(ctor) -> list[TensorSpec]:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import ckptfit
-from ckptfit.convert import convert
+from ckptfit.conversion import convert
 
 
 class LitEma(nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from ckptfit.plan import Decision, Plan, Unused
+from ckptfit.plans import Decision, Plan, Unused
 from ckptfit.report import LoadReport, render_plan
 
 

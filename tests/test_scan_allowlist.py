@@ -25,7 +25,7 @@ from click.testing import CliRunner
 import ckptfit
 from ckptfit import CorruptCheckpoint, NotACheckpoint, UnsafeCheckpoint
 from ckptfit.cli import main
-from ckptfit.scan import EXIT_CODES, scan
+from ckptfit.scanning import EXIT_CODES, scan
 
 # ----------------------------------------------------------------------------------------- an opcode builder
 

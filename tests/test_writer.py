@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import ckptfit
 from ckptfit import writing
 from ckptfit.cli import main
-from ckptfit.convert import convert
+from ckptfit.conversion import convert
 from ckptfit.errors import CheckpointError
 from ckptfit.writing import write_checkpoint
 

@@ -1,5 +1,9 @@
 """ckptfit: put any PyTorch checkpoint into a model, correctly, safely and fast, and say what it did.
 
+The verbs: :func:`open`, :func:`plan`, :func:`load`, :func:`build`, :func:`from_checkpoint`,
+:func:`verify`, :func:`resume`, :func:`identify`, :func:`convert`, :func:`scan`, :func:`diff`.
+Each takes the checkpoint first (after the model, for those that fill one).
+
 Example:
     >>> import ckptfit                                              # doctest: +SKIP
     >>> report = ckptfit.load(model, "checkpoint.pth")              # doctest: +SKIP
@@ -9,13 +13,16 @@ from __future__ import annotations
 
 import importlib
 import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the public names, for type checkers and IDEs; at run time they load on first use
     from .auto import from_checkpoint as from_checkpoint
     from .checkpoint import Checkpoint as Checkpoint
     from .checkpoint import StateDictCandidate as StateDictCandidate
+    from .conversion import ConvertResult as ConvertResult
+    from .conversion import convert as convert
+    from .diffing import Diff as Diff
+    from .diffing import diff_sources as diff
     from .errors import CheckpointError as CheckpointError
     from .errors import CorruptCheckpoint as CorruptCheckpoint
     from .errors import LoadError as LoadError
@@ -23,52 +30,69 @@ if TYPE_CHECKING:  # the public names, for type checkers and IDEs; at run time t
     from .errors import ResourceLimitExceeded as ResourceLimitExceeded
     from .errors import UnsafeCheckpoint as UnsafeCheckpoint
     from .errors import UnsupportedFormat as UnsupportedFormat
+    from .identification import Identification as Identification
+    from .identification import identify as identify
     from .lazy import LazyTensor as LazyTensor
+    from .loading import Source as Source
     from .loading import build as build
     from .loading import load as load
     from .loading import open as open
     from .loading import plan as plan
-    from .plan import Decision as Decision
-    from .plan import Plan as Plan
+    from .plans import Decision as Decision
+    from .plans import Plan as Plan
     from .report import LoadReport as LoadReport
     from .resuming import ResumeReport as ResumeReport
     from .resuming import resume as resume
+    from .scanning import ScanReport as ScanReport
+    from .scanning import scan as scan
     from .verification import VerifyResult as VerifyResult
     from .verification import verify as verify
 
-# Public name -> module that defines it. Importing ``ckptfit`` stays cheap (no torch) until a
-# verb is used, so ``ckptfit --help`` and ``from ckptfit.errors import ...`` are instant.
-_LAZY = {
-    "from_checkpoint": ".auto",
-    "Checkpoint": ".checkpoint",
-    "StateDictCandidate": ".checkpoint",
-    "CheckpointError": ".errors",
-    "CorruptCheckpoint": ".errors",
-    "LoadError": ".errors",
-    "NotACheckpoint": ".errors",
-    "ResourceLimitExceeded": ".errors",
-    "UnsafeCheckpoint": ".errors",
-    "UnsupportedFormat": ".errors",
-    "LazyTensor": ".lazy",
-    "build": ".loading",
-    "load": ".loading",
-    "open": ".loading",
-    "plan": ".loading",
-    "Decision": ".plan",
-    "Plan": ".plan",
-    "LoadReport": ".report",
-    "ResumeReport": ".resuming",
-    "resume": ".resuming",
-    "VerifyResult": ".verification",
-    "verify": ".verification",
+# Public name -> (module that defines it, its name there). Importing ``ckptfit`` stays cheap (no
+# torch) until a verb is used, so ``ckptfit --help`` and ``from ckptfit.errors import ...`` are
+# instant. No submodule is named like a public name (tests/test_layout.py), so importing one
+# never shadows a verb.
+_LAZY: dict[str, tuple[str, str]] = {
+    "from_checkpoint": (".auto", "from_checkpoint"),
+    "Checkpoint": (".checkpoint", "Checkpoint"),
+    "StateDictCandidate": (".checkpoint", "StateDictCandidate"),
+    "ConvertResult": (".conversion", "ConvertResult"),
+    "convert": (".conversion", "convert"),
+    "Diff": (".diffing", "Diff"),
+    "diff": (".diffing", "diff_sources"),
+    "CheckpointError": (".errors", "CheckpointError"),
+    "CorruptCheckpoint": (".errors", "CorruptCheckpoint"),
+    "LoadError": (".errors", "LoadError"),
+    "NotACheckpoint": (".errors", "NotACheckpoint"),
+    "ResourceLimitExceeded": (".errors", "ResourceLimitExceeded"),
+    "UnsafeCheckpoint": (".errors", "UnsafeCheckpoint"),
+    "UnsupportedFormat": (".errors", "UnsupportedFormat"),
+    "Identification": (".identification", "Identification"),
+    "identify": (".identification", "identify"),
+    "LazyTensor": (".lazy", "LazyTensor"),
+    "Source": (".loading", "Source"),
+    "build": (".loading", "build"),
+    "load": (".loading", "load"),
+    "open": (".loading", "open"),
+    "plan": (".loading", "plan"),
+    "Decision": (".plans", "Decision"),
+    "Plan": (".plans", "Plan"),
+    "LoadReport": (".report", "LoadReport"),
+    "ResumeReport": (".resuming", "ResumeReport"),
+    "resume": (".resuming", "resume"),
+    "ScanReport": (".scanning", "ScanReport"),
+    "scan": (".scanning", "scan"),
+    "VerifyResult": (".verification", "VerifyResult"),
+    "verify": (".verification", "verify"),
 }
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    entry = _LAZY.get(name)
+    if entry is None:
         raise AttributeError(f"module 'ckptfit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    module, attr = entry
+    value = getattr(importlib.import_module(module, __name__), attr)
     globals()[name] = value
     return value
 
@@ -76,18 +100,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
-
-class _Package(types.ModuleType):
-    """Keeps public verbs (``ckptfit.plan``, ``ckptfit.verify``) from being shadowed by the
-    submodules of the same name when those are imported (they stay in ``sys.modules``)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 def _warm_up() -> None:
     """Import what the first load needs (the loader with its distributed check, format readers), ~20 ms, once."""
@@ -104,13 +116,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    # verbs
     "open",
-    "load",
     "plan",
+    "load",
     "build",
     "from_checkpoint",
     "verify",
     "resume",
+    "identify",
+    "convert",
+    "scan",
+    "diff",
+    # types
+    "Source",
     "Checkpoint",
     "StateDictCandidate",
     "LazyTensor",
@@ -119,6 +138,11 @@ __all__ = [
     "LoadReport",
     "ResumeReport",
     "VerifyResult",
+    "Identification",
+    "ConvertResult",
+    "ScanReport",
+    "Diff",
+    # errors
     "CheckpointError",
     "NotACheckpoint",
     "CorruptCheckpoint",

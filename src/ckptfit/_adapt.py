@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .plan import Decision, Plan, Transform
+from .plans import Decision, Plan, Transform
 
 __all__ = ["parse_adapt", "adapt_plan", "adapt_tensor"]
 

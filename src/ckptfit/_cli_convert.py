@@ -1,4 +1,4 @@
-"""``ckptfit convert``: the command over :func:`ckptfit.convert.convert` (registered in :mod:`ckptfit.cli`)."""
+"""``ckptfit convert``: the command over :func:`ckptfit.conversion.convert` (registered in :mod:`ckptfit.cli`)."""
 from __future__ import annotations
 
 import click
@@ -49,7 +49,7 @@ def convert_command(src: str, dst: str, dtype: str | None, use: str | None, stri
     after every tensor was re-read and found equal to the source (or its cast). Keys can be
     cleaned on the way (--strip-prefix, --rename, --include, --exclude, as load takes them).
     """
-    from .convert import convert
+    from .conversion import convert
 
     result = convert(src, dst, dtype=parse_dtype(dtype), use=use, only_weights=only_weights,
                      shard_size=shard_size, trust=trust, format=fmt, strip_prefix=list(strip_prefix) or None,

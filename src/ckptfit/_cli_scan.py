@@ -37,7 +37,7 @@ def scan_command(path: str, as_json: bool) -> None:
     the file runs and no module it names is imported. Works on torch zip and TorchScript
     archives, legacy torch files, plain pickles, .npy/.npz, safetensors and checkpoint folders.
     """
-    from .scan import scan
+    from .scanning import scan
 
     report = scan(path)
     if as_json:

@@ -14,7 +14,7 @@ from ._fold import fold_keys, fold_pairs
 from .dtypes import dtype_name
 from .lazy import LazyTensor
 from .matching import match
-from .plan import TensorSpec
+from .plans import TensorSpec
 from .report import printable
 
 if TYPE_CHECKING:
@@ -149,10 +149,23 @@ def _values(t: Any) -> torch.Tensor:
 
 def diff_sources(a: str, b: str, *, model_args: Sequence[str] = (), values: bool = True,
                  trust: bool = False) -> Diff:
-    """Compare ``a`` and ``b`` (checkpoint paths, or ``b`` a model SPEC).
+    """Compare two checkpoints (or a checkpoint with a model): names, shapes, dtypes and values.
+
+    Tensors are paired through the loader's matcher (:func:`ckptfit.matching.match`), so a
+    renamed or re-prefixed tensor is reported as renamed, not as removed and added.
+
+    Args:
+        a: a checkpoint path.
+        b: a checkpoint path, or a model SPEC (``"torchvision:resnet18"``) built on the meta device.
+        model_args: ``K=V`` constructor arguments for the model SPEC ``b``.
+        values: also compare the values of tensors present on both sides (reads them).
+        trust: allow real unpickling (runs code from the files). Never needed for weights.
+
+    Returns:
+        A :class:`Diff`; ``print()`` it, or ``.to_dict()`` for JSON.
 
     Example:
-        >>> print(diff_sources("epoch10.pth", "epoch20.pth"))   # doctest: +SKIP
+        >>> print(ckptfit.diff("epoch10.pth", "epoch20.pth"))   # doctest: +SKIP
     """
     ta, va = _side(a, (), trust)
     tb, vb = _side(b, model_args, trust)

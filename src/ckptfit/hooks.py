@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .plan import Plan, TensorSpec
+from .plans import Plan, TensorSpec
 
 __all__ = ["ModuleHooks", "custom_modules", "discover", "metadata_of", "run_after_load"]
 

@@ -8,7 +8,7 @@ Two implementations of one network often store the same weights differently:
   three ``q``, ``k``, ``v`` of ``[d, d]`` (or a ``gate_up_proj`` against ``gate_proj`` and
   ``up_proj``).
 
-:func:`port` runs after the matcher and adds a :class:`~ckptfit.plan.Transform` to the
+:func:`port` runs after the matcher and adds a :class:`~ckptfit.plans.Transform` to the
 decisions that need one. It never guesses:
 
 - A **transpose** is decided for a *role*: every 2-D weight of one layer type in the model
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .plan import Decision, Plan, TensorSpec, Transform
+from .plans import Decision, Plan, TensorSpec, Transform
 
 __all__ = ["port", "parse_rules", "layouts_of", "recorded_layouts", "register_layout", "apply_transform", "Rule",
            "Layout"]
@@ -857,7 +857,7 @@ def port(plan: Plan, layouts: Mapping[str, Layout], source: Sequence[TensorSpec]
     Example:
         >>> import torch
         >>> from ckptfit.matching import match
-        >>> from ckptfit.plan import TensorSpec
+        >>> from ckptfit.plans import TensorSpec
         >>> model = [TensorSpec("fc.weight", (8, 4), torch.float32)]
         >>> ckpt = [TensorSpec("fc.weight", (4, 8), torch.float32)]
         >>> p = port(match(model, ckpt), {"fc.weight": Layout(OUT_IN, "nn.Linear")}, ckpt)

@@ -33,7 +33,7 @@ from typing import Any
 from torch import nn
 
 from .checkpoint import Checkpoint, StateDictCandidate
-from .plan import Plan
+from .plans import Plan
 
 __all__ = ["source_model_option", "source_aware", "check_source_model"]
 

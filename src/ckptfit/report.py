@@ -1,6 +1,6 @@
 """The LoadReport: what a load did, and its renderings (text, JSON-ready dict, rich table).
 
-A :class:`LoadReport` is made from the :class:`~ckptfit.plan.Plan` that was applied, plus
+A :class:`LoadReport` is made from the :class:`~ckptfit.plans.Plan` that was applied, plus
 where the tensors went (device, dtype) and what it cost (seconds, bytes). It is plain
 frozen data; rendering is kept apart from computing, and every rendering folds keys
 (``layer{1..4}.{0,1}.conv1.weight``) so that it stays short at any model size.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._fold import fold_keys, fold_pairs
-from .plan import Decision, Plan, Unused
+from .plans import Decision, Plan, Unused
 
 if TYPE_CHECKING:  # torch for annotations only: describing a checkpoint never imports torch
     import torch
@@ -207,7 +207,7 @@ class LoadReport:
             The report.
 
         Example:
-            >>> from ckptfit.plan import Decision, Plan
+            >>> from ckptfit.plans import Decision, Plan
             >>> plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name"),))
             >>> LoadReport.from_plan(plan, device="cpu").num_loaded
             1
@@ -405,7 +405,7 @@ class LoadReport:
             Text of a few lines, without a trailing newline.
 
         Example:
-            >>> from ckptfit.plan import Decision, Plan
+            >>> from ckptfit.plans import Decision, Plan
             >>> plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name"),))
             >>> print(LoadReport.from_plan(plan).to_text())
             Loaded 1/1 tensors
@@ -425,7 +425,7 @@ class LoadReport:
             A dict that ``json.dumps`` accepts.
 
         Example:
-            >>> from ckptfit.plan import Decision, Plan
+            >>> from ckptfit.plans import Decision, Plan
             >>> plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name"),))
             >>> LoadReport.from_plan(plan).to_dict()["counts"]["loaded"]
             1
@@ -581,7 +581,7 @@ def render_plan(plan: Plan, *, max_lines: int = 12, max_keys: int = 8) -> str:
         Text of a few lines, without a trailing newline.
 
     Example:
-        >>> from ckptfit.plan import Decision, Plan
+        >>> from ckptfit.plans import Decision, Plan
         >>> plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name"),))
         >>> print(render_plan(plan))
         Would load 1/1 tensors

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..matching import match
-from ..plan import TensorSpec
+from ..plans import TensorSpec
 from .cache import write_json
 from .results import Candidate
 from .scoring import KNOWN_SCORE, Query, score_signature, strip_common

@@ -11,7 +11,7 @@ import torch
 
 from .._fold import fold_keys
 from ..matching import match
-from ..plan import TensorSpec
+from ..plans import TensorSpec
 from .results import Candidate
 from .signatures import SENTINEL, key_patterns
 

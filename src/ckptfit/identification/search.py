@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CheckpointError
-from ..loading.planning import as_checkpoint
-from ..plan import TensorSpec
+from ..loading.planning import Source, as_checkpoint
+from ..plans import TensorSpec
 from .cache import cached_entries, index_dir, read_json, write_json
 from .hf import HF_FAMILIES, build_hf_family, hf_candidates, looks_hf
 from .results import Candidate, Identification
@@ -41,7 +41,7 @@ def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _query_of(source: Any, use: str | None, trust: bool) -> tuple[Query, str | None, str | None, dict | None]:
+def _query_of(source: Source, use: str | None, trust: bool) -> tuple[Query, str | None, str | None, dict | None]:
     ckpt, opened = as_checkpoint(source, trust)
     try:
         cand = ckpt.state_dict(use)
@@ -70,7 +70,7 @@ def _recorded_config(config: Any) -> dict | None:
     return out
 
 
-def identify(source: Any, *, top: int = 5, use: str | None = None, families: Sequence[str] | str | None = None,
+def identify(source: Source, *, top: int = 5, use: str | None = None, families: Sequence[str] | str | None = None,
              trust: bool = False) -> Identification:
     """Rank the known architectures (and constructor arguments) that could have produced a checkpoint.
 

@@ -16,7 +16,7 @@ from .._progress import progress
 from ..checkpoint import StateDictCandidate
 from ..dtypes import itemsize
 from ..lazy import CRC_CHUNK, LazyTensor, MappedFile, Record, buffer_of, collecting_reads, crc_error, locate
-from ..plan import Plan
+from ..plans import Plan
 from ..porting import apply_transform
 from .materialising import assign, device_for, holders_of, materialize_unloaded
 from .planning import Target

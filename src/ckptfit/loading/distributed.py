@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import LoadError
 from ..lazy import LazyTensor
 from ..report import LoadReport
-from .planning import Target, as_checkpoint, load_error, plan_checkpoint
+from .planning import Source, Target, as_checkpoint, load_error, plan_checkpoint
 
 __all__ = ["is_sharded", "load_sharded", "local_block"]
 
@@ -167,7 +167,7 @@ def _agree(error: BaseException | None, *, path: str | None, what: str) -> None:
                     hint=f"see the error raised on rank {rank}")
 
 
-def load_sharded(model: nn.Module, source: Any, *, partial: bool = False, use: str | None = None,
+def load_sharded(model: nn.Module, source: Source, *, partial: bool = False, use: str | None = None,
                  rename: Any = None, include: Any = None, exclude: Any = None, device: Any = None,
                  dtype: torch.dtype | None = None, trust: bool = False) -> LoadReport:
     """:func:`ckptfit.load` for a sharded or DDP-wrapped model; call it on every rank.

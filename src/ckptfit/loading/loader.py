@@ -16,7 +16,7 @@ from ..errors import LoadError
 from ..formats import open_checkpoint
 from ..hooks import metadata_of, run_after_load
 from ..lazy import checking_reads
-from ..plan import Plan
+from ..plans import Plan
 from ..report import LoadReport
 from ..specs import model_factory
 from .copying import Rollback, apply_plan
@@ -25,7 +25,7 @@ from .materialising import ZERO_COPY
 from .meta import parameters_on_meta
 from ..provenance import source_model_option
 from .options import check_options
-from .planning import Target, as_checkpoint, device_of, load_error, plan_checkpoint
+from .planning import Source, Target, as_checkpoint, device_of, load_error, plan_checkpoint
 
 __all__ = ["open", "load", "build"]
 
@@ -70,7 +70,7 @@ def _after_apply(target: Target, cand: StateDictCandidate, p: Plan, ckpt: Checkp
     run_after_load(target.model, hooks, cand.tensors, p, metadata_of(ckpt.tree, cand.name))
 
 
-def load(model: nn.Module, source: Any, *, partial: bool = False, use: str | None = None,
+def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | None = None,
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
          trust: bool = False, transforms: Mapping[str, str] | None = None,
@@ -165,7 +165,7 @@ def _freeze(model: nn.Module, report: LoadReport) -> LoadReport:
     return replace(report, frozen=frozen)
 
 
-def _load(model: nn.Module, source: Any, *, partial: bool, use: str | None, rename, include, exclude, device: Any,
+def _load(model: nn.Module, source: Source, *, partial: bool, use: str | None, rename, include, exclude, device: Any,
           dtype: torch.dtype | None, trust: bool, transforms=(), verify: bool = True,
           sha256: str | None = None) -> LoadReport:
     start = time.perf_counter()
@@ -228,7 +228,7 @@ def _move_model(model: nn.Module, device: Any, dtype: torch.dtype | None) -> Non
                     store[name] = moved[id(t)] = new
 
 
-def build(factory: Callable[[], nn.Module] | str, source: Any, *, mmap: bool = False, train: bool = False,
+def build(factory: Callable[[], nn.Module] | str, source: Source, *, mmap: bool = False, train: bool = False,
           **load_options: Any) -> tuple[nn.Module, LoadReport]:
     """Construct a model without random init and fill it straight from the checkpoint.
 

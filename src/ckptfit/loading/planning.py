@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from ..formats.torch_zip import wrap_real
 from ..hooks import ModuleHooks, custom_modules, discover
 from ..lazy import LazyTensor
 from ..matching import match
-from ..plan import Plan, TensorSpec
+from ..plans import Plan, TensorSpec
 from ..porting import layouts_of, port, recorded_layouts
 from ..provenance import source_aware, source_model_option
 from ..report import render_plan
@@ -27,10 +27,12 @@ from .options import check_options
 
 __all__ = ["Source", "Target", "as_checkpoint", "device_of", "load_error", "plan", "plan_checkpoint"]
 
-Source = "str | os.PathLike[str] | Checkpoint | Mapping[str, torch.Tensor]"
+#: What the verbs take as a checkpoint: a path (file or folder; also ``hf://``, ``https://``,
+#: ``s3://``, ``gs://``), an opened :class:`~ckptfit.Checkpoint`, a state dict, or a module (its state dict).
+Source: TypeAlias = str | os.PathLike[str] | Checkpoint | Mapping[str, torch.Tensor] | nn.Module
 
 
-def as_checkpoint(source: Any, trust: bool, sha256: str | None = None) -> tuple[Checkpoint, bool]:
+def as_checkpoint(source: Source, trust: bool, sha256: str | None = None) -> tuple[Checkpoint, bool]:
     """(checkpoint, opened_here)."""
     if isinstance(source, Checkpoint):
         return source, False
@@ -153,7 +155,7 @@ def _choose(target: Target, ckpt: Checkpoint, *, use: str | None, partial: bool,
     return c, p, choice.reason
 
 
-def plan(model: nn.Module, source: Any, *, partial: bool = False, use: str | None = None,
+def plan(model: nn.Module, source: Source, *, partial: bool = False, use: str | None = None,
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
          trust: bool = False, transforms: Mapping[str, str] | None = None,

@@ -1,7 +1,7 @@
 """The matcher: which checkpoint tensor goes into which model tensor, and why.
 
-:func:`match` is pure: it sees names, shapes and dtypes (:class:`~ckptfit.plan.TensorSpec`),
-never tensor data, and returns a :class:`~ckptfit.plan.Plan` with one decision per model
+:func:`match` is pure: it sees names, shapes and dtypes (:class:`~ckptfit.plans.TensorSpec`),
+never tensor data, and returns a :class:`~ckptfit.plans.Plan` with one decision per model
 tensor. It runs in stages, each of which only looks at what the earlier ones left:
 
 1. **rule**: the user's ``rename=`` regexes rewrite checkpoint keys; ``include=`` /
@@ -27,7 +27,7 @@ The package, in the order a call runs through it:
 - :mod:`.matcher`: :func:`match` and the :class:`~.matcher.Matcher`'s state, stages 1-3
   (rules, exact names, learned prefixes);
 - :mod:`.alignment`: stage 4 (old key styles, structural alignment and its refusals);
-- :mod:`.decisions`: stages 5-7 and the :class:`~ckptfit.plan.Plan` built from them;
+- :mod:`.decisions`: stages 5-7 and the :class:`~ckptfit.plans.Plan` built from them;
 - :mod:`.names`: what the stages read in names (tokens, synonyms, the evidence names give).
 """
 from .matcher import match as match

@@ -1,5 +1,5 @@
 """Stages 5-7 of :func:`~.matcher.match`: shapes and dtypes, harmless differences, strictness;
-then the :class:`~ckptfit.plan.Plan`, with one decision per model tensor and a reason for every
+then the :class:`~ckptfit.plans.Plan`, with one decision per model tensor and a reason for every
 checkpoint tensor left unused."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 
-from ..plan import Decision, Plan, Stage, Unused
+from ..plans import Decision, Plan, Stage, Unused
 from .names import NBT, dtype_kind, dtype_name, fmt_shape, leaf
 
 __all__ = ["PlanMaking", "PARTIAL_MISSING", "PARTIAL_SHAPES"]

@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 
-from ..plan import Plan, Stage, TensorSpec
+from ..plans import Plan, Stage, TensorSpec
 from .alignment import StructuralStages
 from .decisions import PlanMaking
 from .names import MAX_LISTED, NBT, describe, leaf, model_over_ema, rule_for
@@ -54,7 +54,7 @@ def match(
             buffers). ``*.num_batches_tracked`` is always treated so.
 
     Returns:
-        A :class:`~ckptfit.plan.Plan` with exactly one decision per target key, in target
+        A :class:`~ckptfit.plans.Plan` with exactly one decision per target key, in target
         order; ``plan.problems`` is non-empty when the load must fail.
 
     Raises:
@@ -63,7 +63,7 @@ def match(
 
     Example:
         >>> import torch
-        >>> from ckptfit.plan import TensorSpec
+        >>> from ckptfit.plans import TensorSpec
         >>> model = [TensorSpec("fc.weight", (10, 4), torch.float32)]
         >>> ckpt = [TensorSpec("module.fc.weight", (10, 4), torch.float16)]
         >>> plan = match(model, ckpt)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..lazy import LazyTensor
-from ..plan import Plan
+from ..plans import Plan
 from .reports import OptimizerMapping
 
 __all__ = ["ModelParams", "map_optimizer"]

@@ -14,7 +14,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, LoadError
 from ..lazy import LazyTensor
 from ..loading import load, plan
-from ..plan import Plan
+from ..plans import Plan
 from .optimizer import ModelParams, map_optimizer
 from .parts import read_parts, real_value
 from .reports import OptimizerMapping, ResumePlan, ResumeReport

@@ -8,7 +8,7 @@ turned into JSON.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # annotations only: describing a checkpoint never imports torch
@@ -131,7 +131,6 @@ class Plan:
     container_reason: str = ""
     format: str | None = None
     path: str | None = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:

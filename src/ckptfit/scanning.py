@@ -23,7 +23,7 @@ Anomalies are oddities that are not in themselves code: CRC mismatches, trailing
 pickles, storages larger than their records.
 
 Example:
-    >>> report = ckptfit.scan.scan("downloaded.pth")              # doctest: +SKIP
+    >>> report = ckptfit.scan("downloaded.pth")                        # doctest: +SKIP
     >>> report.verdict, [r.qualname for r in report.dangerous]    # doctest: +SKIP
     ('dangerous', ['posix.system'])
 """
@@ -391,7 +391,7 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
         CheckpointError: the path does not exist.
 
     Example:
-        >>> print(ckptfit.scan.scan("model.pth"))                  # doctest: +SKIP
+        >>> print(ckptfit.scan("model.pth"))                          # doctest: +SKIP
         model.pth: torch-zip, 1 pickle(s), 123 CRC(s) checked
         verdict: clean: only tensors, plain data and known inert classes; ...
     """

@@ -314,7 +314,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, dtype: 
             no key or two keys end up with one name, or verification failed (then nothing is written).
 
     Example:
-        >>> from ckptfit.convert import convert
+        >>> from ckptfit.conversion import convert
         >>> result = convert("last.ckpt", "model.safetensors", dtype="bf16")      # doctest: +SKIP
         >>> result.verified                                                        # doctest: +SKIP
         True
