@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._fold import fold_keys, fold_pairs
+from .keyfolding import fold_keys, fold_pairs
 from .dtypes import dtype_name
 from .lazy import LazyTensor
 from .matching import match

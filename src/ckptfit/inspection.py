@@ -10,7 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._fold import fold_keys
+from .keyfolding import fold_keys
 from .checkpoint import Checkpoint
 from .formats import open_checkpoint
 
@@ -174,7 +174,7 @@ def _groups(items: list[tuple[str, Any]]) -> list[TensorGroup]:
     for (shape, dtype, device), members in by_sig.items():
         names = [n for n, _ in members]
         for pattern in fold_keys(names):
-            from ._fold import expand_pattern
+            from .keyfolding import expand_pattern
 
             covered = expand_pattern(pattern)
             count = len(covered)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._fold import fold_keys, fold_pairs
+from .keyfolding import fold_keys, fold_pairs
 from .plans import Decision, Plan, Unused
 
 if TYPE_CHECKING:  # torch for annotations only: describing a checkpoint never imports torch

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .._fold import fold_keys
+from ..keyfolding import fold_keys
 from ..matching import match
 from ..plans import TensorSpec
 from .results import Candidate

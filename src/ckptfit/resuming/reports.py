@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .._fold import fold_keys
+from ..keyfolding import fold_keys
 from ..report import LoadReport
 
 __all__ = ["OptimizerMapping", "ResumePlan", "ResumeReport"]

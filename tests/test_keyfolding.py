@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptfit._fold import expand_pattern, fold_keys, fold_pairs, group_by_module
+from ckptfit.keyfolding import expand_pattern, fold_keys, fold_pairs, group_by_module
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -195,7 +195,7 @@ def expand_pair_line(line: str) -> set[tuple[str, str]]:
     """Expand ``src -> tgt`` where the n-th brace on each side is the same choice."""
     from itertools import product
 
-    from ckptfit._fold import _parse
+    from ckptfit.keyfolding import _parse
 
     left, right = (_parse(side) for side in line.split(" -> "))
     braces_left = [c for c in left if len(c) > 1]
