@@ -251,7 +251,7 @@ class LoadReport:
         The keys to freeze for transfer learning, when doing it by hand:
 
         Example:
-            >>> from ckptfit.plan import Decision, Plan
+            >>> from ckptfit.plans import Decision, Plan
             >>> plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name"),))
             >>> LoadReport.from_plan(plan).loaded_keys
             ('fc.weight',)
