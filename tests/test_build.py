@@ -1,16 +1,15 @@
 """ckptfit.build: a model constructed on the meta device and filled straight from every format."""
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import pytest
-import safetensors.torch
 import torch
 import torch.nn as nn
 
 import ckptfit
+from _checkpoints import FORMATS, write_checkpoint
 from ckptfit.lazy import locate
 
 
@@ -53,41 +52,6 @@ def _source(seed: int = 0) -> Tiny:
     return m
 
 
-def _write(fmt: str, sd: dict[str, torch.Tensor], path) -> str:
-    """Write ``sd`` (ties already removed where the format needs it) in ``fmt``; returns the path."""
-    if fmt == "torch-zip":
-        p = os.fspath(path / "m.pt")
-        torch.save(sd, p)
-    elif fmt == "torch-legacy":
-        p = os.fspath(path / "m_legacy.pt")
-        torch.save(sd, p, _use_new_zipfile_serialization=False)
-    elif fmt == "safetensors":
-        p = os.fspath(path / "m.safetensors")
-        safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, p)
-    elif fmt == "hf-folder":
-        p = os.fspath(path / "hf")
-        os.makedirs(p)
-        keys = list(sd)
-        shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-                  "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
-        for name, ks in shards.items():
-            safetensors.torch.save_file({k: sd[k].contiguous() for k in ks}, os.path.join(p, name))
-        with open(os.path.join(p, "model.safetensors.index.json"), "w") as f:
-            json.dump({"weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
-    elif fmt == "dcp":
-        import torch.distributed.checkpoint as dcp
-
-        p = os.fspath(path / "dcp")
-        with pytest.warns(UserWarning):
-            dcp.save({k: v.clone() for k, v in sd.items()}, checkpoint_id=p)
-    else:
-        raise AssertionError(fmt)
-    return p
-
-
-FORMATS = ["torch-zip", "torch-legacy", "safetensors", "hf-folder", "dcp"]
-
-
 def _untied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if k != "head.weight"}
 
@@ -96,7 +60,7 @@ def _untied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_build_gives_exactly_the_checkpoint_values(tmp_path, fmt):
     src = _source()
     sd = _untied(src.state_dict())
-    path = _write(fmt, sd, tmp_path)
+    path = write_checkpoint(sd, tmp_path, fmt)
     model, report = ckptfit.build(Tiny, path)
     got = model.state_dict()
     for k, v in sd.items():
@@ -114,7 +78,7 @@ def test_build_gives_exactly_the_checkpoint_values(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["torch-zip", "safetensors", "torch-legacy"])
 def test_build_mmap_is_zero_copy_when_dtype_and_device_match(tmp_path, fmt):
     sd = _untied(_source().state_dict())
-    path = _write(fmt, sd, tmp_path)
+    path = write_checkpoint(sd, tmp_path, fmt)
     model, _ = ckptfit.build(Tiny, path, mmap=True)
     # the parameter's bytes lie inside the file's memory map: nothing was copied
     assert locate(model.body.weight) is not None
@@ -150,7 +114,7 @@ def test_build_torchscript_archive(tmp_path):
 def test_fp16_checkpoint_into_fp32_model(tmp_path):
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in _untied(_source().state_dict()).items()}
     for fmt in ("torch-zip", "safetensors"):
-        path = _write(fmt, sd, tmp_path)
+        path = write_checkpoint(sd, tmp_path, fmt)
         model, _ = ckptfit.build(Tiny, path)
         assert model.body.weight.dtype == torch.float32
         assert torch.equal(model.body.weight, sd["body.weight"].float())
@@ -160,7 +124,7 @@ def test_fp16_checkpoint_into_fp32_model(tmp_path):
 
 def test_dtype_and_device_options(tmp_path):
     sd = _untied(_source().state_dict())
-    path = _write("torch-zip", sd, tmp_path)
+    path = write_checkpoint(sd, tmp_path, "torch-zip")
     model, report = ckptfit.build(Tiny, path, dtype=torch.float64, device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     assert model.bn.running_mean.dtype == torch.float64  # a float buffer is cast too
@@ -173,7 +137,7 @@ def test_dtype_and_device_options(tmp_path):
 
 def test_partial_initialises_missing_with_reset_parameters(tmp_path):
     sd = {k: v for k, v in _untied(_source().state_dict()).items() if not k.startswith(("body.", "norm."))}
-    path = _write("torch-zip", sd, tmp_path)
+    path = write_checkpoint(sd, tmp_path, "torch-zip")
     model, report = ckptfit.build(Tiny, path, partial=True)
     w, b = model.body.weight, model.body.bias
     assert not w.is_meta and not b.is_meta
@@ -191,7 +155,7 @@ def test_partial_initialises_missing_with_reset_parameters(tmp_path):
 
 def test_partial_with_a_tied_tensor_missing_keeps_the_tie(tmp_path):
     sd = {k: v for k, v in _untied(_source().state_dict()).items() if k != "embed.weight"}
-    path = _write("safetensors", sd, tmp_path)
+    path = write_checkpoint(sd, tmp_path, "safetensors")
     model, _ = ckptfit.build(Tiny, path, partial=True)
     assert model.head.weight is model.embed.weight
     assert not model.embed.weight.is_meta
@@ -200,14 +164,14 @@ def test_partial_with_a_tied_tensor_missing_keeps_the_tie(tmp_path):
 
 def test_missing_tensors_without_partial_fail_and_name_them(tmp_path):
     sd = {k: v for k, v in _untied(_source().state_dict()).items() if not k.startswith("body.")}
-    path = _write("torch-zip", sd, tmp_path)
+    path = write_checkpoint(sd, tmp_path, "torch-zip")
     with pytest.raises(ckptfit.LoadError, match=r"body\.\{?.*weight"):
         ckptfit.build(Tiny, path)
 
 
 def test_build_from_a_spec_string(tmp_path):
     sd = _untied(_source().state_dict())
-    path = _write("torch-zip", sd, tmp_path)
+    path = write_checkpoint(sd, tmp_path, "torch-zip")
     model, _ = ckptfit.build("test_build:Tiny", path)  # package.module:factory, as the CLI takes it
     assert torch.equal(model.body.weight, sd["body.weight"])
 
@@ -224,11 +188,11 @@ def test_factory_must_return_a_module(tmp_path):
         ckptfit.build(lambda: 3, {})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["torch-zip", "safetensors"])
 def test_build_straight_to_cuda(tmp_path, fmt):
     sd = {k: (v.half() if k == "body.weight" else v) for k, v in _untied(_source().state_dict()).items()}
-    path = _write(fmt, sd, tmp_path)
+    path = write_checkpoint(sd, tmp_path, fmt)
     model, _ = ckptfit.build(Tiny, path, device="cuda")
     assert all(t.is_cuda for t in (*model.parameters(), *model.buffers()))
     for k, v in sd.items():

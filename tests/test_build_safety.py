@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 import ckptfit
+from _checkpoints import write_checkpoint
 from ckptfit.lazy import locate
 
 
@@ -21,14 +21,6 @@ class Net(nn.Module):
         super().__init__()
         self.fc = nn.Linear(512, 512)
         self.out = nn.Linear(512, 8)
-
-
-def _write(fmt: str, sd: dict, path: Path) -> Path:
-    if fmt == "safetensors":
-        save_file(sd, str(path))
-    else:
-        torch.save(sd, path)
-    return path
 
 
 def _rewrite_in_place(path: Path, data: bytes) -> None:
@@ -41,12 +33,11 @@ def _rewrite_in_place(path: Path, data: bytes) -> None:
 @pytest.mark.parametrize("fmt", ["torch-zip", "safetensors"])
 def test_built_model_keeps_its_values_when_the_file_is_rewritten(tmp_path: Path, fmt: str) -> None:
     sd = Net().state_dict()
-    path = _write(fmt, sd, tmp_path / f"last.{'pt' if fmt == 'torch-zip' else 'safetensors'}")
+    path = Path(write_checkpoint(sd, tmp_path, fmt, f"last.{'pt' if fmt == 'torch-zip' else 'safetensors'}"))
     model, report = ckptfit.build(Net, path)
     assert locate(model.fc.weight) is None  # private memory, not a view of the file
     other = Net().state_dict()  # same structure, other random values: a file of the same size
-    (tmp_path / "o").mkdir()
-    new = _write(fmt, other, tmp_path / "o" / path.name).read_bytes()  # same name: torch zips embed it
+    new = Path(write_checkpoint(other, tmp_path / "o", fmt, path.name)).read_bytes()  # same name: torch zips embed it
     assert len(new) == path.stat().st_size
     _rewrite_in_place(path, new)  # same size, other bytes
     for k, v in model.state_dict().items():
@@ -56,7 +47,7 @@ def test_built_model_keeps_its_values_when_the_file_is_rewritten(tmp_path: Path,
 def test_mmap_true_is_zero_copy_and_follows_the_file(tmp_path: Path) -> None:
     """The explicit opt-in keeps the old behaviour (and its risk): the weights view the file."""
     sd = Net().state_dict()
-    path = _write("safetensors", sd, tmp_path / "a.safetensors")
+    path = write_checkpoint(sd, tmp_path, "safetensors", "a.safetensors")
     model, _ = ckptfit.build(Net, path, mmap=True)
     assert locate(model.fc.weight) is not None
     assert torch.equal(model.fc.weight, sd["fc.weight"])

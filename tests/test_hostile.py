@@ -37,17 +37,12 @@ import ckptfit
 from ckptfit import (CheckpointError, CorruptCheckpoint, NotACheckpoint, ResourceLimitExceeded, UnsafeCheckpoint,
                      UnsupportedFormat)
 from ckptfit.scanning import scan
+from _checkpoints import linear_state_dict
 
-TIME_LIMIT_S = 20
 MEMORY_LIMIT = 1 << 30
 
 
 # ----------------------------------------------------------------------------------------- builders
-
-def _sd() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return nn.Linear(3, 4).state_dict()
-
 
 def _cmd(canary: pathlib.Path) -> bytes:
     return f"touch {canary}".encode()
@@ -67,7 +62,7 @@ def _torch_zip(path: pathlib.Path, data_pkl: bytes | None = None, *, obj=None, e
                drop: tuple[str, ...] = ()) -> pathlib.Path:
     """A real torch.save archive of ``obj`` (default: a state dict), with members replaced or added."""
     buf = io.BytesIO()
-    torch.save(obj if obj is not None else _sd(), buf)
+    torch.save(obj if obj is not None else linear_state_dict(), buf)
     src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
     prefix = src.namelist()[0].split("/")[0] + "/"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
@@ -174,7 +169,7 @@ CASES: list[Case] = [
                                           + _s(b"import os") + b"tR."),
          UnsafeCheckpoint, DANGER + r"torch\.fx\.graph_module\.reduce_graph_module", "both"),
     # ---- in a torch zip, a legacy file, nested in metadata, hidden after STOP / beside data.pkl
-    Case("zip-metadata", lambda t, c: _torch_zip(t / "m.pt", obj={"state_dict": _sd(), "meta": [{"x": _system(c)}]}),
+    Case("zip-metadata", lambda t, c: _torch_zip(t / "m.pt", obj={"state_dict": linear_state_dict(), "meta": [{"x": _system(c)}]}),
          UnsafeCheckpoint, DANGER + r"posix\.system \(called\)", "both"),
     Case("zip-after-stop", lambda t, c: _torch_zip(t / "m.pt", _zip_data_pkl() + pickle.dumps(_system(c))),
          UnsafeCheckpoint, DANGER + r"posix\.system \(called\)", "both"),
@@ -267,7 +262,7 @@ CASES: list[Case] = [
 def _zip_data_pkl() -> bytes:
     """data.pkl of ``_torch_zip``'s default state dict (weight [4, 3], bias [4])."""
     buf = io.BytesIO()
-    torch.save(_sd(), buf)
+    torch.save(linear_state_dict(), buf)
     z = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
     return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
 
@@ -319,7 +314,7 @@ def _raw_zip(path: pathlib.Path, members: list[tuple[str, bytes, int, int, int]]
 def _deflate_bomb(path: pathlib.Path, lie: bool = False) -> pathlib.Path:
     """data.pkl replaced by 256 MiB of zeros deflated to ~250 KB (built in 1 MiB steps, never whole)."""
     buf = io.BytesIO()
-    torch.save(_sd(), buf)
+    torch.save(linear_state_dict(), buf)
     z = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     chunk = bytes(1 << 20)
@@ -431,9 +426,7 @@ def test_hostile(case: Case, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyP
     # it against the real limit in a fresh process and measures its memory.
     if case.id == "set-memory-bomb":
         monkeypatch.setattr(ckptfit.safety, "MAX_OBJECT_BYTES", 64 << 20)
-    start = time.perf_counter()
-    run_case(case, tmp_path)
-    assert time.perf_counter() - start < TIME_LIMIT_S
+    run_case(case, tmp_path)  # the cases that could hang or blow up run isolated, under a watchdog
 
 
 def test_enough_cases() -> None:
@@ -456,7 +449,7 @@ def test_scan_cli_exit_codes(tmp_path: pathlib.Path) -> None:
     from ckptfit.cli import main
 
     canary = tmp_path / "canary"
-    bad = _torch_zip(tmp_path / "bad.pt", obj={"state_dict": _sd(), "x": _system(canary)})
+    bad = _torch_zip(tmp_path / "bad.pt", obj={"state_dict": linear_state_dict(), "x": _system(canary)})
     good = _torch_zip(tmp_path / "good.pt")
     runner = CliRunner()
     r = runner.invoke(main, ["scan", str(bad)])
@@ -501,7 +494,7 @@ def test_scan_npy_npz(tmp_path: pathlib.Path) -> None:
 
 
 def test_scan_legacy_and_torchscript_are_clean(tmp_path: pathlib.Path) -> None:
-    torch.save({"sd": _sd()}, tmp_path / "l.pt", _use_new_zipfile_serialization=False)
+    torch.save({"sd": linear_state_dict()}, tmp_path / "l.pt", _use_new_zipfile_serialization=False)
     r = scan(tmp_path / "l.pt")
     assert r.format == "torch-legacy" and r.verdict == "clean" and len(r.pickles) == 5
     torch.jit.save(torch.jit.trace(nn.Linear(3, 4), torch.randn(1, 3)), tmp_path / "ts.pt")
@@ -528,7 +521,7 @@ def _check_loads_exactly(path: pathlib.Path, sd: dict[str, torch.Tensor]) -> ckp
 
 @pytest.mark.parametrize("protocol", [4, 5])
 def test_benign_protocols(tmp_path: pathlib.Path, protocol: int) -> None:
-    sd = _sd()
+    sd = linear_state_dict()
     torch.save(sd, tmp_path / "p.pt", pickle_protocol=protocol)
     _check_loads_exactly(tmp_path / "p.pt", sd)
 
@@ -536,7 +529,7 @@ def test_benign_protocols(tmp_path: pathlib.Path, protocol: int) -> None:
 def test_benign_metadata(tmp_path: pathlib.Path) -> None:
     from omegaconf import OmegaConf
 
-    sd = _sd()
+    sd = linear_state_dict()
     obj = {"state_dict": sd, "args": argparse.Namespace(lr=0.1, name="run"), "np_scalar": np.float32(1.5),
            "np_int": np.int64(7), "np_array": np.arange(6, dtype=np.float64).reshape(2, 3),
            "path": pathlib.PosixPath("/data/run1"), "win": pathlib.PureWindowsPath("C:/data/run1"),
@@ -554,7 +547,7 @@ def test_benign_metadata(tmp_path: pathlib.Path) -> None:
 
 def test_benign_windows_path_crafted(tmp_path: pathlib.Path) -> None:
     """A pickle naming pathlib.WindowsPath (what Windows writes; not instantiable on Linux) loads as data."""
-    sd = _sd()
+    sd = linear_state_dict()
     torch.save({"state_dict": sd, "out": pathlib.PureWindowsPath("D:/out")}, tmp_path / "w.pt")
     data = zipfile.ZipFile(tmp_path / "w.pt").read("w/data.pkl").replace(b"PureWindowsPath", b"WindowsPath")
     _torch_zip(tmp_path / "w2.pt", data, obj={"state_dict": sd, "out": pathlib.PureWindowsPath("D:/out")})
@@ -563,7 +556,7 @@ def test_benign_windows_path_crafted(tmp_path: pathlib.Path) -> None:
 
 
 def test_placeholders_cannot_be_pickled_back(tmp_path: pathlib.Path) -> None:
-    torch.save({"state_dict": _sd(), "args": argparse.Namespace(a=1)}, tmp_path / "m.pt")
+    torch.save({"state_dict": linear_state_dict(), "args": argparse.Namespace(a=1)}, tmp_path / "m.pt")
     ckpt = ckptfit.open(tmp_path / "m.pt")
     with pytest.raises(TypeError, match="placeholder cannot be pickled"):
         pickle.dumps(ckpt.tree["args"])

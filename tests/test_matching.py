@@ -1,7 +1,6 @@
 """Unit tests of the matcher on plain lists of TensorSpec: one realistic case per test."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -430,10 +429,8 @@ def test_include_loads_only_what_it_names():
 def test_twenty_thousand_keys_plan_quickly():
     model = [spec(f"blocks.{i}.{p}.weight", 64 + i % 7, 64) for i in range(5000) for p in ("q", "k", "v", "o")]
     ckpt = prefixed(model, "model._orig_mod.")
-    start = time.perf_counter()
     plan = match(model, ckpt)
     assert plan.ok and len(plan.loads) == 20_000
     # unrelated names: every stage has to look and give up
     plan = match(model, [spec(f"x{i}.y.{i % 13}", 3, i % 17 + 1) for i in range(20_000)], partial=True)
-    assert plan.loads == ()
-    assert time.perf_counter() - start < 10  # generous: the point is that it completes
+    assert plan.loads == ()  # completes: the number of steps each stage takes is tests/test_scaling.py's

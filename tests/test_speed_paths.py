@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import ckptfit
+from _checkpoints import write_checkpoint
 from ckptfit.loading import copying
 from ckptfit._progress import progress
 from ckptfit.lazy import MappedFile, locate
@@ -34,20 +35,10 @@ def _sd(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in m.state_dict().items()}
 
 
-def _save(sd: dict[str, torch.Tensor], path, fmt: str) -> str:
-    if fmt == "safetensors":
-        p = os.fspath(path / "n.safetensors")
-        safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, p)
-    else:
-        p = os.fspath(path / "n.pt")
-        torch.save(sd, p)
-    return p
-
-
 @pytest.mark.parametrize("fmt", ["torch-zip", "safetensors"])
 def test_load_keeps_parameter_identity_requires_grad_and_owns_its_memory(tmp_path, fmt):
     sd = _sd()
-    path = _save(sd, tmp_path, fmt)
+    path = write_checkpoint(sd, tmp_path, fmt)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = {n: p for n, p in model.named_parameters()}
@@ -66,7 +57,7 @@ def test_load_keeps_parameter_identity_requires_grad_and_owns_its_memory(tmp_pat
 def test_fp16_file_into_fp32_model_streamed_in_pieces(tmp_path, fmt, monkeypatch):
     monkeypatch.setattr(copying, "_CHUNK_BYTES", 24)  # several pieces per tensor, one odd last piece
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in _sd().items()}
-    path = _save(sd, tmp_path, fmt)
+    path = write_checkpoint(sd, tmp_path, fmt)
     model = Net()
     ckptfit.load(model, path)
     assert model.a.weight.dtype == torch.float32
@@ -79,7 +70,7 @@ def test_fp16_file_into_fp32_model_streamed_in_pieces(tmp_path, fmt, monkeypatch
 
 def test_load_with_device_and_dtype_keeps_identity(tmp_path):
     sd = _sd()
-    path = _save(sd, tmp_path, "torch-zip")
+    path = write_checkpoint(sd, tmp_path, "torch-zip")
     model = Net()
     params = list(model.parameters())
     report = ckptfit.load(model, path, device="cpu", dtype=torch.float64)
@@ -95,7 +86,7 @@ def test_non_contiguous_and_shared_storage_sources(tmp_path):
     big = torch.randn(2, 8, 16)
     sd["b.weight"] = big[1]  # (8, 16) at an offset inside a larger storage
     assert not sd["a.weight"].is_contiguous()
-    path = _save(sd, tmp_path, "torch-zip")
+    path = write_checkpoint(sd, tmp_path, "torch-zip")
     model = Net()
     ckptfit.load(model, path)
     assert torch.equal(model.a.weight, sd["a.weight"]) and torch.equal(model.b.weight, sd["b.weight"])
@@ -174,11 +165,11 @@ def test_progress_is_silent_without_a_terminal_and_draws_when_forced():
     assert not bar.shown
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_load_into_a_cuda_model(tmp_path, monkeypatch):
     monkeypatch.setattr(copying, "_CHUNK_BYTES", 64)  # many pieces: the two pinned buffers alternate
     sd = {k: (v.half() if k == "a.weight" else v) for k, v in _sd().items()}
-    path = _save(sd, tmp_path, "safetensors")
+    path = write_checkpoint(sd, tmp_path, "safetensors")
     model = Net().cuda()
     params = list(model.parameters())
     ckptfit.load(model, path)

@@ -329,7 +329,7 @@ def test_output_is_reread_by_ckptfits_own_readers_before_the_rename(tmp_path, mo
     assert [(n.startswith(".s.") and n.endswith(".partial"), f) for n, f in opened if n != "src.pth"] == [(True, fmt)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_tensors_keep_views_and_ties(tmp_path):
     flat = torch.arange(8.0, device="cuda")
     w = torch.randn(3, 4, device="cuda")
