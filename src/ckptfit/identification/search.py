@@ -152,19 +152,27 @@ def _group_store(root: str, group: str) -> Store:
     return Store(os.path.join(root, "timm", re.sub(r"[^A-Za-z0-9_.-]", "_", group) + ".json"))
 
 
-def _timm_signatures(query: Query, patterns: list[str] | None, root: str, notes: list[str],
-                     searched: list[str]) -> list[dict]:
-    """timm signatures worth comparing: groups resembling the checkpoint, indexed in full on demand."""
+def _timm_groups(root: str, patterns: list[str] | None) -> tuple[list[dict], dict[str, list[dict]], str, dict]:
+    """timm's entries allowed by ``patterns``, grouped by module and name stem; the path of the
+    group representatives' key patterns and what it holds (``{"patterns": {group: [...]}}``)."""
     entries = [e for e in cached_entries(root, "timm", timm_entries) if _allowed(e["arch"], patterns)]
-    if not entries:
-        return []
     groups: dict[str, list[dict]] = {}
     for e in entries:
         groups.setdefault(e["group"], []).append(e)
-    # one representative per group: its key patterns are all the prefilter needs
     reps_path = os.path.join(root, "timm-groups.json")
     reps = read_json(reps_path)
-    known: dict[str, list[str]] = reps.setdefault("patterns", {})
+    reps.setdefault("patterns", {})
+    return entries, groups, reps_path, reps
+
+
+def _timm_signatures(query: Query, patterns: list[str] | None, root: str, notes: list[str],
+                     searched: list[str]) -> list[dict]:
+    """timm signatures worth comparing: groups resembling the checkpoint, indexed in full on demand."""
+    entries, groups, reps_path, reps = _timm_groups(root, patterns)
+    if not entries:
+        return []
+    # one representative per group: its key patterns are all the prefilter needs
+    known: dict[str, list[str]] = reps["patterns"]
     todo = {g: members for g, members in groups.items() if g not in known}
     if todo:
         t0 = time.perf_counter()
@@ -219,13 +227,8 @@ def build_index(*, families: Sequence[str] | str | None = None, workers: int | N
         store.ensure(entries, workers)
         counts["torchvision"] = len(entries)
     if _have("timm"):
-        entries = [e for e in cached_entries(root, "timm", timm_entries) if _allowed(e["arch"], patterns)]
-        groups: dict[str, list[dict]] = {}
-        for e in entries:
-            groups.setdefault(e["group"], []).append(e)
-        reps_path = os.path.join(root, "timm-groups.json")
-        reps = read_json(reps_path)
-        known = reps.setdefault("patterns", {})
+        entries, groups, reps_path, reps = _timm_groups(root, patterns)
+        known = reps["patterns"]
         stores = {g: _group_store(root, g) for g in groups}
         todo = [e for g, members in groups.items() for e in members if e["id"] not in stores[g].sigs]
         built = {s["id"]: s for s in build_many(todo, workers)}
