@@ -230,3 +230,35 @@ def test_cli_source_model(tmp_path):
                        src.layer2[0].downsample[0].weight)
     r = CliRunner().invoke(main, base + ["--source-model", "resnet18"])
     assert r.exit_code == 2 and "a model SPEC" in r.output
+
+
+# ---------------------------------------------------------------------------------- ConvNeXt
+
+def _timm_convnext(conv_mlp=False):
+    return timm.create_model("convnext_atto", dims=(8, 16, 32, 64), depths=(1, 1, 2, 1), num_classes=10,
+                             pretrained=False, conv_mlp=conv_mlp)
+
+
+def _hf_convnext(eps=1e-6):  # timm's head norm has eps 1e-6; ConvNextConfig's layer_norm_eps defaults to 1e-12
+    return transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+        hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], num_labels=10, layer_norm_eps=eps))
+
+
+@pytest.mark.parametrize("src_fn,dst_fn", [(_timm_convnext, _hf_convnext), (_hf_convnext, _timm_convnext)])
+def test_convnext_timm_and_transformers(src_fn, dst_fn):
+    src = _random(src_fn())
+    model = dst_fn().eval()
+    ckptfit.load(model, src.state_dict(), source_model=src_fn)
+    _same_function(model, src, torch.randn(2, 3, 64, 64))
+
+
+def test_convnext_refusals():
+    src = _random(_timm_convnext())
+    with pytest.raises(ckptfit.LoadError, match=r"'convnext\.layernorm' has eps=1e-12 where the source model's "
+                                                r"'head\.norm' has eps=1e-06"):
+        ckptfit.load(_hf_convnext(eps=1e-12), src.state_dict(), source_model=_timm_convnext)
+    src = _random(_timm_convnext(conv_mlp=True))  # 1x1 convolutions where transformers has Linear layers
+    with pytest.raises(ckptfit.LoadError, match=r"not aligned by forward order: the forward passes part at "
+                                                r"'stages\.0\.blocks\.0\.mlp\.fc1\.weight' \(conv2d weight "
+                                                r"\[32, 8, 1, 1\]\)"):
+        ckptfit.load(_hf_convnext(), src.state_dict(), source_model=lambda: _timm_convnext(conv_mlp=True))
