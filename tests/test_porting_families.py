@@ -49,8 +49,11 @@ def test_torchvision_resnet18_into_transformers_resnet(tmp_path):
     src = _trained(_tv_resnet())
     save_file(src.state_dict(), tmp_path / "r18.safetensors")
     model = _hf_resnet().eval()
-    with pytest.raises(ckptfit.LoadError, match="names do not settle"):  # names alone cannot tell
+    with pytest.raises(ckptfit.LoadError, match="names do not settle") as e:  # names alone cannot tell
         ckptfit.load(model, tmp_path / "r18.safetensors")
+    assert ("if you know the implementation that wrote the file, name it with source_model= (a model SPEC such as "
+            "'torchvision:resnet18', a zero-argument factory, or 'identify'; CLI: --source-model SPEC): its forward "
+            "pass settles which tensor is which") in e.value.plan.suggestions
     report = ckptfit.load(model, tmp_path / "r18.safetensors", source_model=_tv_resnet)
     _same_function(model, src, torch.randn(2, 3, 64, 64))
     text = str(report)

@@ -117,3 +117,33 @@ def test_recorded_class_path_is_imported_only_with_trust(fitted, tmp_path):
     model, report = ckptfit.from_checkpoint(path, trust=True)
     _same(model, lit)
     assert report.model.startswith("test_porting_lightning.Lit(hidden=6, classes=5, lr=0.1) (recorded in")
+
+
+class Widths:
+    """A hyper-parameter object of the user's own class: the restricted reader keeps it inert."""
+
+    def __init__(self, hidden):
+        self.hidden = hidden
+
+
+class LitObj(pl.LightningModule):
+    def __init__(self, widths=None):
+        super().__init__()
+        self.save_hyperparameters()
+        widths = widths or Widths(8)
+        self.net = nn.Sequential(nn.Linear(4, widths.hidden), nn.ReLU(), nn.Linear(widths.hidden, 3))
+
+    forward, training_step = Lit.forward, Lit.training_step
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_hyper_parameters_holding_objects_need_trust(tmp_path):
+    lit = _fit(LitObj(Widths(5)), tmp_path / "obj.ckpt").eval()
+    with pytest.raises(ckptfit.CheckpointError, match=r"the checkpoint's hyper_parameters hold objects of "
+                                                      r"test_porting_lightning\.Widths, which ckptfit keeps inert") as e:
+        ckptfit.build(LitObj, tmp_path / "obj.ckpt")
+    assert "pass trust=True (CLI: --trust)" in str(e.value)
+    model, _ = ckptfit.build(LitObj, tmp_path / "obj.ckpt", trust=True)
+    _same(model, lit)

@@ -192,6 +192,11 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
     except Exception as e:  # noqa: BLE001 - identify / config.json of any file: explained, not raised
         return replace(plan, warnings=plan.warnings + (f"no source model: {str(e).splitlines()[0][:200]}",))
     if found is None:
+        if any(": ambiguous: " in x for x in plan.problems):  # names cannot tell look-alikes apart
+            hint = ("if you know the implementation that wrote the file, name it with source_model= (a model SPEC "
+                    "such as 'torchvision:resnet18', a zero-argument factory, or 'identify'; CLI: --source-model "
+                    "SPEC): its forward pass settles which tensor is which")
+            return replace(plan, suggestions=plan.suggestions + (hint,))
         return plan
     factory, label = found
 
