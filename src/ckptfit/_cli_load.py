@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ._cli_common import SOURCE, console, echo_json, handle_errors, parse_device, parse_dtype, stderr
+from ._cli_verify import failure, input_option, reference_options, run_verify
 
 __all__ = ["load", "plan", "rename_rules"]
 
@@ -144,7 +145,10 @@ Examples:
 @click.option("--freeze", is_flag=True,
               help="Freeze the parameters that were loaded (requires_grad=False); the report lists them.")
 @click.option("--verify", "do_verify", is_flag=True,
-              help="Run one forward pass and check for NaN/Inf; exit 1 (and do not --save) if it fails.")
+              help="Run one forward pass and check for NaN/Inf (and against --reference); exit 1 (and do not "
+                   "--save) if it fails. For tensors left at init after any loader: ckptfit verify.")
+@input_option
+@reference_options
 @click.option("--save", "save_path", type=click.Path(), default=None,
               help="Write the loaded model's state dict here (.safetensors, else torch.save); every tensor kept, "
                    "tied weights once, atomic and re-read to verify. The folder must exist.")
@@ -160,7 +164,9 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
          device: str | None, dtype: str | None, do_verify: bool, save_path: str | None, as_json: bool,
          transform_rules: tuple[str, ...] = (), zero_copy: bool = False, no_crc: bool = False,
          adapt: str | None = None, sha256: str | None = None, freeze: bool = False,
-         source_model: str | None = None, source_model_args: tuple[str, ...] = ()) -> None:
+         source_model: str | None = None, source_model_args: tuple[str, ...] = (),
+         input_shape: str | None = None, reference_spec: str | None = None, reference_ckpt: str | None = None,
+         atol: float = 1e-5, rtol: float = 1e-4) -> None:
     """Load a checkpoint into a model and print the report.
 
     The model is built from --model SPEC without random init, then filled from the checkpoint
@@ -190,17 +196,17 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     result: dict[str, Any] = {"report": report.to_dict()}
     if not as_json:
         console().print(report)
-    if do_verify:
-        from .verification import verify
-
-        v = verify(model)
-        result["verify"] = {"ok": v.ok, "input_shape": v.input_shape, "output_shapes": v.output_shapes,
-                            "nonfinite": v.nonfinite, "error": v.error}
+    if do_verify or input_shape or reference_spec:
+        v = run_verify(model, input_shape=input_shape, reference_spec=reference_spec,
+                       reference_ckpt=reference_ckpt or ckpt, atol=atol, rtol=rtol, trust=trust, untrained=False)
+        result["verify"] = v.to_dict()
         if not as_json:
             click.echo(str(v))
-        if not v.ok:
-            message = "verify failed: " + (v.error or f"{v.nonfinite} NaN/Inf values in the output") + (
-                "; not saved" if save_path else "")
+        if v.skipped:  # no input to try: the load stands, the forward check did not run
+            stderr(f"warning: verify not run: {v.skipped}")
+        why = failure(v)
+        if why:
+            message = "verify failed: " + why + ("; not saved" if save_path else "")
             if as_json:
                 result["error"] = {"type": "VerifyFailed", "message": message,
                                    "hint": "the report says what was loaded; check the checkpoint and the model"}

@@ -21,6 +21,7 @@ from ._cli_demo import demo
 from ._cli_identify import identify_command
 from ._cli_load import load, plan
 from ._cli_scan import scan_command
+from ._cli_verify import verify_command
 
 __all__ = ["main"]
 
@@ -107,7 +108,7 @@ def diff(a: str, b: str, model_args: tuple[str, ...], no_values: bool, as_json: 
         sys.exit(EXIT_CODES["differ"])
 
 
-for _command in (load, plan, convert_command, identify_command, scan_command, demo):
+for _command in (load, plan, convert_command, identify_command, scan_command, demo, verify_command):
     main.add_command(_command)
 
 
