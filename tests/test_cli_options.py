@@ -201,7 +201,7 @@ def test_json_errors_for_every_command_with_json(small, tmp_path):
         "inspect": ["inspect", page], "load": ["load", page, "--model", f"{__name__}:Small"],
         "plan": ["plan", page, "--model", f"{__name__}:Small"], "diff": ["diff", ckpt, page],
         "convert": ["convert", page, tmp_path / "o.safetensors"], "identify": ["identify", page],
-        "scan": ["scan", page],
+        "scan": ["scan", page], "verify": ["verify", f"{__name__}:Small", page],
     }
     with_json = sorted(n for n, c in main.commands.items() if any("--json" in p.opts for p in c.params))
     assert sorted(commands) == with_json  # every command with --json is checked here

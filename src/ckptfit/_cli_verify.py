@@ -115,7 +115,7 @@ def verify_command(spec: str, ckpt: str | None, model_args: tuple[str, ...], par
     when every check passes, 1 when one fails (forward pass, NaN/Inf, --reference, tensors at
     init); a forward pass without an inferable input is skipped with a warning.
     """
-    from ._cli_load import _common
+    from ._cli_load import rename_rules
     from .specs import model_factory, parse_model_args
 
     factory = model_factory(spec, parse_model_args(model_args))
@@ -123,7 +123,7 @@ def verify_command(spec: str, ckpt: str | None, model_args: tuple[str, ...], par
     if ckpt is not None:
         from .loading import build
 
-        opts = _common(partial, use, renames, (), (), trust)
+        opts = dict(partial=partial, use=use, rename=rename_rules(renames), trust=trust)
         model, report = build(factory, ckpt, **opts)
         result["report"] = report.to_dict()
         if not as_json:
