@@ -145,7 +145,7 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
         offsets[key] = pos
         pos += numel * itemsize(dtype)
         if pos > len(data):
-            raise CorruptCheckpoint(f"storage {key!r} needs {numel * dtype.itemsize} bytes but the file ends "
+            raise CorruptCheckpoint(f"storage {key!r} needs {numel * itemsize(dtype)} bytes but the file ends "
                                     f"{pos - len(data)} bytes early (truncated)", path=path,
                                     hint="download or copy the file again")
     missing = set(records) - set(offsets)
