@@ -303,25 +303,30 @@ def _check_loaded(results: list[dict], name: str, *, transforms: list[str], cont
 
 # ------------------------------------------------------------------------------- tests
 
+@pytest.mark.slow
 def test_fsdp2_safetensors_with_module_prefix(two):
     _check_loaded(two, "fsdp_safetensors", transforms=["strip 'module.'"], container="")
     assert all(c["forward_equal"] for c in _case(two, "fsdp_safetensors"))
 
 
+@pytest.mark.slow
 def test_fsdp2_torch_zip_with_orig_mod_prefix(two):
     _check_loaded(two, "fsdp_torch_zip", transforms=["strip '_orig_mod.'"], container="state_dict")
 
 
+@pytest.mark.slow
 def test_dtensor_column_shards(two):
     _check_loaded(two, "dtensor_columns", transforms=["strip 'module.'"], container="")
 
 
+@pytest.mark.slow
 def test_strided_shard_is_read_whole_and_cut_locally(two):
     for c in _case(two, "strided_shard"):
         assert c["equal"]
         assert c["bytes_read"] == c["expected_bytes"]  # the whole checkpoint: this placement is not one block
 
 
+@pytest.mark.slow
 def test_ddp_wrapped_model_reads_everything_on_every_rank(two):
     cases = _case(two, "ddp")
     for c in cases:
@@ -330,6 +335,7 @@ def test_ddp_wrapped_model_reads_everything_on_every_rank(two):
         assert c["bytes_read"] == c["expected_bytes"]
 
 
+@pytest.mark.slow
 def test_shape_mismatch_raises_on_every_rank_and_changes_nothing(two):
     cases = _case(two, "shape_mismatch")
     for c in cases:
@@ -339,6 +345,7 @@ def test_shape_mismatch_raises_on_every_rank_and_changes_nothing(two):
     assert cases[0]["message"] == cases[1]["message"]
 
 
+@pytest.mark.slow
 def test_read_failure_on_one_rank_raises_on_every_rank(two):
     r0, r1 = _case(two, "read_fails_on_one_rank")
     assert r1["raised"] == "CorruptCheckpoint", r1
@@ -347,10 +354,12 @@ def test_read_failure_on_one_rank_raises_on_every_rank(two):
     assert r0["unchanged"] and r1["unchanged"]
 
 
+@pytest.mark.slow
 def test_dcp_saved_on_2_ranks_loads_on_3(three):
     _check_loaded(three, "dcp_2_to_3", transforms=[], container="model")
 
 
+@pytest.mark.slow
 def test_bytes_read_per_rank_is_about_a_share(two, three):
     sd = _make().state_dict()
     total = sum(v.numel() * v.element_size() for v in sd.values())
@@ -364,6 +373,7 @@ def test_bytes_read_per_rank_is_about_a_share(two, three):
         assert c["bytes_read"] <= (total - replicated) / 3 * 1.02 + replicated
 
 
+@pytest.mark.slow
 def test_dcp_saved_on_2_ranks_loads_in_one_process(files, two):
     model = _zeroed(_make())
     report = ckptfit.load(model, f"{files}/dcp2")
@@ -372,6 +382,7 @@ def test_dcp_saved_on_2_ranks_loads_in_one_process(files, two):
         assert torch.equal(model.state_dict()[k], v), k
 
 
+@pytest.mark.slow
 def test_load_slice_reads_blocks(files, two):
     ref = _make().state_dict()["0.weight"]  # [256, 64]
     block = (slice(10, 100), slice(3, 40))

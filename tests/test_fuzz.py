@@ -258,6 +258,7 @@ def test_flipped_pickle_never_escapes(tmp_path) -> None:
 
 # ----------------------------------------------------------------------------------------- every entry point
 
+@pytest.mark.slow
 def test_generated_hostile_inputs_on_every_entry_point(tmp_path, monkeypatch) -> None:
     """Generated pickles (real stdlib/torch/numpy callables, tensor rebuilds of any storage type and view,
     memo tricks, raw opcodes) and folder metadata (index, config.json, safetensors header, DCP fields),

@@ -433,6 +433,7 @@ def test_enough_cases() -> None:
     assert len(CASES) >= 30
 
 
+@pytest.mark.slow
 def test_memory_and_time_bounds(tmp_path: pathlib.Path) -> None:
     """The resource attacks in one fresh process, real limits: peak RSS stays within 1 GB of the baseline."""
     proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=300)

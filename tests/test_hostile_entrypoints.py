@@ -376,6 +376,7 @@ def isolated_results(tmp_path_factory, _identify_cache) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ISOLATED, ids=[c.id for c in ISOLATED])
 def test_entry_points_isolated(case: Case, isolated_results: dict[str, dict]) -> None:
     """Cases that crashed (segfault), hung or took gigabytes, run in a child under a timeout and an address-space cap."""

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1] / "src" / "ckptfit"
 PACKAGE = "ckptfit"
 
@@ -186,6 +188,7 @@ sys.exit(1 if failed else 0)
 """
 
 
+@pytest.mark.slow
 def test_every_module_imports_first():
     """Each module can be the first ckptfit module imported (no cycle hidden by import order)."""
     names = sorted(n for n in MODULES if n != PACKAGE)
