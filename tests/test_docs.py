@@ -32,7 +32,7 @@ from ckptfit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "docs" / "troubleshooting.md", ROOT / "README.md", ROOT / "docs" / "porting.md", ROOT / "docs" / "cli.md",
-        ROOT / "docs" / "sources.md"]
+        ROOT / "docs" / "sources.md", ROOT / "docs" / "verify.md"]
 
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 _RAISES = re.compile(r"^(?P<indent>[ \t]*)(?P<stmt>\S.*?)\s+# raises (?P<exc>\w+)(?::\s*(?P<msg>.*))?$")
