@@ -15,6 +15,7 @@ from typing import Any, Literal
 from ._gc import gc_paused
 from .errors import CheckpointError, ResourceLimitExceeded
 from .lazy import LazyTensor
+from .matching.names import EMA_WORDS
 from .safety import PickleScan, Placeholder, to_plain
 
 __all__ = ["Checkpoint", "StateDictCandidate", "Safety", "Choice"]
@@ -24,7 +25,6 @@ CandidateKind = Literal["model", "ema", "optimizer", "module", "other"]
 # Preferred names for the model's own weights, best first.
 _MODEL_NAMES = ("state_dict", "model_state_dict", "model", "module", "net", "network", "params", "weights",
                 "model_weights", "params_ema_free", "generator", "student", "backbone")
-_EMA_WORDS = ("ema", "average", "swa", "shadow", "polyak")
 _OPT_WORDS = ("optim", "opt_state", "optimizer")
 _SCHED_WORDS = ("sched", "lr_")
 _META_KEYS = {"_metadata"}
@@ -89,7 +89,7 @@ class Safety:
 def _kind_of(name: str) -> CandidateKind:
     """``ema`` or ``optimizer`` when any segment of the key path says so (``model_ema.module``), else ``model``."""
     parts = [p.lower() for p in name.split(".")]
-    if any(w in p for p in parts for w in _EMA_WORDS):
+    if any(w in p for p in parts for w in EMA_WORDS):
         return "ema"
     if any(w in p for p in parts for w in _OPT_WORDS):
         return "optimizer"
@@ -415,7 +415,7 @@ def _prefix_inside(cands: list[StateDictCandidate], use: str) -> tuple[StateDict
     for c in cands:
         if use == "ema":
             firsts = dict.fromkeys(k.split(".", 1)[0] for k in c.tensors if "." in k)
-            found.extend((c, f + ".") for f in firsts if any(w in f.lower() for w in _EMA_WORDS))
+            found.extend((c, f + ".") for f in firsts if any(w in f.lower() for w in EMA_WORDS))
             continue
         inner = use[len(c.name) + 1:] if c.name and use.startswith(c.name + ".") else use
         if inner and any(k.startswith(inner + ".") for k in c.tensors):

@@ -39,11 +39,13 @@ def describe(a: str, b: str) -> str:
     return f"replace '{a}' with '{b}'"
 
 
-_EMA_WORDS = ("ema", "shadow", "average", "swa", "polyak")
+# Words that mark a name as an EMA / averaged copy of the weights (the one table: the
+# state-dict chooser in ckptfit.checkpoint reads it too).
+EMA_WORDS = ("ema", "average", "swa", "shadow", "polyak")
 
 
 def _is_ema_prefix(prefix: str) -> bool:
-    return any(w in seg.lower() for seg in prefix.split(".") if seg for w in _EMA_WORDS)
+    return any(w in seg.lower() for seg in prefix.split(".") if seg for w in EMA_WORDS)
 
 
 def model_over_ema(conflicting: list[tuple[str, str]]) -> tuple[str, str] | None:
