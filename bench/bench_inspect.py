@@ -5,10 +5,16 @@ Writes torch zip and safetensors files of the same 64 tensors at two sizes (defa
 times ``ckptfit.open(path)`` plus listing every tensor's name, shape and dtype, against
 ``torch.load(path)`` (reads every byte) and ``torch.load(path, mmap=True)``.
 
+Then the whole command, as a user waits for it (wall-clock of a fresh process, interpreter start
+included): ``python -m ckptfit inspect FILE`` (which never imports torch) against
+``python -c "import torch; torch.load(FILE)"`` (``safetensors.torch.load_file`` for a
+safetensors file) and against ``python -c pass``, the interpreter alone; the ratio is printed.
+
 Usage::
 
     python bench/bench_inspect.py                     # 100 MB and 1024 MB
     python bench/bench_inspect.py --size 100 --size 2048 --repeat 5
+    python bench/bench_inspect.py --size 1024 --repeat 5 --cli-only   # just the commands
 """
 from __future__ import annotations
 
@@ -86,10 +92,45 @@ def run(how: str, path: str, repeat: int) -> float:
     return best
 
 
+def wall(cmd: list[str], repeat: int) -> float:
+    """Best wall-clock of ``cmd`` in a fresh process (interpreter start and imports included)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CKPTFIT_PROGRESS="0"))
+        seconds = time.perf_counter() - t
+        if res.returncode:
+            raise SystemExit(f"{cmd}: {res.stderr[-2000:]}")
+        best = min(best, seconds)
+    return best
+
+
+def cli_row(path: str, repeat: int) -> dict:
+    with open(path, "rb", buffering=0) as f:  # warm page cache
+        buf = bytearray(16 << 20)
+        while f.readinto(buf):
+            pass
+    if path.endswith(".safetensors"):
+        load = f"from safetensors.torch import load_file; load_file({path!r})"
+        load_name = "load_file"
+    else:
+        load = f"import torch; torch.load({path!r}, weights_only=True)"
+        load_name = "torch.load"
+    # interleaved, so a busy machine slows each command alike
+    runs: dict[str, list[float]] = {"inspect": [], "load": [], "python": []}
+    for _ in range(repeat):
+        runs["inspect"].append(wall([sys.executable, "-m", "ckptfit", "inspect", path], 1))
+        runs["load"].append(wall([sys.executable, "-c", load], 1))
+        runs["python"].append(wall([sys.executable, "-c", "pass"], 1))
+    return {"size": os.path.getsize(path), "fmt": "safetensors" if path.endswith(".safetensors") else "torch zip",
+            "load_name": load_name, **{k: min(v) for k, v in runs.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=float, action="append", help="file size in MB (repeatable; default 100 and 1024)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cli-only", action="store_true", help="time only the commands (ckptfit inspect vs torch.load)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -98,9 +139,17 @@ def main() -> None:
     sizes = args.size or [100, 1024]
     folder = tempfile.mkdtemp(prefix="ckptfit-inspect-")
     rows = []
+    cli_rows = []
     try:
         for size in sizes:
             for path in write(folder, size):
+                c = cli_row(path, args.repeat)
+                cli_rows.append(c)
+                print(f"  {os.path.basename(path):18s} ckptfit inspect {c['inspect']:.3f}s  python -c {c['load_name']} "
+                      f"{c['load']:.3f}s  python -c pass {c['python']:.3f}s", flush=True)
+                if args.cli_only:
+                    os.remove(path)
+                    continue
                 fmt = "safetensors" if path.endswith(".safetensors") else "torch zip"
                 other = "safe_open" if fmt == "safetensors" else "torch.load(mmap=True)"
                 full = "load_file" if fmt == "safetensors" else "torch.load"
@@ -114,6 +163,15 @@ def main() -> None:
                 os.remove(path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    print()
+    print("| file | size | `ckptfit inspect FILE` | `python -c \"import torch; torch.load(FILE)\"` | inspect / load | "
+          "`python -c pass` |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for c in cli_rows:
+        print(f"| {c['fmt']} | {c['size'] / 2**20:.0f} MiB | {c['inspect']:.3f} s | {c['load_name']}: {c['load']:.3f} s | "
+              f"{c['inspect'] / c['load']:.2f} | {c['python']:.3f} s |")
+    if not rows:
+        return
     print()
     print("| file | size | ckptfit.open + list | full load (same listing) | lazy torch/safetensors |")
     print("|---|---:|---:|---:|---:|")
