@@ -18,33 +18,43 @@ from .._gc import gc_paused
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, CorruptCheckpoint, NotACheckpoint
 
-__all__ = ["Reader", "register", "readers", "open_checkpoint", "open_local", "detect", "check_regular", "read_json"]
+__all__ = ["Reader", "register", "readers", "open_checkpoint", "open_local", "detect", "check_regular", "read_json",
+           "not_a_checkpoint"]
 
 HEAD_BYTES = 64
 
 
 @dataclass(frozen=True)
 class Reader:
-    """One on-disk format: how to recognise it and how to open it."""
+    """One on-disk format: how to recognise it, how to open it, and how ``ckptfit scan`` reads it.
+
+    ``scan(walk, path)``, when given, interprets every pickle the reader would read (and checks
+    what else it would trust) into a :class:`~ckptfit.scan_walk.ScanWalk`; for a folder it returns
+    the real paths of the files it covered. A reader without one is reported by ``ckptfit scan``
+    as one whose pickles it cannot find.
+    """
 
     name: str
     sniff: Callable[[str, bytes], bool]
     open: Callable[[str, bool], Checkpoint]
     priority: int = 0
     directory: bool = False
+    scan: Callable[..., object] | None = None
 
 
 _READERS: dict[str, Reader] = {}
 
 
-def register(name: str, *, sniff: Callable[[str, bytes], bool], priority: int = 0,
-             directory: bool = False) -> Callable[[Callable[[str, bool], Checkpoint]], Callable[[str, bool], Checkpoint]]:
-    """Decorator registering ``open(path, trust) -> Checkpoint`` as the reader of ``name``."""
+def register(name: str, *, sniff: Callable[[str, bytes], bool], priority: int = 0, directory: bool = False,
+             scan: Callable[..., object] | None = None,
+             ) -> Callable[[Callable[[str, bool], Checkpoint]], Callable[[str, bool], Checkpoint]]:
+    """Decorator registering ``open(path, trust) -> Checkpoint`` as the reader of ``name``, with its
+    ``scan(walk, path)`` hook for ``ckptfit scan`` (see :class:`Reader`)."""
 
     def deco(fn: Callable[[str, bool], Checkpoint]) -> Callable[[str, bool], Checkpoint]:
         if name in _READERS:
             warnings.warn(f"ckptfit format reader {name!r} registered twice; the later one wins", stacklevel=2)
-        _READERS[name] = Reader(name, sniff, fn, priority, directory)
+        _READERS[name] = Reader(name, sniff, fn, priority, directory, scan)
         return fn
 
     return deco

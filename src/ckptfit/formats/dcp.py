@@ -23,6 +23,8 @@ from . import check_regular, register
 if TYPE_CHECKING:
     import torch
 
+    from ..scan_walk import ScanWalk
+
 __all__ = ["open_dcp", "DcpChunk", "read_region"]
 
 
@@ -109,7 +111,65 @@ def read_region(path: str, chunks: list[DcpChunk], mapped: dict[str, MappedFile]
     return out if out is not None else torch.empty(tuple(h - l for l, h in zip(lo, hi)), dtype=dtype)
 
 
-@register("dcp", sniff=_sniff, priority=6, directory=True)
+def scan_dcp(w: ScanWalk, path: str) -> set[str]:
+    """The scan hook: a DCP folder's ``.metadata``, then every byte range its storage records point at, in
+    whatever file; returns the real paths it read."""
+    from ..scan_walk import MAX_SCAN_PICKLE, ScanWalk, looks_like_pickle
+    from .zip_scan import scan_zip_region
+
+    covered: set[str] = set()
+    mpath = os.path.join(path, ".metadata")
+    covered.add(os.path.realpath(mpath))
+    try:
+        if not os.path.isfile(mpath):
+            raise OSError("not a regular file")
+        with open(mpath, "rb") as f:
+            data = f.read(MAX_SCAN_PICKLE + 1)
+    except OSError as e:
+        w.errors.append(f".metadata: {e}")
+        return covered
+    md, _ = w.run(data, ".metadata")
+    storage = md.attributes().get("storage_data") if isinstance(md, Placeholder) else None
+    if not isinstance(storage, dict):
+        if md is not None:
+            w.errors.append(".metadata lacks storage_data: the storage records cannot be followed")
+        return covered
+    regions: dict[tuple[str, int, int], None] = {}
+    for info in storage.values():
+        fa = info.attributes() if isinstance(info, Placeholder) else {}
+        rel, off, length = fa.get("relative_path"), fa.get("offset"), fa.get("length")
+        if not isinstance(rel, str) or os.path.basename(rel) != rel or type(off) is not int \
+                or type(length) is not int or off < 0 or length < 0:
+            w.errors.append(f".metadata has a malformed storage record ({str(rel)[:60]!r}, {off!r}, {length!r})")
+            continue
+        regions[(rel, off, length)] = None
+    for rel, off, length in regions:
+        fp = os.path.join(path, rel)
+        if not os.path.isfile(fp):
+            w.errors.append(f"DCP data file {rel} is missing or not a regular file")
+            continue
+        covered.add(os.path.realpath(fp))
+        if off + length > os.path.getsize(fp):
+            w.errors.append(f"DCP data file {rel} is shorter than its records say (truncated)")
+            continue
+        with open(fp, "rb") as f:
+            f.seek(off)
+            head = f.read(min(length, 64))
+        label = f"{rel}@{off}:"
+        if head.startswith(b"PK\x03\x04"):
+            scan_zip_region(w, fp, off, length, label=label)
+        elif looks_like_pickle(head):  # torch.load of the record's bytes would unpickle them
+            with open(fp, "rb") as f:
+                f.seek(off)
+                region = f.read(min(length, MAX_SCAN_PICKLE))
+            sub = ScanWalk(fp)
+            sub.run(region, "record", allow_trailing=True)
+            w.absorb(sub, label)
+    w.format = "dcp"
+    return covered
+
+
+@register("dcp", sniff=_sniff, priority=6, directory=True, scan=scan_dcp)
 def open_dcp(path: str, trust: bool = False) -> Checkpoint:
     """Open a torch.distributed.checkpoint directory lazily, in one process, without a process group."""
     import torch  # the metadata's dtypes are torch dtypes: torch is imported to read them anyway

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import collections
 import os
+from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, CorruptCheckpoint
 from ..lazy import LazyTensor
 from . import check_regular, detect, read_json, register
+
+if TYPE_CHECKING:
+    from ..scan_walk import ScanWalk
 
 __all__ = ["open_hf_dir"]
 
@@ -37,7 +41,34 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-@register("hf-folder", sniff=_sniff, priority=5, directory=True)
+def scan_hf(w: ScanWalk, path: str) -> set[str]:
+    """The scan hook: the shards an ``*.index.json`` names (or the single weights file), as the folder
+    reader opens them; returns their real paths."""
+    covered: set[str] = set()
+    indexes = index_files(path)
+    if indexes:
+        try:
+            weight_map = read_json(os.path.join(path, indexes[0]), what=indexes[0], folder=path)["weight_map"]
+            shards = list(dict.fromkeys(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError) as e:
+            w.errors.append(f"{indexes[0]} is not a valid shard index ({e})")
+            return covered
+    else:
+        names = os.listdir(path)
+        shards = [next(n for n in SINGLE_FILES if n in names)]
+    for shard in shards:
+        if not isinstance(shard, str) or os.path.basename(shard) != shard:
+            w.errors.append(f"the index names a shard outside the folder: {shard!r}")
+            continue
+        sp = os.path.join(path, shard)
+        if not os.path.lexists(sp):
+            w.errors.append(f"shard {shard} is missing")
+            continue
+        covered.add(w.scan_path(sp, f"{shard}:") or "")
+    return covered
+
+
+@register("hf-folder", sniff=_sniff, priority=5, directory=True, scan=scan_hf)
 def open_hf_dir(path: str, trust: bool = False) -> Checkpoint:
     """Open a Hugging Face folder: all shards behind one flat, lazy state dict."""
     indexes = index_files(path)

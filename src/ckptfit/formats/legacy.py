@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from ..checkpoint import Checkpoint
@@ -21,6 +21,9 @@ from ..lazy import ByteSpan, MappedFile, StorageRef
 from ..safety import (PlaceholderClass, StorageType, check_depth, interpret, merge_extra, refuse_if_dangerous,
                       scan_trailing, short_repr)
 from . import register
+
+if TYPE_CHECKING:
+    from ..scan_walk import ScanWalk
 
 __all__ = ["open_legacy", "LEGACY_MAGIC"]
 
@@ -39,7 +42,54 @@ def _sniff(path: str, head: bytes) -> bool:
     return body.startswith(b"\x8a\x0a")
 
 
-@register("torch-legacy", sniff=_sniff, priority=9)
+def scan_legacy(w: ScanWalk, path: str) -> None:
+    """The ``torch-legacy`` reader's scan hook: its five pickles, then the storage section against them."""
+    from ..scan_walk import recording_stub
+
+    w.format = "torch-legacy"
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    records: dict[str, tuple[Any, int]] = {}
+    keys: Any = None
+    labels = ("magic number", "protocol version", "system info", "object", "storage keys")
+    values = []
+    for i, what in enumerate(labels):
+        value, sc = w.run(data, f"pickle #{i + 1} ({what})", start=pos, allow_trailing=True,
+                          persistent_load=recording_stub(records) if i == 3 else None)
+        if sc is None:
+            return
+        values.append(value)
+        pos = sc.end
+    if values[0] != LEGACY_MAGIC:
+        w.anomalies.append("the legacy header has a wrong magic number")
+    keys = values[4]
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        w.errors.append("the legacy storage key list is malformed")
+        return
+    for key in keys:
+        if pos + 8 > len(data):
+            w.errors.append(f"the file ends before storage {key!r} (truncated)")
+            return
+        (numel,) = struct.unpack_from("<q", data, pos)
+        rec = records.get(key)
+        if rec is None:
+            w.anomalies.append(f"storage {key!r} is listed but never referenced")
+            return
+        size = itemsize(rec[0])
+        if numel < 0 or numel * size != rec[1]:
+            w.anomalies.append(f"storage {key!r} declares {numel} elements in the data section, not "
+                               f"{rec[1] // max(size, 1)} as in the pickle")
+        pos += 8 + max(numel, 0) * size
+        if pos > len(data):
+            w.errors.append(f"storage {key!r} runs {pos - len(data)} bytes past the end of the file (truncated)")
+            return
+    if pos < len(data):
+        w.anomalies.append(f"{len(data) - pos} byte(s) of trailing data after the last storage")
+        w.scans.extend(scan_trailing(data, pos, member="after the last storage:", path=path))
+
+
+@register("torch-legacy", sniff=_sniff, priority=9, scan=scan_legacy)
 def open_legacy(path: str, trust: bool = False) -> Checkpoint:
     """Open a legacy torch.save file lazily."""
     if trust:

@@ -14,7 +14,10 @@ and are listed as such by ``inspect``.
 """
 from __future__ import annotations
 
+import ast
 import io
+import os
+import struct
 import zipfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -23,9 +26,12 @@ from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpoint
 from ..lazy import LazyTensor, MappedFile, Record, note_read
 from . import register
+from .zip_scan import scan_zip
 
 if TYPE_CHECKING:
     import torch
+
+    from ..scan_walk import ScanWalk
 
 __all__ = ["open_npy", "open_npz", "array_to_tensor", "torch_dtype_of", "numpy_to_tensors", "NPY_MAGIC"]
 
@@ -234,7 +240,77 @@ def _sniff_npy(path: str, head: bytes) -> bool:
     return head.startswith(NPY_MAGIC)
 
 
-@register("npy", sniff=_sniff_npy, priority=7)
+def scan_npy(w: ScanWalk, path: str) -> None:
+    """The ``npy`` reader's scan hook (and scan's own for a file no reader claims that starts like one)."""
+    w.format = "npy"
+    with open(path, "rb") as f:
+        scan_npy_bytes(w, f.read(), os.path.basename(path))
+
+
+def scan_npy_bytes(w: ScanWalk, data: bytes, member: str) -> None:
+    """A ``.npy``'s bytes: header validated; an object array's data is a pickle and is interpreted."""
+    if len(data) < 10 or not data.startswith(b"\x93NUMPY"):
+        w.errors.append(f"{member}: not a .npy array (bad magic)")
+        return
+    major = data[6]
+    if major == 1:
+        (hlen,) = struct.unpack_from("<H", data, 8)
+        start = 10
+    elif major in (2, 3) and len(data) >= 12:
+        (hlen,) = struct.unpack_from("<I", data, 8)
+        start = 12
+    else:
+        w.errors.append(f"{member}: unknown .npy format version {major}")
+        return
+    if hlen > MAX_NPY_HEADER or start + hlen > len(data):
+        w.errors.append(f"{member}: .npy header of {hlen} bytes is too long or runs past the end")
+        return
+    try:
+        header = ast.literal_eval(data[start:start + hlen].decode("latin1" if major < 3 else "utf-8"))
+    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError, TypeError) as e:
+        w.errors.append(f"{member}: .npy header is not a Python literal ({type(e).__name__})")
+        return
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        w.errors.append(f"{member}: .npy header lacks descr/fortran_order/shape")
+        return
+    body = start + hlen
+    descr = header["descr"]
+    if _has_object(descr):
+        w.run(data, f"{member} (object array pickle)", start=body)
+        return
+    shape = header["shape"]
+    if not isinstance(shape, tuple) or not all(type(s) is int and s >= 0 for s in shape):
+        w.errors.append(f"{member}: .npy shape {str(shape)[:60]} is invalid")
+        return
+    try:
+        import numpy as np
+
+        itemsize = np.dtype(descr).itemsize
+    except (TypeError, ValueError) as e:
+        w.errors.append(f"{member}: .npy dtype is invalid ({e})")
+        return
+    n = itemsize
+    for s in shape:
+        n *= s
+    if n != len(data) - body:
+        w.anomalies.append(f"{member}: holds {len(data) - body} data bytes but its header describes {n}")
+
+
+def _has_object(descr: Any) -> bool:
+    stack = [descr]
+    budget = 1000
+    while stack and budget:
+        budget -= 1
+        d = stack.pop()
+        if isinstance(d, str):
+            if "O" in d:
+                return True
+        elif isinstance(d, list | tuple):
+            stack.extend(d)
+    return bool(stack)  # too complex to tell: treat as object (interpreting it is safe)
+
+
+@register("npy", sniff=_sniff_npy, priority=7, scan=scan_npy)
 def open_npy(path: str, trust: bool = False) -> Checkpoint:
     """Open a ``.npy`` file: one array, offered as a one-tensor state dict keyed by the file's stem."""
     import os
@@ -280,7 +356,7 @@ def _first_name(path: str) -> str:
         return f.read(nlen).decode("utf-8", "replace")
 
 
-@register("npz", sniff=_sniff_npz, priority=11)
+@register("npz", sniff=_sniff_npz, priority=11, scan=scan_zip)
 def open_npz(path: str, trust: bool = False) -> Checkpoint:
     """Open an ``.npz`` archive: one tensor per ``.npy`` member, keyed by the member name without ``.npy``.
 

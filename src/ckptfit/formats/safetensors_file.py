@@ -12,13 +12,17 @@ import collections
 import json
 import os
 import struct
+from typing import TYPE_CHECKING
 
 
 from ..checkpoint import Checkpoint
-from ..errors import CorruptCheckpoint, ResourceLimitExceeded, UnsupportedFormat
+from ..errors import CheckpointError, CorruptCheckpoint, ResourceLimitExceeded, UnsupportedFormat
 from ..dtypes import itemsize
 from ..lazy import ByteSpan, LazyTensor, MappedFile
 from . import register
+
+if TYPE_CHECKING:
+    from ..scan_walk import ScanWalk
 
 __all__ = ["open_safetensors", "SAFETENSORS_DTYPES", "read_header"]
 
@@ -156,7 +160,16 @@ def _plain_metadata(metadata: dict) -> dict:
     return md
 
 
-@register("safetensors", sniff=_sniff, priority=8)
+def scan_safetensors(w: ScanWalk, path: str) -> None:
+    """The scan hook: a safetensors file holds no pickle; its header is validated as the reader does."""
+    w.format = "safetensors"
+    try:
+        read_header(path)
+    except CheckpointError as e:
+        w.errors.append(e.detail)
+
+
+@register("safetensors", sniff=_sniff, priority=8, scan=scan_safetensors)
 def open_safetensors(path: str, trust: bool = False) -> Checkpoint:
     """Open a safetensors file lazily (there is no pickle in it, so ``trust`` changes nothing)."""
     mapped = MappedFile(path)

@@ -20,6 +20,7 @@ from ..safety import (PickleScan, Placeholder, PlaceholderClass, StorageType, in
                       refuse_if_dangerous, short_repr)
 from . import register
 from ._zip import ZipArchive
+from .zip_scan import scan_zip
 
 __all__ = ["open_torch_zip", "read_torch_zip_at", "scan_other_pickles"]
 
@@ -212,7 +213,7 @@ def _script_state(obj: Any) -> dict[str, LazyTensor]:
     return out
 
 
-@register("torch-zip", sniff=_sniff, priority=10)
+@register("torch-zip", sniff=_sniff, priority=10, scan=scan_zip)
 def open_torch_zip(path: str, trust: bool = False) -> Checkpoint:
     """Open a torch.save zip archive or a TorchScript archive lazily."""
     if trust:
