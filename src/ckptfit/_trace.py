@@ -85,8 +85,9 @@ def example_inputs(model: nn.Module) -> list[torch.Tensor]:
                  None)
     if isinstance(first, nn.Embedding):
         return [torch.zeros(1, 8, dtype=torch.long, device="meta")]
-    if isinstance(first, nn.Linear) and not chans and not sizes:
-        return [torch.zeros(1, first.in_features, device="meta")]
+    if isinstance(first, nn.Linear) and not chans and not sizes:  # the first declared need not be the first used
+        ins = dict.fromkeys(m.in_features for m in model.modules() if isinstance(m, nn.Linear))
+        return [torch.zeros(1, n, device="meta") for n in list(ins)[:8]]
     if isinstance(first, nn.modules.conv._ConvNd):
         chans.append(first.in_channels)
         nd = len(first.kernel_size)

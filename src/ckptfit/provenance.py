@@ -173,18 +173,20 @@ def _renamed(pairs: dict[str, str], fused: list[tuple[list[str], list[str]]], to
 
 def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, plan: Plan,
                  plan_with: Callable[[StateDictCandidate, dict], Plan]) -> Plan:
-    """The plan by the source model's forward order when ``plan`` (by names) is refused; else ``plan``.
+    """The plan the source model settles: when ``plan`` (by names) is refused, or holds only
+    through structural alignment (which the source model's forward order then checks).
 
-    First the source model's layer types alone (which weights are ``Conv1D``, stored ``[in, out]``)
-    are given to the porting pass as evidence (``plan_with(cand, {id(tensor): Layout})``); if that
-    does not settle it, the forward order pairs the tensors. The returned plan names the file's own
-    keys (its decisions load ``cand``'s tensors), and its ``transforms`` say which source model was
-    built. When the source model cannot settle it,
-    ``plan`` comes back with a line saying why.
+    For a refused plan, first the source model's layer types alone (which weights are ``Conv1D``,
+    stored ``[in, out]``) are given to the porting pass as evidence (``plan_with(cand, {id(tensor):
+    Layout})``); if that does not settle it, the forward order pairs the tensors. For a plan that
+    holds by structure, the forward order must pair the same tensors; where it disagrees with
+    declaration order alone it is used (data flow is the stronger evidence), where it disagrees
+    with names the load is refused. The returned plan names the file's own keys (its decisions
+    load ``cand``'s tensors), and its ``transforms`` say which source model was built.
     """
-    if plan.ok:
+    structural = any(d.stage == "structural" and d.action == "load" for d in plan.decisions)
+    if plan.ok and not structural:
         return plan
-    from ._trace import align, forward_order
     from .loading.meta import parameters_on_meta
 
     try:
@@ -192,7 +194,7 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
     except Exception as e:  # noqa: BLE001 - identify / config.json of any file: explained, not raised
         return replace(plan, warnings=plan.warnings + (f"no source model: {str(e).splitlines()[0][:200]}",))
     if found is None:
-        if any(": ambiguous: " in x for x in plan.problems):  # names cannot tell look-alikes apart
+        if not plan.ok and any(": ambiguous: " in x for x in plan.problems):  # names cannot tell look-alikes apart
             hint = ("if you know the implementation that wrote the file, name it with source_model= (a model SPEC "
                     "such as 'torchvision:resnet18', a zero-argument factory, or 'identify'; CLI: --source-model "
                     "SPEC): its forward pass settles which tensor is which")
@@ -201,6 +203,8 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
     factory, label = found
 
     def note(why: str, fix: str | None = None) -> Plan:
+        if plan.ok and fix is None:  # the plan by structure stands; the source model could not check it
+            return replace(plan, warnings=plan.warnings + (f"source model {label}: {why}",))
         return replace(plan, problems=plan.problems + (f"source model {label}: {why}",),
                        suggestions=((fix,) if fix else ()) + plan.suggestions)
 
@@ -217,11 +221,21 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
     to_ckpt = _keys_of_file(src, cand)
     if to_ckpt is None:
         return note("its tensors are not the file's (names or shapes differ), so it cannot say which is which")
+    settled = _settle(model, src, cand, to_ckpt, label, plan_with, layer_types=not plan.ok)
+    if not isinstance(settled, Plan):
+        return note(*settled)
+    return settled if not plan.ok else _checked(plan, settled, label)
+
+
+def _settle(model: nn.Module, src: nn.Module, cand: StateDictCandidate, to_ckpt: dict[str, str], label: str,
+            plan_with: Callable[[StateDictCandidate, dict], Plan], layer_types: bool) -> Plan | tuple[str, str | None]:
+    """The complete plan the source model gives, or ``(why not, what would settle it)``."""
+    from ._trace import align, forward_order
     from .porting import layouts_of
 
     # the source model's layer types (which weights are Conv1D [in, out]): evidence for the porting pass
     recorded = {id(cand.tensors[to_ckpt[k]]): lay for k, lay in layouts_of(src).items() if k in to_ckpt}
-    if recorded:
+    if recorded and layer_types:
         p1 = plan_with(cand, recorded)
         if p1.ok:
             return replace(p1, transforms=p1.transforms + (
@@ -229,26 +243,52 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
     so, to = forward_order(src), forward_order(model)
     if so is None or to is None:
         which = "the source model" if so is None else "the model"
-        return note(f"{which} did not run on the meta device on any input tried, so the forward order is unknown")
+        return f"{which} did not run on the meta device on any input tried, so the forward order is unknown", None
     al = align(src, so[0], model, to[0])
     if al.settings:
         (module, attr, want), n = al.settings[0], len(al.settings)
         more = f" ({n} layers differ)" if n > 1 else ""
-        return note(al.problems[0] + more, f"build the model with {attr}={want!r} in those layers, as the source "
-                                           f"model has them (e.g. for '{module}'); then the same weights compute "
-                                           f"the same function")
-    if al.problems:
-        return note(f"not aligned by forward order: {al.problems[0]}")
+        return al.problems[0] + more, (f"build the model with {attr}={want!r} in those layers, as the source model "
+                                       f"has them (e.g. for '{module}'); then the same weights compute the same "
+                                       f"function")
+    if al.problems:  # another network: no pairing of these weights computes the source's function
+        return f"not aligned by forward order: {al.problems[0]}", (
+            f"check that the model is the network the source model {label} is (same layers, used in the same "
+            f"order); the load is refused rather than made into another function")
     names = _renamed(al.pairs, al.fused, to_ckpt)
     if names is None:
-        return note("a fused projection could not be placed beside its parts")
+        return "a fused projection could not be placed beside its parts", None
     tensors = {names.get(k, k): v for k, v in cand.tensors.items()}
     if len(tensors) != len(cand.tensors):
-        return note("two of the file's tensors would take one name")
+        return "two of the file's tensors would take one name", None
     p2 = plan_with(StateDictCandidate(cand.name, tensors, cand.kind, cand.default, cand.reason), recorded)
     if not p2.ok:
-        return note(f"aligned by forward order, but the plan still fails: {p2.problems[0]}")
+        return f"aligned by forward order, but the plan still fails: {p2.problems[0]}", None
     return _back(p2, {v: k for k, v in names.items()}, label, so[1])
+
+
+_WEAK = ("order", "unique signature")  # structural evidence that data flow outweighs
+
+
+def _checked(plan: Plan, by_source: Plan, label: str) -> Plan:
+    """A plan that holds by structure, checked against the source model's forward order."""
+    a, b = plan.mapping(), by_source.mapping()
+    if a == b:
+        return replace(plan, transforms=plan.transforms + (
+            f"the structural pairs agree with the forward order of the source model {label}",))
+    dec = {d.target: d for d in plan.decisions}
+    differ = sorted(t for t in set(a) | set(b) if a.get(t) != b.get(t))
+    t = differ[0]
+    example = f"'{t}': '{a.get(t)}' by {dec[t].evidence or dec[t].stage}, '{b.get(t)}' by forward order"
+    if all(dec[t].stage == "structural" and dec[t].evidence in _WEAK for t in differ):
+        return replace(by_source, warnings=by_source.warnings + (
+            f"declaration order and the forward order of the source model {label} disagree on {len(differ)} "
+            f"tensors ({example}); the forward order is used",))
+    return replace(plan, problems=plan.problems + (
+        f"the names and the forward order of the source model {label} disagree on {len(differ)} tensors "
+        f"({example}); nothing is guessed",),
+        suggestions=plan.suggestions + ("check which implementation wrote the file; rename= rules name the pairs "
+                                        "explicitly",))
 
 
 def _layer_types(layouts: dict, to_ckpt: dict[str, str]) -> str:

@@ -147,7 +147,7 @@ def _choose(target: Target, ckpt: Checkpoint, *, use: str | None, partial: bool,
     choice = ckpt.choose(use, fit=fit)
     c = choice.candidate
     p = plans.get(id(c)) or _plan_for(target, c, **opts)
-    if not p.ok and not choice.ambiguous:  # the model that wrote the file says which is which (provenance)
+    if not choice.ambiguous:  # the model that wrote the file says which is which (ckptfit.provenance)
         p = source_aware(target.model, ckpt, c, p, lambda cand, rec: _plan_renamed(target, c, cand, opts, rec))
     if choice.ambiguous:
         p = replace(p, problems=p.problems + (choice.ambiguity,),
