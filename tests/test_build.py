@@ -70,7 +70,6 @@ def test_build_gives_exactly_the_checkpoint_values(tmp_path, fmt):
     assert torch.equal(model.positions, torch.arange(7) * 3)
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     assert all(p.requires_grad for p in model.parameters())
-    assert report.ok
     ids = torch.tensor([1, 2, 3])
     torch.testing.assert_close(model.eval()(ids), src.eval()(ids), rtol=0, atol=0)
 

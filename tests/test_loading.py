@@ -75,8 +75,9 @@ def test_shape_mismatch_refused_without_partial_and_model_untouched(tmp_path, so
     torch.save(source.state_dict(), path)
     target = _model(1, num_classes=10)
     before = copy.deepcopy(target.state_dict())
-    with pytest.raises(ckptfit.LoadError, match=r"fc\.weight: checkpoint has \[1000, 512\], model has \[10, 512\]"):
+    with pytest.raises(ckptfit.LoadError, match=r"fc\.weight — checkpoint \[1000, 512\], model \[10, 512\]") as e:
         ckptfit.load(target, path)
+    assert "fc.weight: checkpoint has [1000, 512], model has [10, 512]" in e.value.problems
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed although the load was refused"
 

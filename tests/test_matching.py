@@ -115,7 +115,7 @@ def test_detector_backbone_into_classifier():
     assert plan.transforms == ("strip 'backbone.body.'",)
     assert plan.problems == ("fc.weight: not in the checkpoint", "fc.bias: not in the checkpoint")
     assert actions(plan)["fc.weight"] == "missing"
-    assert "pass partial=True to keep the missing tensors at their init" in plan.suggestions
+    assert "pass partial=True (on the command line: --partial) to keep the missing tensors at their init" in plan.suggestions
     assert {u.source: u.reason for u in plan.unused} == {
         "backbone.fpn.inner_blocks.0.weight": "not in the model",
         "roi_heads.box_head.fc6.weight": "not in the model",
@@ -188,7 +188,7 @@ def test_transfer_learning_head_shape_change():
     plan = match(model, ckpt)
     assert plan.problems == ("fc.weight: checkpoint has [1000, 16], model has [10, 16]",
                              "fc.bias: checkpoint has [1000], model has [10]")
-    assert "pass partial=True to keep these layers at their init" in plan.suggestions
+    assert "pass partial=True (on the command line: --partial) to keep these layers at their init" in plan.suggestions
     assert actions(plan)["fc.weight"] == "skip_shape"
 
     plan = match(model, ckpt, partial=True)

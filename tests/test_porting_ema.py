@@ -76,7 +76,7 @@ def test_litema_names_are_mapped_back_with_use_ema(tmp_path):
     assert "model_ema.diffusion_modelinput_blocks00weight" in ld.state_dict()
     unet = UNet()
     report = ckptfit.load(unet, path, use="ema")
-    assert report.ok
+    assert report.complete
     for name, p in unet.named_parameters():
         want = ld.model_ema._buffers["diffusion_model" + name.replace(".", "")]
         assert torch.equal(p, want), name
@@ -121,7 +121,7 @@ def test_litema_names_that_collide_are_refused(tmp_path):
         ckptfit.load(model, path, use="ema")
     assert "leave use= out" in str(e.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert ckptfit.load(model, path).ok  # the model's own weights still load
+    assert ckptfit.load(model, path).complete  # the model's own weights still load
 
 
 def test_convert_use_ema_writes_dotted_names(tmp_path):

@@ -59,7 +59,7 @@ def echo_json(obj: Any) -> None:
 def error_object(e: BaseException) -> dict[str, Any]:
     """``{"error": {"type", "message", "hint"}}`` for an exception (a refused load adds ``problems``)."""
     if isinstance(e, CheckpointError):
-        message, hint = (f"{e.path}: {e.detail}" if e.path else e.detail), e.hint
+        message, hint = e.summary, e.hint
     elif isinstance(e, click.ClickException):
         message, hint = e.format_message(), "run the command with --help for its options"
     else:

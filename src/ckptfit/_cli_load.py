@@ -188,7 +188,10 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     if freeze:
         opts["freeze"] = True
     if model_spec:
-        model, report = build(_factory(model_spec, model_args), ckpt, **opts)
+        from .specs import parse_model_args
+
+        _factory(model_spec, model_args)  # a bad SPEC is said before the file is read
+        model, report = build(model_spec, ckpt, model_kwargs=parse_model_args(model_args), **opts)
     else:
         from .auto import from_checkpoint
 
@@ -257,24 +260,27 @@ def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     A dry run of `load`: decides from names, shapes and dtypes only, reads no tensor data,
     and exits 1 if the load would be refused (the problems and suggestions are printed).
     """
+    from .advice import advise_constructor
     from .loading import plan as make_plan
     from .loading.meta import parameters_on_meta
-    from .report import LoadReport, render_plan
+    from .report import plan_to_dict, render_plan
+    from .specs import model_factory, parse_model_args
 
     factory = _factory(model_spec, model_args)
     with parameters_on_meta():
         model = factory()
-    p = make_plan(model, ckpt, **_common(partial, use, renames, include, exclude, trust, transform_rules, adapt,
-                                         source_model, source_model_args),
-                  sha256=sha256)
+    opts = _common(partial, use, renames, include, exclude, trust, transform_rules, adapt, source_model,
+                   source_model_args)
+    p = make_plan(model, ckpt, **opts, sha256=sha256)
+    kwargs = parse_model_args(model_args)  # shapes one constructor argument away: advise it (verified)
+    p = advise_constructor(p, lambda kw: model_factory(model_spec, kw)(), kwargs, ckpt, opts)
     resumed = None
     if resume_:  # how ckptfit.resume would map the optimizer state (described by the saved groups)
         from .resuming import describe_resume
 
         resumed = describe_resume(model, ckpt, p, trust=trust)
     if as_json:
-        d = LoadReport.from_plan(p).to_dict()
-        d.update(ok=p.ok, problems=list(p.problems), suggestions=list(p.suggestions))
+        d = plan_to_dict(p)
         if resumed is not None:
             d["resume"] = resumed.to_dict()
         echo_json(d)

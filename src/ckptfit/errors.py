@@ -26,16 +26,30 @@ class CheckpointError(Exception):
         path: the file or directory concerned, if any.
         detail: what went wrong, without the hint.
         hint: what the user can do next, if anything.
+        summary: the message without the hint (``detail`` with the path, named once).
     """
+
+    _hint_label = "hint"
 
     def __init__(self, detail: str, *, path: str | None = None, hint: str | None = None):
         self.path = str(path) if path is not None else None
         self.detail = detail
         self.hint = hint
-        message = f"{self.path}: {detail}" if self.path else detail
+        # the path once: not as a prefix when the first line already names it
+        named = self.path is not None and self.path in detail.split("\n", 1)[0]
+        message = f"{self.path}: {detail}" if self.path and not named else detail
+        self.summary = message  # the message without the hint: what went wrong, and where
         if hint:
-            message = f"{message}\n  hint: {hint}"
+            message = f"{message}\n{_hint_text(self._hint_label, hint)}"
         super().__init__(message)
+
+
+def _hint_text(label: str, hint: str) -> str:
+    """``  hint: X``, or one indented line per alternative when there are several."""
+    lines = hint.splitlines()
+    if len(lines) == 1:
+        return f"  {label}: {hint}"
+    return f"  {label}s:\n" + "\n".join(f"    {line}" for line in lines)
 
 
 class NotACheckpoint(CheckpointError):
@@ -70,13 +84,22 @@ class UnsafeCheckpoint(CheckpointError):
 class LoadError(CheckpointError):
     """The checkpoint cannot be put into the model as asked; the model was left untouched.
 
+    The message reads once: the refusal with each problem, then what to do (``suggestion:``,
+    one line per alternative). ``hint`` is always set.
+
     Attributes:
         problems: one line per problem found (all of them, not just the first).
         plan: the :class:`ckptfit.Plan` that was refused, for inspection.
+        hint: what to do, one suggestion per line; each, followed literally, loads or leads
+            to a more specific message.
     """
+
+    _hint_label = "suggestion"
 
     def __init__(self, detail: str, *, path: str | None = None, hint: str | None = None,
                  problems: Sequence[str] = (), plan: object = None):
         self.problems = tuple(problems)
         self.plan = plan
+        if not hint:
+            hint = f"run `ckptfit plan {path or 'PATH'} --model SPEC` to see every decision and its reason"
         super().__init__(detail, path=path, hint=hint)

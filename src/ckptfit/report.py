@@ -4,16 +4,18 @@ A :class:`LoadReport` is made from the :class:`~ckptfit.plans.Plan` that was app
 where the tensors went (device, dtype) and what it cost (seconds, bytes). It is plain
 frozen data; rendering is kept apart from computing, and every rendering folds keys
 (``layer{1..4}.{0,1}.conv1.weight``) so that it stays short at any model size.
-:func:`render_plan` gives the same text for a plan that has not been applied (a dry run),
-with its problems and suggestions.
+:func:`render_plan` gives the text of a plan that has not been applied (a dry run); a refused
+plan has its own rendering (:func:`render_plan`, :func:`refusal_error`): one headline, each
+problem once, the suggestions last.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .errors import LoadError
 from .keyfolding import fold_keys, fold_pairs
 from .plans import Decision, Plan, Unused
 
@@ -21,7 +23,7 @@ if TYPE_CHECKING:  # torch for annotations only: describing a checkpoint never i
     import torch
     from rich.console import Group
 
-__all__ = ["LoadReport", "render_plan", "printable"]
+__all__ = ["LoadReport", "render_plan", "plan_to_dict", "refusal_error", "printable"]
 
 # Characters a terminal acts on (C0 and C1 controls, DEL, bidirectional overrides): text from a file
 # (tensor names, metadata, class names) is never allowed to move the cursor, recolour or reorder a line.
@@ -112,6 +114,57 @@ def _transform_dict(t: Any) -> dict[str, Any]:
             "sizes": list(getattr(t, "sizes", ()))}
 
 
+def _sections(loaded: Sequence[Decision], tied: Sequence[Decision], kept: Sequence[Decision],
+              skipped: Sequence[Decision], missing: Sequence[Decision], unused: Sequence[Unused], *,
+              refused: bool) -> list[_Section]:
+    """The folded sections of a load, or of a refused plan (``refused``: tensors of another shape are
+    problems rather than layers "left at init")."""
+    sections: list[_Section] = []
+    listed = [d for d in loaded if d.stage in _LISTED_STAGES and d.source != d.target]
+    for stage in _LISTED_STAGES:
+        decisions = [d for d in listed if d.stage == stage]
+        if not decisions:
+            continue
+        # structural loads are grouped by the evidence that carried them (name, order ...)
+        by_reason = _group(decisions, lambda d: f"aligned by {d.evidence}" if d.evidence else d.reason)
+        show_reason = len(by_reason) <= 3
+        groups = by_reason if show_reason else {"": decisions}
+        rows = tuple(
+            _Row(tuple(fold_pairs((d.source or "?", d.target) for d in group)), "loaded",
+                 str(reason) if show_reason else _STAGE_LABELS[stage])
+            for reason, group in groups.items()
+        )
+        sections.append(_Section(_STAGE_LABELS[stage], len(decisions), rows, show_reason))
+    if tied:
+        rows = tuple(
+            _Row(tuple(fold_keys(d.target for d in group)), "tied", f"shares {tied_to}" if tied_to else "tied")
+            for tied_to, group in _group(tied, lambda d: d.tied_to).items()
+        )
+        sections.append(_Section("tied", len(tied), rows))
+    if kept:
+        sections.append(_Section("left at init", len(kept), _rows_by_reason(kept, "left at init")))
+    if skipped:
+        rows = tuple(
+            _Row(tuple(fold_keys(d.target for d in group)), "shape differs",
+                 f"checkpoint {_shape_text(src)}, model {_shape_text(tgt)}")
+            for (src, tgt), group in _group(skipped, lambda d: (d.source_shape, d.target_shape)).items()
+        )
+        title = "shape differs" if refused else "left at init, shape differs"
+        sections.append(_Section(title, len(skipped), rows))
+    if missing:
+        sections.append(_Section("missing", len(missing), _rows_by_reason(missing, "missing")))
+    # a tensor already shown as "shape differs" is not listed a second time as unused
+    shown = {d.source for d in skipped}
+    rest = [u for u in unused if u.source not in shown]
+    if rest:
+        rows = tuple(
+            _Row(tuple(fold_keys(u.source for u in group)), "unused", str(reason))
+            for reason, group in _group(rest, lambda u: u.reason).items()
+        )
+        sections.append(_Section("unused in checkpoint", len(rest), rows))
+    return sections
+
+
 @dataclass(frozen=True)
 class _Row:
     """One folded line of a rendering: keys (already folded), a status and a detail."""
@@ -140,9 +193,9 @@ class LoadReport:
         containers: every candidate state dict the file holds.
         container_reason: why this container was chosen.
         loaded: decisions that copied a checkpoint tensor into the model.
-        tied: decisions filled through a tie with another loaded tensor.
-        left_at_init: decisions left at their init (``keep``, and ``missing`` when a refused
-            plan is rendered).
+        tied: decisions filled through a tie with another loaded tensor (they count as loaded:
+            ``Loaded 29/29 tensors (1 tied)``).
+        left_at_init: decisions left at their init (``keep``: harmless, excluded, or ``partial=True``).
         skipped_shape: decisions whose checkpoint tensor has another shape; never loaded.
         unused: checkpoint tensors loaded nowhere.
         transforms: the name transforms applied, human readable.
@@ -195,6 +248,9 @@ class LoadReport:
     ) -> LoadReport:
         """Build the report of a plan that was applied.
 
+        A refused plan has no report (nothing was loaded): see :func:`render_plan`,
+        :func:`plan_to_dict` and :func:`refusal_error`.
+
         Args:
             plan: the applied plan.
             device: where the tensors were put.
@@ -206,12 +262,18 @@ class LoadReport:
         Returns:
             The report.
 
+        Raises:
+            ValueError: the plan has problems (it was refused, not applied).
+
         Example:
             >>> from ckptfit.plans import Decision, Plan
             >>> plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name"),))
             >>> LoadReport.from_plan(plan, device="cpu").num_loaded
             1
         """
+        if not plan.ok:
+            raise ValueError("a refused plan was not applied and has no LoadReport; "
+                             "render it with render_plan() or plan_to_dict()")
         return cls(
             path=plan.path,
             format=plan.format,
@@ -220,7 +282,7 @@ class LoadReport:
             container_reason=plan.container_reason,
             loaded=plan.by_action("load"),
             tied=plan.by_action("tied"),
-            left_at_init=tuple(d for d in plan.decisions if d.action in ("keep", "missing")),
+            left_at_init=plan.by_action("keep"),
             skipped_shape=plan.by_action("skip_shape"),
             unused=tuple(plan.unused),
             transforms=tuple(plan.transforms),
@@ -236,12 +298,12 @@ class LoadReport:
 
     @property
     def num_loaded(self) -> int:
-        """How many model tensors were filled from a checkpoint tensor."""
-        return len(self.loaded)
+        """How many model tensors hold checkpoint values: copied, or filled through a tie."""
+        return len(self.loaded) + len(self.tied)
 
     @property
     def num_tied(self) -> int:
-        """How many model tensors were filled through a tie."""
+        """How many of those were filled through a tie (they share storage with a copied one)."""
         return len(self.tied)
 
     @property
@@ -264,16 +326,6 @@ class LoadReport:
         return len(self.loaded) + len(self.tied) + len(self.left_at_init) + len(self.skipped_shape)
 
     @property
-    def missing(self) -> tuple[Decision, ...]:
-        """The model tensors nothing in the checkpoint fills (only in a refused plan)."""
-        return tuple(d for d in self.left_at_init if d.action == "missing")
-
-    @property
-    def ok(self) -> bool:
-        """True when no model tensor is missing: the load did what was asked."""
-        return not self.missing
-
-    @property
     def complete(self) -> bool:
         """True when every model tensor has checkpoint values, except harmless ones.
 
@@ -284,75 +336,14 @@ class LoadReport:
 
     # ---- renderings ---------------------------------------------------------------------
 
-    def _sections(self, refused: bool = False) -> list[_Section]:
-        """The folded sections; ``refused``: a plan that will not be applied, whose tensors of
-        another shape are problems rather than layers "left at init"."""
-        sections: list[_Section] = []
-        listed = [d for d in self.loaded if d.stage in _LISTED_STAGES and d.source != d.target]
-        for stage in _LISTED_STAGES:
-            decisions = [d for d in listed if d.stage == stage]
-            if not decisions:
-                continue
-            # structural loads are grouped by the evidence that carried them (name, order ...)
-            by_reason = _group(decisions, lambda d: f"aligned by {d.evidence}" if d.evidence else d.reason)
-            show_reason = len(by_reason) <= 3
-            groups = by_reason if show_reason else {"": decisions}
-            rows = tuple(
-                _Row(tuple(fold_pairs((d.source or "?", d.target) for d in group)), "loaded",
-                     str(reason) if show_reason else _STAGE_LABELS[stage])
-                for reason, group in groups.items()
-            )
-            sections.append(_Section(_STAGE_LABELS[stage], len(decisions), rows, show_reason))
-        if self.tied:
-            rows = tuple(
-                _Row(tuple(fold_keys(d.target for d in group)), "tied",
-                     f"shares {tied_to}" if tied_to else "tied")
-                for tied_to, group in _group(self.tied, lambda d: d.tied_to).items()
-            )
-            sections.append(_Section("tied", len(self.tied), rows))
-        kept = [d for d in self.left_at_init if d.action == "keep"]
-        if kept:
-            sections.append(_Section("left at init", len(kept), _rows_by_reason(kept, "left at init")))
-        if self.skipped_shape:
-            rows = tuple(
-                _Row(tuple(fold_keys(d.target for d in group)), "shape differs",
-                     f"checkpoint {_shape_text(src)}, model {_shape_text(tgt)}")
-                for (src, tgt), group in _group(
-                    self.skipped_shape, lambda d: (d.source_shape, d.target_shape)
-                ).items()
-            )
-            title = "shape differs" if refused else "left at init, shape differs"
-            sections.append(_Section(title, len(self.skipped_shape), rows))
-        if self.missing:
-            sections.append(_Section("missing", len(self.missing), _rows_by_reason(self.missing, "missing")))
-        # a tensor already shown as "shape differs" is not listed a second time as unused
-        shown = {d.source for d in self.skipped_shape}
-        unused = [u for u in self.unused if u.source not in shown]
-        if unused:
-            rows = tuple(
-                _Row(tuple(fold_keys(u.source for u in group)), "unused", str(reason))
-                for reason, group in _group(unused, lambda u: u.reason).items()
-            )
-            sections.append(_Section("unused in checkpoint", len(unused), rows))
-        return sections
-
-    def _source_text(self) -> str:
-        """``from a.pth (torch-zip, container 'state_dict'; also has: optimizer)``."""
-        bits: list[str] = []
-        if self.format:
-            bits.append(self.format)
-        if self.container is not None:
-            bits.append(f"container '{self.container}'" if self.container else "state dict at the root")
-        others = [c for c in self.containers if c != self.container]
-        inner = ", ".join(bits)
-        if others:
-            inner += ("; " if inner else "") + "also has: " + ", ".join(c or "(root)" for c in others)
-        text = f" from {self.path}" if self.path else ""
-        return f"{text} ({inner})" if inner else text
+    def _sections(self) -> list[_Section]:
+        """The folded sections of an applied load."""
+        return _sections(self.loaded, self.tied, self.left_at_init, self.skipped_shape, (), self.unused,
+                         refused=False)
 
     def _head_lines(self, verb: str) -> list[str]:
         """The summary line and what applies to the whole load: where, container, names, stages."""
-        lines = [f"{verb} {self.num_loaded}/{self.num_targets} tensors{self._source_text()}"]
+        lines = [_count_text(verb, len(self.loaded), len(self.tied), self.num_targets) + _source_text(self)]
         if self.model:
             lines.append(f"  model: {self.model}")
         where = []
@@ -375,21 +366,11 @@ class LoadReport:
         if self.frozen:
             lines.append(f"  frozen: {len(self.frozen)} loaded parameters (requires_grad=False); "
                          "the others are left as they were")
-        if self.container_reason and len(self.containers) > 1:
-            lines.append(f"  container: {self.container_reason}")
-        if self.transforms:
-            lines.append("  names: " + "; ".join(self.transforms))
-        for kind, keys, why in _ported(self.loaded):  # tensors transposed, split or joined (ckptfit.porting)
-            lines.append(f"  {kind}: {', '.join(fold_keys(keys))} — {why}")
-        stages = _group(sorted(self.loaded, key=lambda d: _STAGE_ORDER.get(d.stage, 99)), lambda d: d.stage)
-        if stages and (len(stages) > 1 or "exact" not in stages):
-            counts = (f"{len(g)} {_STAGE_LABELS.get(str(s), str(s))}" for s, g in stages.items())
-            lines.append("  matched: " + ", ".join(counts))
-        return lines
+        return lines + _how_lines(self, self.loaded)
 
-    def _lines(self, verb: str, max_lines: int, max_keys: int, refused: bool = False) -> list[str]:
+    def _lines(self, verb: str, max_lines: int, max_keys: int) -> list[str]:
         lines = self._head_lines(verb)
-        for section in self._sections(refused):
+        for section in self._sections():
             lines.extend(_section_lines(section, max_lines, max_keys))
         lines.extend(_list_lines("warning", self.warnings))
         return lines
@@ -444,7 +425,6 @@ class LoadReport:
             "model": self.model,
             "mode": self.mode,
             "frozen": list(self.frozen),
-            "ok": self.ok,
             "complete": self.complete,
             "counts": {
                 "targets": self.num_targets,
@@ -475,6 +455,42 @@ class LoadReport:
     def __rich__(self) -> Group:
         """A rich renderable: the summary line and a Key | Status | Detail table, keys folded."""
         return _rich_group(self, self._head_lines("Loaded"), ())
+
+
+def _count_text(verb: str, copied: int, tied: int, targets: int) -> str:
+    """``Loaded 29/29 tensors (1 tied)``: tied tensors hold the checkpoint's values too, so they count."""
+    return f"{verb} {copied + tied}/{targets} tensors" + (f" ({tied} tied)" if tied else "")
+
+
+def _source_text(x: LoadReport | Plan) -> str:
+    """`` from a.pth (torch-zip, container 'state_dict'; also has: optimizer)``."""
+    bits: list[str] = []
+    if x.format:
+        bits.append(x.format)
+    if x.container is not None:
+        bits.append(f"container '{x.container}'" if x.container else "state dict at the root")
+    others = [c for c in x.containers if c != x.container]
+    inner = ", ".join(bits)
+    if others:
+        inner += ("; " if inner else "") + "also has: " + ", ".join(c or "(root)" for c in others)
+    text = f" from {x.path}" if x.path else ""
+    return f"{text} ({inner})" if inner else text
+
+
+def _how_lines(x: LoadReport | Plan, loaded: Sequence[Decision]) -> list[str]:
+    """How names were reconciled: the container chosen, name transforms, tensor transforms, stages."""
+    lines = []
+    if x.container_reason and len(x.containers) > 1:
+        lines.append(f"  container: {x.container_reason}")
+    if x.transforms:
+        lines.append("  names: " + "; ".join(x.transforms))
+    for kind, keys, why in _ported(loaded):  # tensors transposed, split or joined (ckptfit.porting)
+        lines.append(f"  {kind}: {', '.join(fold_keys(keys))} — {why}")
+    stages = _group(sorted(loaded, key=lambda d: _STAGE_ORDER.get(d.stage, 99)), lambda d: d.stage)
+    if stages and (len(stages) > 1 or "exact" not in stages):
+        counts = (f"{len(g)} {_STAGE_LABELS.get(str(s), str(s))}" for s, g in stages.items())
+        lines.append("  matched: " + ", ".join(counts))
+    return lines
 
 
 def _ported(decisions: Sequence[Decision]) -> list[tuple[str, list[str], str]]:
@@ -568,9 +584,11 @@ def _fold_messages(messages: Sequence[str]) -> list[str]:
 def render_plan(plan: Plan, *, max_lines: int = 12, max_keys: int = 8) -> str:
     """The human text of a plan that has not been applied: a dry run, ``ckptfit plan``.
 
-    Same layout as ``str(LoadReport)``, headed ``Would load`` (or ``Cannot load`` when the
-    plan has problems), followed by the problems (messages that differ only in one key are
-    folded into one line) and the suggestions.
+    A plan that can be applied reads like ``str(LoadReport)``, headed ``Would load``. A refused
+    plan is headed ``Refused: would load N/M tensors ... — K problems`` and lists each problem
+    once: the tensors of another shape and the missing ones in their sections, then only the
+    problems no section shows (messages that differ in one key folded into one line), the
+    warnings, and the suggestions last.
 
     Args:
         plan: the plan to describe.
@@ -586,18 +604,100 @@ def render_plan(plan: Plan, *, max_lines: int = 12, max_keys: int = 8) -> str:
         >>> print(render_plan(plan))
         Would load 1/1 tensors
     """
-    report = LoadReport.from_plan(plan)
-    # a refusal says so first: the count that follows is what would have loaded, not what did
-    verb = "Would load" if plan.ok else "Refused: would load"
-    lines = report._lines(verb, max_lines, max_keys, refused=not plan.ok and not plan.partial)
+    lines = _refusal_lines(plan, max_lines, max_keys) if not plan.ok else \
+        LoadReport.from_plan(plan)._lines("Would load", max_lines, max_keys)
     if plan.partial:
         lines.insert(1, "  partial=True: tensors that nothing fills stay at their init")
-    if not plan.ok:
-        n = len(plan.problems)
-        lines[0] += f" — {n} problem{'s' if n != 1 else ''}"
-        lines.extend(_list_lines("problem", _fold_messages(plan.problems)))
-    lines.extend(_list_lines("suggestion", list(plan.suggestions)))
+    lines.extend(_list_lines("suggestion", _cap(list(plan.suggestions), max_lines, "suggestions")))
     return printable("\n".join(lines))
+
+
+def _refusal_lines(plan: Plan, max_lines: int, max_keys: int, tail: str = "") -> list[str]:
+    """A refused plan, suggestions aside: the headline, the sections, the problems no section shows."""
+    n = len(plan.problems)
+    loads, tied = plan.by_action("load"), plan.by_action("tied")
+    # a refusal says so first: the count that follows is what would have loaded, not what did
+    head = _count_text("Refused: would load", len(loads), len(tied), len(plan.decisions))
+    lines = [f"{head}{_source_text(plan)} — {n} problem{'s' if n != 1 else ''}{tail}", *_how_lines(plan, loads)]
+    advice = " ".join(plan.suggestions)
+    missing = tuple(_see_suggestion(d, advice) for d in plan.by_action("missing"))
+    kept = tuple(d for d in plan.by_action("keep") if d.stage != "harmless")  # harmless ones are no news here
+    # checkpoint tensors an ambiguity leaves unused are the other side of a problem the sections show
+    # (and those a missing tensor's reason names already: another dtype kind)
+    named = {d.source for d in missing if d.source}
+    unused = tuple(u for u in plan.unused if not u.reason.startswith("ambiguous") and u.source not in named)
+    for section in _sections(loads, tied, kept, plan.by_action("skip_shape"), missing, unused,
+                             refused=not plan.partial):
+        lines.extend(_section_lines(section, max_lines, max_keys))
+    shown = {d.target for d in plan.decisions if d.action in ("skip_shape", "missing")}
+    rest = [p for p in plan.problems if p.split(": ", 1)[0] not in shown]
+    lines.extend(_list_lines("problem", _cap(_fold_messages(rest), max_lines, "problems")))
+    lines.extend(_list_lines("warning", plan.warnings))
+    return lines
+
+
+def _see_suggestion(d: Decision, advice: str) -> Decision:
+    """A missing tensor whose reason a suggestion repeats in full says so instead (each problem once)."""
+    reason = d.reason.removeprefix("ambiguous: ").removesuffix("; nothing loaded through them")
+    if reason != d.reason and reason in advice:
+        return replace(d, reason="ambiguous: which checkpoint module fills it is not settled (see the suggestion)")
+    return d
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """A plan as JSON-ready data (``ckptfit plan --json``): every decision, the problems and suggestions.
+
+    Example:
+        >>> from ckptfit.plans import Decision, Plan
+        >>> plan_to_dict(Plan((Decision("w", "missing", None, "none", "not in the checkpoint"),),
+        ...                   problems=("w: not in the checkpoint",)))["ok"]
+        False
+    """
+    loads, tied = plan.by_action("load"), plan.by_action("tied")
+    left = tuple(d for d in plan.decisions if d.action in ("keep", "missing"))
+    skipped = plan.by_action("skip_shape")
+    return {
+        "path": plan.path, "format": plan.format, "container": plan.container,
+        "containers": list(plan.containers), "container_reason": plan.container_reason,
+        "ok": plan.ok, "partial": plan.partial,
+        "counts": {"targets": len(plan.decisions), "loaded": len(loads) + len(tied), "tied": len(tied),
+                   "left_at_init": len(left), "skipped_shape": len(skipped), "unused": len(plan.unused)},
+        "transforms": list(plan.transforms),
+        "problems": list(plan.problems), "suggestions": list(plan.suggestions), "warnings": list(plan.warnings),
+        "loaded": [_decision_dict(d) for d in loads],
+        "tied": [_decision_dict(d) for d in tied],
+        "left_at_init": [_decision_dict(d) for d in left],
+        "skipped_shape": [_decision_dict(d) for d in skipped],
+        "unused": [{"source": u.source, "reason": u.reason, "shape": list(u.shape)} for u in plan.unused],
+        "tensor_transforms": [{"kind": k, "targets": keys, "reason": why} for k, keys, why in _ported(loads)],
+        "folded": {
+            "loaded": fold_keys(d.target for d in loads),
+            "tied": fold_keys(d.target for d in tied),
+            "left_at_init": fold_keys(d.target for d in left),
+            "skipped_shape": fold_keys(d.target for d in skipped),
+            "unused": fold_keys(u.source for u in plan.unused),
+        },
+    }
+
+
+def refusal_error(plan: Plan, *, max_lines: int = 12, max_keys: int = 8) -> LoadError:
+    """The :class:`~ckptfit.errors.LoadError` of a refused plan: the refusal once, the suggestions last.
+
+    Its ``hint`` holds the suggestions (one per line); a plan with none gets a hint that points
+    further (``ckptfit plan``, ``ckptfit identify``), so every refusal says what to do next.
+    """
+    lines = _refusal_lines(plan, max_lines, max_keys, tail="; the model was not changed")
+    hint = "\n".join(plan.suggestions) if plan.suggestions else _fallback_hint(plan)
+    return LoadError(printable("\n".join(lines)), path=plan.path, hint=printable(hint), problems=plan.problems,
+                     plan=plan)
+
+
+def _fallback_hint(plan: Plan) -> str:
+    where = plan.path or "PATH"
+    if not plan.by_action("load"):
+        return (f"check that this is the right file for this model: `ckptfit identify {where}` says which "
+                f"architecture the file holds, `ckptfit inspect {where}` lists its tensors")
+    return f"run `ckptfit plan {where} --model SPEC` to see every decision and its reason"
 
 
 def _rich_group(report: LoadReport, head: Sequence[str], problems: Sequence[str]) -> Group:

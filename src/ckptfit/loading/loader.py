@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._gc import gc_paused
+from ..advice import advise_constructor
 from ..checkpoint import Checkpoint, StateDictCandidate
 from ..errors import LoadError
 from ..formats import open_checkpoint
@@ -228,8 +229,8 @@ def _move_model(model: nn.Module, device: Any, dtype: torch.dtype | None) -> Non
                     store[name] = moved[id(t)] = new
 
 
-def build(factory: Callable[[], nn.Module] | str, source: Source, *, mmap: bool = False, train: bool = False,
-          **load_options: Any) -> tuple[nn.Module, LoadReport]:
+def build(factory: Callable[..., nn.Module] | str, source: Source, *, mmap: bool = False, train: bool = False,
+          model_kwargs: Mapping[str, Any] | None = None, **load_options: Any) -> tuple[nn.Module, LoadReport]:
     """Construct a model without random init and fill it straight from the checkpoint.
 
     The model is built with its parameters on the meta device (no memory, no init; buffers
@@ -243,9 +244,12 @@ def build(factory: Callable[[], nn.Module] | str, source: Source, *, mmap: bool 
     training mode); ``report.mode`` says which.
 
     Args:
-        factory: a zero-argument callable returning the model, or a model SPEC string
+        factory: a callable returning the model, or a model SPEC string
             (``"torchvision:resnet18"``, ``"timm:resnet50"``, ``"package.module:factory"``).
         source: as for :func:`load`.
+        model_kwargs: keyword arguments for the factory (``{"num_classes": 10}``). When the
+            file's shapes are those of the model built with other arguments, the refusal
+            advises them (verified by building the model with them first).
         mmap: zero-copy: where dtype and device already match, a parameter *is* a
             copy-on-write view of the memory-mapped file (no copy, no memory until used).
             Risk: if the file is later rewritten in place the model's weights change with it,
@@ -276,20 +280,36 @@ def build(factory: Callable[[], nn.Module] | str, source: Source, *, mmap: bool 
     if not isinstance(factory, str) and not callable(factory):
         raise TypeError(f"factory must be a zero-argument callable or a model SPEC string, not "
                         f"{type(factory).__name__}")
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs= must be a dict of keyword arguments, not {type(model_kwargs).__name__}")
+    kwargs = dict(model_kwargs or {})
     if isinstance(factory, str):
-        factory = model_factory(factory)
+        spec = factory
+        factory = model_factory(spec, kwargs)
+        make: Callable[[dict[str, Any]], nn.Module] = lambda kw: model_factory(spec, kw)()  # noqa: E731
+        builder = getattr(factory, "ckptfit_builder", None)
+    else:
+        make, builder = (lambda kw: factory(**kw)), factory  # noqa: E731
     from .._lightning import build_lightning, lightning_target
 
     if (lit := lightning_target(factory)) is not None:  # a LightningModule class: the file's hyper_parameters
-        return build_lightning(*lit, source, build, mmap=mmap, train=train, **load_options)
+        return build_lightning(lit[0], {**lit[1], **kwargs}, source, build, mmap=mmap, train=train, **load_options)
     with gc_paused():  # the model's modules are as long-lived as the checkpoint's objects (see _gc)
         with parameters_on_meta():
-            model = factory()
+            model = make(kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"build's factory must return an nn.Module, not {type(model).__name__}")
         token = ZERO_COPY.set(mmap)
         try:
             report = load(model, source, **load_options)
+        except LoadError as e:
+            if not isinstance(e.plan, Plan):
+                raise
+            # shapes one constructor argument away: advise it, verified on meta (ckptfit.advice)
+            advised = advise_constructor(e.plan, make, kwargs, source, load_options, builder=builder)
+            if advised is e.plan:
+                raise
+            raise load_error(advised, model) from None
         finally:
             ZERO_COPY.reset(token)
         leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .._gc import gc_paused
+from ..advice import refine
 from ..checkpoint import Checkpoint, StateDictCandidate
 from ..errors import LoadError
 from ..formats import open_checkpoint
@@ -22,7 +23,7 @@ from ..matching import match
 from ..plans import Plan, TensorSpec
 from ..porting import layouts_of, port, recorded_layouts
 from ..provenance import source_aware, source_model_option
-from ..report import render_plan
+from ..report import refusal_error
 from .options import check_options
 
 __all__ = ["Source", "Target", "as_checkpoint", "device_of", "load_error", "plan", "plan_checkpoint"]
@@ -197,13 +198,9 @@ def plan_checkpoint(target: Target, ckpt: Checkpoint, **opts) -> tuple[StateDict
                                                     "`ckptfit inspect` of the file",)
     p = replace(p, container=cand.name, containers=tuple(c.name for c in ckpt.state_dicts()),
                 container_reason=why, format=ckpt.format, path=ckpt.path, **extra)
-    return cand, p
+    return cand, refine(p)  # only suggestions that can help (ckptfit.advice)
 
 
 def load_error(p: Plan, model: nn.Module) -> LoadError:
-    name = type(model).__name__
-    head = f"Error(s) in loading the checkpoint into {name}: {len(p.problems)} problem(s); the model was not changed"
-    body = render_plan(p)
-    # the suggestions are in the body already; the hint only points further
-    hint = None if p.suggestions else "run `ckptfit plan` to see every decision"
-    return LoadError(f"{head}\n{body}", path=p.path, hint=hint, problems=p.problems, plan=p)
+    """The error a refused plan raises: the refusal once, the suggestions last (:func:`~ckptfit.report.refusal_error`)."""
+    return refusal_error(p)

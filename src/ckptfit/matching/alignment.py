@@ -204,6 +204,13 @@ class StructuralStages:
         rest_s, rest_t = (ev.all_s, ev.all_t) if whole else (ev.rest_s, ev.rest_t)
         guess = {sm: tm for sm, tm in ev.guess(order).items() if sm in rest_s}
         self.explained_s.update(rest_s)
+        if self.prefix_ambiguity and all(si in self.locked_s for sm in rest_s for si in s_mods[sm].values()):
+            # an ambiguous prefix (two encoders, student and teacher ...) already explains these keys, and
+            # its suggestion settles them all; a rename per module would repeat it module by module
+            for tm in rest_t:
+                self.t_note[tm] = (f"ambiguous: {self.prefix_ambiguity}", f"ambiguous: {self.prefix_ambiguity} "
+                                   "(see the suggestion)")
+            return
         what = (f"checkpoint module{'s' if len(rest_s) > 1 else ''} {fold_names(rest_s)} and model "
                 f"module{'s' if len(rest_t) > 1 else ''} {fold_names(rest_t)} have the same roles and shapes, but {why}")
         for sm in rest_s:
@@ -317,18 +324,21 @@ class StructuralStages:
             if sig:
                 by_sig[sig].append(tm)
         found = []
+        taken: set[str] = set()  # never advise renaming two checkpoint modules onto one model module
         for sm, members in s_mods.items():
             if sm in self.explained_s or all(si in self.locked_s for si in members.values()):
                 continue  # already explained by an ambiguous prefix or structural suggestion
             fits = by_sig.get(self._signature(members, self.s_shape, self.s_dtype))
-            if sm and fits:
-                found.append((sm, fits))
-        for sm, fits in found[:MAX_LISTED]:
+            free = [tm for tm in fits or () if tm not in taken]
+            if sm and free:
+                taken.add(free[0])
+                found.append((sm, fits, free[0]))
+        for sm, fits, tm in found[:MAX_LISTED]:
             self.suggestions.append(
                 f"checkpoint module '{sm}' has the roles and shapes of model "
                 f"module{'s' if len(fits) > 1 else ''} {fold_names(fits)} but could "
-                f"not be aligned without guessing; if it is '{fits[0]}', pass "
-                f"rename=[(r'^{re.escape(sm)}\\.', '{fits[0]}.')]")
+                f"not be aligned without guessing; if it is '{tm}', pass "
+                f"rename=[(r'^{re.escape(sm)}\\.', '{tm}.')]")
         if len(found) > MAX_LISTED:
             self.suggestions.append(f"{len(found) - MAX_LISTED} more checkpoint modules fit model modules "
                                     "by shape but were not aligned without a rename rule")

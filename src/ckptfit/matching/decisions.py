@@ -3,6 +3,7 @@ then the :class:`~ckptfit.plans.Plan`, with one decision per model tensor and a 
 checkpoint tensor left unused."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
@@ -17,8 +18,10 @@ _EMA_HEADS = frozenset({"ema", "model_ema", "ema_model", "module_ema", "averaged
 _OPTIM_HEADS = frozenset({"optimizer", "optim", "optimizer_states", "scheduler", "lr_scheduler"})
 _OPTIM_SEGMENTS = frozenset({"exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq"})
 
-PARTIAL_SHAPES = "pass partial=True to keep these layers at their init"
-PARTIAL_MISSING = "pass partial=True to keep the missing tensors at their init"
+PARTIAL_SHAPES = "pass partial=True (on the command line: --partial) to keep these layers at their init"
+PARTIAL_MISSING = "pass partial=True (on the command line: --partial) to keep the missing tensors at their init"
+_GLOB_FREE = re.compile(r"[\w.\-]+")  # a key that is its own exclude= pattern (no glob or shell characters)
+_MAX_EXCLUDED = 3  # more tensors of another dtype kind than this: partial=True, not a list of names
 
 
 class PlanMaking:
@@ -56,6 +59,7 @@ class PlanMaking:
         unused_reason: dict[int, str] = {}
         casts: Counter[tuple[str, str]] = Counter()
         shape_problem = missing_problem = False
+        not_a_cast: list[str] = []  # model keys whose checkpoint tensor is of another dtype kind
         excluded_by_name = self._excluded_sources()
 
         def decide(ti: int, action, stage: Stage, reason: str, si: int | None = None, tied_to: str | None = None):
@@ -121,6 +125,7 @@ class PlanMaking:
                     decide(ti, "missing", stage, f"{diff}; not loaded", si)
                     problems.append(f"{t}: checkpoint has {dtype_name(sdt)} (as '{s}'), model has "
                                     f"{dtype_name(tdt)}; {dtype_kind(sdt)} to {dtype_kind(tdt)} is not a cast")
+                    not_a_cast.append(t)
                 continue
             reason = "same name and shape" if stage == "exact" else f"{how}; same shape"
             if tdt != sdt:
@@ -183,6 +188,13 @@ class PlanMaking:
                 problems.append(f"{t}: not in the checkpoint")
                 missing_problem = True
 
+        if not_a_cast and len(not_a_cast) <= _MAX_EXCLUDED and all(_GLOB_FREE.fullmatch(t) for t in not_a_cast):
+            one = len(not_a_cast) == 1
+            self.suggestions.append(f"pass exclude={not_a_cast!r} (on the command line: "
+                                    + " ".join(f"--exclude {t}" for t in not_a_cast)
+                                    + f") to keep {'it at its' if one else 'them at their'} init")
+        elif not_a_cast:
+            missing_problem = True
         if shape_problem:
             self.suggestions.append(PARTIAL_SHAPES)
         if missing_problem:

@@ -119,6 +119,7 @@ class Matcher(StructuralStages, PlanMaking):
         self.applied: list[tuple[str, str]] = []  # learned prefix transforms, in order
         self.transforms: list[str] = []
         self.suggestions: list[str] = []
+        self.prefix_ambiguity = ""  # why the leading names are ambiguous, once a prefix stage found they are
         self.warnings: list[str] = []
 
         self.tied: dict[int, int] = {}  # tied target index -> canonical target index
@@ -360,5 +361,8 @@ class Matcher(StructuralStages, PlanMaking):
                 self.s_note[si] = f"ambiguous: {' or '.join(descs[:2])} fit equally well"
         shown = "; ".join(descs[:MAX_LISTED]) + (f" (and {len(descs) - MAX_LISTED} more)"
                                                   if len(descs) > MAX_LISTED else "")
+        self.prefix_ambiguity = f"{' or '.join(descs[:2])} fit equally well"
+        a, b = bad[0]
+        cli = f" (on the command line: --rename '^{re.escape(a)}=>{b}')" if "'" not in a + b else ""
         self.suggestions.append(f"ambiguous names, nothing loaded through them: {shown} fit equally well; "
-                                f"to choose one, pass e.g. {rule_for(*bad[0])}")
+                                f"to choose one, pass e.g. {rule_for(a, b)}{cli}")
