@@ -361,7 +361,10 @@ class Matcher(StructuralStages, PlanMaking):
                 self.s_note[si] = f"ambiguous: {' or '.join(descs[:2])} fit equally well"
         shown = "; ".join(descs[:MAX_LISTED]) + (f" (and {len(descs) - MAX_LISTED} more)"
                                                   if len(descs) > MAX_LISTED else "")
-        self.prefix_ambiguity = f"{' or '.join(descs[:2])} fit equally well"
+        if len({b for _, b in bad}) == 1:
+            # several copies in the file for one place in the model (two encoders, student and teacher):
+            # choosing the copy settles every module under it, which module-by-module advice would only repeat
+            self.prefix_ambiguity = f"{' or '.join(descs[:2])} fit equally well"
         a, b = bad[0]
         cli = f" (on the command line: --rename '^{re.escape(a)}=>{b}')" if "'" not in a + b else ""
         self.suggestions.append(f"ambiguous names, nothing loaded through them: {shown} fit equally well; "
