@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 # The keyword arguments a suggestion can name; each value is read as a Python literal.
-_PY_NAMES = ("rename", "transforms", "model_kwargs", "exclude", "include", "use", "partial")
+_PY_NAMES = ("rename", "transforms", "model_kwargs", "exclude", "include", "use", "partial", "source_model")
 _PY_START = re.compile(r"(?<![\w-])(" + "|".join(_PY_NAMES) + r")=(?=[\[{'\"T])")
 _CLI_MARK = re.compile(r"(?:on the command line|CLI):")
 

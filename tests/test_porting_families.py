@@ -51,9 +51,12 @@ def test_torchvision_resnet18_into_transformers_resnet(tmp_path):
     model = _hf_resnet().eval()
     with pytest.raises(ckptfit.LoadError, match="names do not settle") as e:  # names alone cannot tell
         ckptfit.load(model, tmp_path / "r18.safetensors")
-    assert ("if you know the implementation that wrote the file, name it with source_model= (a model SPEC such as "
-            "'torchvision:resnet18', a zero-argument factory, or 'identify'; CLI: --source-model SPEC): its forward "
-            "pass settles which tensor is which") in e.value.plan.suggestions
+    assert ("the implementation that wrote the file can tell them apart by its forward pass: pass "
+            "source_model='identify' (CLI: --source-model identify) to have ckptfit find it from the file, or "
+            "source_model= with its model SPEC or a zero-argument factory if you know it") in e.value.plan.suggestions
+    followed = _hf_resnet().eval()  # the suggestion, followed literally
+    ckptfit.load(followed, tmp_path / "r18.safetensors", source_model="identify")
+    _same_function(followed, src, torch.randn(2, 3, 64, 64))
     report = ckptfit.load(model, tmp_path / "r18.safetensors", source_model=_tv_resnet)
     _same_function(model, src, torch.randn(2, 3, 64, 64))
     text = str(report)

@@ -195,9 +195,10 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
         return replace(plan, warnings=plan.warnings + (f"no source model: {str(e).splitlines()[0][:200]}",))
     if found is None:
         if not plan.ok and any(": ambiguous: " in x for x in plan.problems):  # names cannot tell look-alikes apart
-            hint = ("if you know the implementation that wrote the file, name it with source_model= (a model SPEC "
-                    "such as 'torchvision:resnet18', a zero-argument factory, or 'identify'; CLI: --source-model "
-                    "SPEC): its forward pass settles which tensor is which")
+            # followed literally it runs: 'identify' (a SPEC of the user's own is named in words only)
+            hint = ("the implementation that wrote the file can tell them apart by its forward pass: pass "
+                    "source_model='identify' (CLI: --source-model identify) to have ckptfit find it from the "
+                    "file, or source_model= with its model SPEC or a zero-argument factory if you know it")
             return replace(plan, suggestions=plan.suggestions + (hint,))
         return plan
     factory, label = found
