@@ -199,10 +199,9 @@ class _Sample:
 def _sample(t: torch.Tensor) -> _Sample:
     flat = t.detach().reshape(-1)
     n = flat.numel()
-    if n > MAX_SAMPLE:
-        g = torch.Generator(device="cpu").manual_seed(n)
-        idx = torch.randint(0, n, (MAX_SAMPLE,), generator=g).to(flat.device)
-        part = flat[idx]
+    if n > MAX_SAMPLE:  # every step-th value: a sample without replacement (with it, the tests would see
+        step = n // MAX_SAMPLE  # the tensor's own sampling noise twice and reject fresh tensors too often)
+        part = flat[: step * MAX_SAMPLE : step]
     else:
         part = flat
     x = part.to("cpu", torch.float64).sort().values
@@ -454,7 +453,7 @@ def _check(module: nn.Module, leaf: str, t: torch.Tensor, norm: bool,
 
 
 def _config_stds(model: nn.Module) -> tuple[float, ...]:
-    """Init stds a Hugging Face style config declares (``initializer_range``, ``init_std``)."""
+    """Init stds a Hugging Face style config declares (``initializer_range``, ``init_std``, width ** -0.5)."""
     out: list[float] = []
     for m in model.modules():
         cfg = getattr(m, "config", None)
@@ -462,7 +461,11 @@ def _config_stds(model: nn.Module) -> tuple[float, ...]:
             v = getattr(cfg, attr, None)
             if isinstance(v, float) and 0 < v < 10 and v not in out and v not in _COMMON_STDS:
                 out.append(v)
-        if len(out) > 4:
+        for attr in ("d_model", "hidden_size", "n_embd"):  # T5-style init: std = width ** -0.5
+            d = getattr(cfg, attr, None)
+            if isinstance(d, int) and d > 0 and d ** -0.5 not in out:
+                out.append(d ** -0.5)
+        if len(out) > 6:
             break
     return tuple(out)
 
