@@ -46,7 +46,7 @@ Exit status (every command; docs/cli.md):
 
 def stderr(msg: str) -> None:
     """One message on stderr; text from a file inside it (keys, class names) cannot drive the terminal."""
-    from .report import printable
+    from .rendering import printable
 
     click.echo(printable(msg), err=True)
 

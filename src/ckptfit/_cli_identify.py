@@ -54,7 +54,7 @@ def _call(c) -> str:
 
 def render_identification(result) -> str:
     """The text of ``ckptfit identify``: the answer, or "unknown" with only the candidates that have real support."""
-    from .report import printable
+    from .rendering import printable
 
     where = f"{result.path}" + (f" (container {result.container!r})" if result.container else "")
     if result.known:

@@ -61,7 +61,7 @@ def rename_rules(renames: tuple[str, ...]) -> list[tuple[str, str]] | None:
 
 
 def _transform_rules(rules: tuple[str, ...]) -> dict[str, str] | None:
-    from .porting import parse_rules
+    from .transform_rules import parse_rules
 
     out: dict[str, str] = {}
     for r in rules:

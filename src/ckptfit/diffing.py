@@ -15,7 +15,7 @@ from .dtypes import dtype_name
 from .lazy import LazyTensor
 from .matching import match
 from .plans import TensorSpec
-from .report import printable
+from .rendering import printable
 
 if TYPE_CHECKING:
     import torch

@@ -96,7 +96,7 @@ class Inspection:
         from rich.table import Table
         from rich.text import Text as _Text
 
-        from .report import printable
+        from .rendering import printable
 
         def Text(text: str = "", **kw: Any) -> _Text:  # noqa: N802 - text from the file, never markup or escapes
             return _Text(printable(text), **kw)

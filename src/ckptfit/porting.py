@@ -36,281 +36,23 @@ key) and ``"transpose"``, ``"none"`` (as stored) or ``"split:N"``, combined with
 """
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
-from torch import nn
 
+from .fused_names import fused_parts, last_segment, parent_module, part_of, split_key
+from .layouts import OUT_IN, Layout, layouts_of, recorded_layouts, register_layout
+from .matching.names import fmt_shape
 from .plans import Decision, Plan, TensorSpec, Transform
+from .transform_rules import Rule, parse_rules, rule_text_for
+from .transforms import apply_transform
 
+# Rule, parse_rules, the layouts and apply_transform live in their own modules; they stay importable
+# from here, where the porting pass has always offered them.
 __all__ = ["port", "parse_rules", "layouts_of", "recorded_layouts", "register_layout", "apply_transform", "Rule",
            "Layout"]
-
-OUT_IN = "out_in"  # nn.Linear: weight [out, in]
-IN_OUT = "in_out"  # GPT-2 Conv1D: weight [in, out]
-
-# class name -> (layout, label); looked up along the module's MRO. Registered by name so that
-# transformers need not be imported to recognise its Conv1D.
-_LAYOUTS: dict[str, tuple[str, str]] = {}
-
-
-def register_layout(cls: type | str, layout: str, label: str | None = None) -> None:
-    """Declare how a layer type stores its 2-D ``weight``: ``"out_in"`` (as ``nn.Linear``) or ``"in_out"``.
-
-    Example:
-        >>> register_layout("Conv1D", "in_out")
-    """
-    if layout not in (OUT_IN, IN_OUT):
-        raise ValueError(f"layout must be {OUT_IN!r} or {IN_OUT!r}, not {layout!r}")
-    name = cls if isinstance(cls, str) else cls.__name__
-    _LAYOUTS[name] = (layout, label or name)
-
-
-register_layout("Linear", OUT_IN, "nn.Linear")
-register_layout("Conv1D", IN_OUT, "Conv1D")  # transformers.pytorch_utils.Conv1D (GPT-2, GPT, ...)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How one model tensor is laid out: its role (layer type) and which dimension is ``out``."""
-
-    layout: str
-    label: str
-
-
-def layouts_of(model: nn.Module) -> dict[str, Layout]:
-    """``{state-dict key: Layout}`` for every 2-D weight of a layer type with a known layout.
-
-    ``nn.MultiheadAttention``'s ``in_proj_weight`` counts as ``nn.Linear`` (it is one ``[3d, d]``).
-    """
-    out: dict[str, Layout] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        prefix = f"{mname}." if mname else ""
-        hit = None
-        for klass in type(mod).__mro__:
-            hit = _LAYOUTS.get(klass.__name__)
-            if hit is not None:
-                break
-        if hit is not None:
-            w = mod._parameters.get("weight")
-            if w is not None and w.dim() == 2:
-                out.setdefault(prefix + "weight", Layout(*hit))
-        if isinstance(mod, nn.MultiheadAttention):
-            w = mod._parameters.get("in_proj_weight")
-            if w is not None and w.dim() == 2:
-                out.setdefault(prefix + "in_proj_weight", Layout(OUT_IN, "nn.Linear"))
-    return out
-
-
-# Objects visited when looking for pickled modules in a checkpoint's tree (a bound on hostile files).
-_MAX_TREE_NODES = 1_000_000
-
-
-def recorded_layouts(tree: Any) -> dict[int, Layout]:
-    """``{id(LazyTensor): Layout}`` for 2-D weights of pickled modules whose class has a known layout.
-
-    A whole model saved with ``torch.save(model)`` records each layer's class (``Conv1D``,
-    ``Linear``); that is evidence of how each weight is stored, read without running anything.
-    Empty for formats that hold bare tensors (safetensors, a state dict).
-    """
-    from .lazy import LazyTensor
-    from .safety import Placeholder
-
-    out: dict[int, Layout] = {}
-    stack = [tree]
-    seen: set[int] = set()
-    while stack and len(seen) < _MAX_TREE_NODES:
-        obj = stack.pop()
-        if isinstance(obj, LazyTensor | str | bytes | int | float) or obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, Placeholder):
-            attrs = obj.attributes()
-            params = attrs.get("_parameters")
-            if isinstance(params, dict):
-                w = params.get("weight")
-                hit = _LAYOUTS.get(obj.cls.name)
-                if hit is not None and isinstance(w, LazyTensor) and len(w.shape) == 2:
-                    out[id(w)] = Layout(*hit)
-                w = params.get("in_proj_weight")
-                if obj.cls.name == "MultiheadAttention" and isinstance(w, LazyTensor) and len(w.shape) == 2:
-                    out[id(w)] = Layout(OUT_IN, "nn.Linear")
-            stack.extend(attrs.values())
-            stack.extend(obj.args)
-            stack.extend(obj.list_items)
-            stack.extend(obj.dict_items.values())
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, list | tuple):
-            stack.extend(obj)
-    return out
-
-
-# ---------------------------------------------------------------------------------- rules
-
-_KINDS = ("transpose", "none")
-_SPLIT = re.compile(r"^split:(\d+)$")
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One ``transforms=`` entry: a pattern and what to do with the tensors it matches."""
-
-    pattern: str
-    kind: str  # as written
-    transpose: bool | None  # True: transpose, False: as stored ("none"), None: evidence decides
-    split: int | None = None
-    _regex: Any = field(default=None, compare=False, repr=False)
-    adapt: str | None = None  # "in_chans": adapt= rather than a transforms= entry (see :func:`parse_adapt`)
-
-    def hits(self, *keys: str | None) -> bool:
-        for k in keys:
-            if k is None:
-                continue
-            if fnmatchcase(k, self.pattern) or (self._regex is not None and self._regex.fullmatch(k)):
-                return True
-        return False
-
-    @property
-    def text(self) -> str:
-        if self.adapt is not None:
-            return f"adapt={self.adapt!r}"
-        return f"transforms={{{self.pattern!r}: {self.kind!r}}}"
-
-
-def parse_rules(value: Any, adapt: Any = None) -> tuple[Rule, ...]:
-    """Check ``transforms=`` and turn it into :class:`Rule` objects; raise at once on anything wrong.
-
-    Args:
-        value: ``{pattern: kind}`` (or a list of ``(pattern, kind)`` pairs); a pattern is a glob
-            or a regex matched in full against model keys and checkpoint keys; a kind is
-            ``"transpose"``, ``"none"``, ``"split:N"`` or several joined by ``+``.
-
-        adapt: ``adapt=`` (``"in_chans"``), carried as a last rule (:mod:`ckptfit._adapt`).
-
-    Returns:
-        The rules, in order.
-
-    Raises:
-        TypeError: not a mapping of strings.
-        ValueError: an unknown kind, a contradiction (``"transpose+none"``) or an empty pattern.
-
-    Example:
-        >>> parse_rules({"*.c_attn.weight": "transpose"})[0].transpose
-        True
-    """
-    from ._adapt import parse_adapt
-
-    tail = (Rule("", f"adapt:{a}", None, adapt=a),) if (a := parse_adapt(adapt)) else ()
-    if value is None:
-        return tail
-    if isinstance(value, Mapping):
-        items = list(value.items())
-    else:
-        try:
-            items = [tuple(x) for x in value]
-        except TypeError:
-            raise TypeError("transforms= must be a dict {pattern: kind}, e.g. "
-                            "transforms={'*.c_attn.weight': 'transpose'}") from None
-    rules = []
-    for item in items:
-        if len(item) != 2 or not all(isinstance(x, str) for x in item):
-            raise TypeError(f"transforms= entry {item!r} is not a pattern: kind pair of strings, "
-                            "e.g. {'*.c_attn.weight': 'transpose'}")
-        pattern, kind = item
-        if not pattern:
-            raise ValueError("transforms= pattern is empty; write a glob such as '*.c_attn.weight'")
-        transpose: bool | None = None
-        split = None
-        for part in kind.replace(" ", "").lower().split("+"):
-            m = _SPLIT.match(part)
-            if m:
-                split = int(m.group(1))
-                if split < 2:
-                    raise ValueError(f"transforms={{{pattern!r}: {kind!r}}}: split:N needs N >= 2")
-            elif part in _KINDS:
-                want = part == "transpose"
-                if transpose is not None and transpose != want:
-                    raise ValueError(f"transforms={{{pattern!r}: {kind!r}}}: 'transpose' and 'none' contradict")
-                transpose = want
-            else:
-                raise ValueError(f"transforms={{{pattern!r}: {kind!r}}}: unknown transform {part!r}; use "
-                                 f"'transpose', 'none' (load as stored), 'split:N' or e.g. 'transpose+split:3'")
-        try:
-            regex = re.compile(pattern)
-        except re.error:
-            regex = None  # a glob such as '*.weight' is not a regex; it is matched as a glob
-        rules.append(Rule(pattern, kind, transpose, split, regex))
-    return tuple(rules) + tail
-
-
-# ---------------------------------------------------------------------------------- names
-
-_PART_WORDS = {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v", "gate": "gate", "up": "up"}
-_TOKENS = ("query", "value", "gate", "key", "up", "q", "k", "v")
-# Fused tensors whose name does not spell the parts but whose layout is documented [q; k; v].
-_FUSED_BY_CONVENTION = {"c_attn": ("q", "k", "v"), "in_proj": ("q", "k", "v")}
-# Fused names whose layout is NOT parts one after the other (GPT-NeoX, BLOOM: per head).
-_INTERLEAVED = {"query_key_value"}
-
-
-def _core(seg: str) -> str:
-    s = seg.lower()
-    s = re.sub(r"^(to_|w_|w(?=q|k|v))", "", s)
-    return re.sub(r"(_?proj|_lin|_linear|_layer)$", "", s)
-
-
-def _part_of(seg: str) -> str | None:
-    """``'q_proj'`` -> ``'q'``; ``'value'`` -> ``'v'``; ``'up_proj'`` -> ``'up'``; else None."""
-    return _PART_WORDS.get(_core(seg))
-
-
-def _fused_parts(seg: str) -> tuple[str, ...] | None:
-    """``'qkv'`` / ``'to_qkv'`` / ``'Wqkv'`` / ``'c_attn'`` -> ``('q', 'k', 'v')``; ``'gate_up_proj'`` -> ``('gate', 'up')``."""
-    low = seg.lower()
-    if low in _FUSED_BY_CONVENTION:
-        return _FUSED_BY_CONVENTION[low]
-    core = _core(seg)
-    if core in _INTERLEAVED:
-        return None
-    out: list[str] = []
-    i = 0
-    while i < len(core):
-        if core[i] == "_":
-            i += 1
-            continue
-        for tok in _TOKENS:
-            if core.startswith(tok, i):
-                out.append(_PART_WORDS[tok])
-                i += len(tok)
-                break
-        else:
-            return None
-    return tuple(out) if len(out) >= 2 and len(set(out)) == len(out) else None
-
-
-def _split_key(key: str) -> tuple[str, str]:
-    """``(module, leaf)``; ``attn.in_proj_weight`` is ``('attn.in_proj', 'weight')``."""
-    mod, _, leaf = key.rpartition(".")
-    if leaf in ("in_proj_weight", "in_proj_bias"):
-        return (f"{mod}.in_proj" if mod else "in_proj"), leaf[len("in_proj_"):]
-    return mod, leaf
-
-
-def _parent(module: str) -> str:
-    return module.rpartition(".")[0]
-
-
-def _last(module: str) -> str:
-    return module.rpartition(".")[2]
-
-
-def _shape(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
 def _kind(dtype: torch.dtype | None) -> str:
@@ -451,24 +193,24 @@ class _Porter:
         items.extend(self.collect_concats())
         return items
 
-    def _target_parts(self, parent: str, want: tuple[str, ...] | int, leaves: Iterable[str]) -> list[str] | None:
+    def _target_parts(self, parent: str, want: tuple[str, ...] | int, leaves: Sequence[str]) -> list[str] | None:
         """Unfilled model modules right under ``parent`` named for the parts ``want`` (in that
         declaration order), or, for a count, the same number of unfilled same-shaped ones."""
         leaves = list(leaves)
         children: dict[str, int] = {}
         for key, i in self.pos.items():
-            mod, leaf = _split_key(key)
-            if _parent(mod) == parent and mod and leaf == leaves[0]:
+            mod, leaf = split_key(key)
+            if parent_module(mod) == parent and mod and leaf == leaves[0]:
                 children.setdefault(mod, i)
         ok = [m for m in sorted(children, key=children.get)
               if all(self.unfilled(f"{m}.{leaf}") for leaf in leaves)]
         if isinstance(want, int):
             shapes = {self.decs[self.pos[f"{m}.{leaves[0]}"]].target_shape for m in ok}
             return ok if len(ok) == want and len(shapes) == 1 else None
-        named = [m for m in ok if _part_of(_last(m)) in want]
-        if sorted(_part_of(_last(m)) for m in named) != sorted(want) or len(named) != len(want):
+        named = [m for m in ok if part_of(last_segment(m)) in want]
+        if sorted(part_of(last_segment(m)) for m in named) != sorted(want) or len(named) != len(want):
             return None
-        if tuple(_part_of(_last(m)) for m in named) != tuple(want):
+        if tuple(part_of(last_segment(m)) for m in named) != tuple(want):
             self.warnings.append(f"not split: the model declares {_listed(named)} in another order than "
                                  f"the fused tensor's ({', '.join(want)})")
             return None
@@ -480,20 +222,20 @@ class _Porter:
         by_module: dict[str, dict[str, str]] = {}
         for key in self.src:
             if self.free_source(key):
-                mod, leaf = _split_key(key)
+                mod, leaf = split_key(key)
                 by_module.setdefault(mod, {})[leaf] = key
         for smod, leaves in by_module.items():
             if "weight" not in leaves or len(self.src[leaves["weight"]].shape) != 2:
                 continue
             rule = self.split_rule_for(leaves["weight"])
-            parts: tuple[str, ...] | int | None = rule.split if rule is not None else _fused_parts(_last(smod))
+            parts: tuple[str, ...] | int | None = rule.split if rule is not None else fused_parts(last_segment(smod))
             if parts is None:
                 continue
             if pairs is None:
                 pairs = self.prefix_pairs()
             use_leaves = [lf for lf in ("weight", "bias") if lf in leaves]
             found = None
-            for tparent in self.map_module(_parent(smod), pairs):
+            for tparent in self.map_module(parent_module(smod), pairs):
                 found = self._target_parts(tparent, parts, use_leaves)
                 if found:
                     break
@@ -524,10 +266,10 @@ class _Porter:
                 "transposed" if sshape == trans else "neither"
             if fit == "neither":
                 if rule is not None:
-                    self.problems.append(f"{rule.text}: '{leaves['weight']}' is {_shape(sshape)}, which is not "
+                    self.problems.append(f"{rule.text}: '{leaves['weight']}' is {fmt_shape(sshape)}, which is not "
                                          f"{_listed(tw)} stacked (as stored or transposed)")
                 continue
-            names = tuple(_part_of(_last(m)) or _last(m) for m in found)
+            names = tuple(part_of(last_segment(m)) or last_segment(m) for m in found)
             item = _Item("split", lay.label, lay.layout, tw, [leaves["weight"]], fit=fit, parts=names, rule=rule,
                          sizes=tuple(outs) if len(set(outs)) > 1 else ())
             if rule is not None and rule.transpose is not None:
@@ -549,18 +291,18 @@ class _Porter:
         items = []
         pairs = None
         for d in self.decs:
-            mod, leaf = _split_key(d.target)
+            mod, leaf = split_key(d.target)
             if leaf != "weight" or d.target not in self.layouts or not self.unfilled(d.target):
                 continue
-            parts = _fused_parts(_last(mod))
+            parts = fused_parts(last_segment(mod))
             if parts is None:
                 continue
             if pairs is None:
                 pairs = self.prefix_pairs()
-            bias_key = f"{mod}.bias" if not mod.endswith("in_proj") else f"{_parent(mod)}.in_proj_bias".lstrip(".")
+            bias_key = f"{mod}.bias" if not mod.endswith("in_proj") else f"{parent_module(mod)}.in_proj_bias".lstrip(".")
             want_bias = bias_key in self.pos and self.unfilled(bias_key)
             found = None
-            for sparent in self.map_module(_parent(mod), pairs, reverse=True):
+            for sparent in self.map_module(parent_module(mod), pairs, reverse=True):
                 found = self._source_parts(sparent, parts, want_bias)
                 if found:
                     break
@@ -590,9 +332,9 @@ class _Porter:
     def _source_parts(self, parent: str, want: tuple[str, ...], bias: bool) -> list[str] | None:
         mods: dict[str, str] = {}
         for key in self.src:
-            mod, leaf = _split_key(key)
-            if leaf == "weight" and _parent(mod) == parent and mod and self.free_source(key):
-                p = _part_of(_last(mod))
+            mod, leaf = split_key(key)
+            if leaf == "weight" and parent_module(mod) == parent and mod and self.free_source(key):
+                p = part_of(last_segment(mod))
                 if p in want:
                     if p in mods:
                         return None
@@ -690,25 +432,9 @@ class _Porter:
 
     def advice(self, keys: Sequence[str], kind: str) -> str:
         """A ``transforms=`` rule that matches exactly ``keys`` among every model and checkpoint key
-        (and the checkpoint keys that feed them): one glob, a glob per layer form, else a regex."""
-        everything = list(self.pos) + list(self.src)
-        want = set(keys)
-        feeding = {self.decs[self.pos[t]].source for t in want} - {None}
-
-        def exact(pat: str) -> bool:
-            hit = [k for k in everything if fnmatchcase(k, pat)]
-            return {k for k in hit if k in self.pos} <= want and all(k in want or k in feeding for k in hit)
-
-        leaves = {k.rpartition(".")[2] for k in keys}
-        forms = sorted({re.sub(r"(?<=\.)\d+(?=\.)", "*", k) for k in keys})
-        if len(leaves) == 1 and exact(f"*.{next(iter(leaves))}"):
-            rules = [f"*.{next(iter(leaves))}"]
-        elif len(forms) <= 4 and all(exact(f) for f in forms):
-            rules = forms
-        else:
-            rx = "|".join(re.escape(f).replace(r"\*", r"\d+") for f in forms)
-            return f"transforms={{r'{rx}': {kind!r}}}"
-        return "transforms={" + ", ".join(f"{r!r}: {kind!r}" for r in rules) + "}"
+        (and the checkpoint keys that feed them)."""
+        feeding = {self.decs[self.pos[t]].source for t in keys} - {None}
+        return rule_text_for(keys, kind, self.pos, list(self.pos) + list(self.src), feeding)
 
     # -- apply -----------------------------------------------------------------------------
 
@@ -727,9 +453,9 @@ class _Porter:
                     continue
                 d = self.decs[self.pos[it.targets[0]]]
                 self.set(d.target, action="load", reason=f"{_base_reason(d)}; transposed "
-                         f"{_shape(d.source_shape or ())} -> {_shape(d.target_shape)}",
-                         transform=Transform("transpose", f"{_shape(d.source_shape or ())} -> "
-                                                          f"{_shape(d.target_shape)}"
+                         f"{fmt_shape(d.source_shape or ())} -> {fmt_shape(d.target_shape)}",
+                         transform=Transform("transpose", f"{fmt_shape(d.source_shape or ())} -> "
+                                                          f"{fmt_shape(d.target_shape)}"
                                              + (" (square: transposed with its role)" if it.fit == "both" else ""),
                                              reason))
                 self.used.add(d.source)
@@ -742,7 +468,7 @@ class _Porter:
         n = len(it.targets)
         dim = 0 if it.layout == OUT_IN else 1
         skey = it.sources[0]
-        fused = _last(_split_key(skey)[0])
+        fused = last_segment(split_key(skey)[0])
         order = ", ".join(it.parts)
         why = reason if it.rule is not None else (f"'{fused}' names a fused ({order}) tensor and the model has "
                                                   f"{_listed(it.targets)} in that order; {reason}")
@@ -767,7 +493,7 @@ class _Porter:
         n = len(it.sources)
         dim = 0 if it.layout == OUT_IN else 1
         t = it.targets[0]
-        fused = _last(_split_key(t)[0])
+        fused = last_segment(split_key(t)[0])
         why = reason if it.rule is not None else (f"'{fused}' names a fused ({', '.join(it.parts)}) tensor and the "
                                                   f"checkpoint has {_listed(it.sources)}; {reason}")
         s = self.src[it.sources[0]]
@@ -891,39 +617,3 @@ def _could_change(plan: Plan, layouts: Mapping[str, Layout]) -> bool:
         if d.source is None and (d.action == "missing" or (d.action == "keep" and d.stage == "none")):
             return True
     return bool(plan.unused)
-
-
-def apply_transform(d: Decision, fetch: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """The tensor to copy into ``d.target``: the checkpoint tensor(s) ``fetch`` returns, transformed.
-
-    The result is a new contiguous tensor of ``d.target_shape``.
-    """
-    t = d.transform
-    if t is None or d.source is None:
-        raise ValueError(f"{d.target}: no transform to apply")
-    if t.kind == "transpose":
-        x = fetch(d.source).t()
-    elif t.kind == "adapt":
-        from ._adapt import adapt_tensor
-
-        x = adapt_tensor(fetch(d.source), t.parts)
-    elif t.kind == "split":
-        x = fetch(d.source)
-        if t.transpose and x.dim() == 2:
-            x = x.t()
-        pieces = x.split(list(t.sizes), dim=t.dim) if t.sizes else x.chunk(t.parts, dim=t.dim)
-        if len(pieces) != t.parts:
-            raise ValueError(f"{d.target}: '{d.source}' does not split into {t.parts} parts")
-        x = pieces[t.part]
-    elif t.kind == "concat":
-        xs = [fetch(s) for s in t.sources]
-        if t.transpose:
-            xs = [x.t() if x.dim() == 2 else x for x in xs]
-        x = torch.cat(xs, dim=t.dim)
-    else:
-        raise ValueError(f"{d.target}: unknown transform {t.kind!r}")
-    if tuple(x.shape) != tuple(d.target_shape):
-        raise ValueError(f"{d.target}: {t.kind} of '{d.source}' gives {_shape(x.shape)}, the model has "
-                         f"{_shape(d.target_shape)}")
-    return x.contiguous().clone() if x.is_contiguous() else x.contiguous()
-

@@ -232,7 +232,7 @@ def _settle(model: nn.Module, src: nn.Module, cand: StateDictCandidate, to_ckpt:
             plan_with: Callable[[StateDictCandidate, dict], Plan], layer_types: bool) -> Plan | tuple[str, str | None]:
     """The complete plan the source model gives, or ``(why not, what would settle it)``."""
     from ._trace import align, forward_order
-    from .porting import layouts_of
+    from .layouts import layouts_of
 
     # the source model's layer types (which weights are Conv1D [in, out]): evidence for the porting pass
     recorded = {id(cand.tensors[to_ckpt[k]]): lay for k, lay in layouts_of(src).items() if k in to_ckpt}

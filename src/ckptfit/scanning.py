@@ -171,7 +171,7 @@ def render_text(report: ScanReport) -> str:
         lines.append(f"  anomaly: {a}")
     for e in report.errors:
         lines.append(f"  error: {e.splitlines()[0]}")
-    from .report import printable
+    from .rendering import printable
 
     return printable("\n".join(lines))
 
@@ -187,7 +187,7 @@ def render_rich(report: ScanReport) -> Any:
     from rich.table import Table
     from rich.text import Text as _Text
 
-    from .report import printable
+    from .rendering import printable
 
     def Text(text: str = "", **kw: Any) -> _Text:  # noqa: N802 - names from the file, never markup or escapes
         return _Text(printable(text), **kw)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..report import printable
+from ..rendering import printable
 
 __all__ = ["Candidate", "Identification"]
 

@@ -17,7 +17,7 @@ from ..checkpoint import StateDictCandidate
 from ..dtypes import itemsize
 from ..lazy import CRC_CHUNK, LazyTensor, MappedFile, Record, buffer_of, collecting_reads, crc_error, locate
 from ..plans import Plan
-from ..porting import apply_transform
+from ..transforms import apply_transform
 from .materialising import assign, device_for, holders_of, materialize_unloaded
 from .planning import Target
 

@@ -101,7 +101,7 @@ def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
         sha256: check the file's sha256 (64 hex digits, or a Git LFS pointer file) before
             anything is read; a mismatch raises :class:`CorruptCheckpoint` with both digests.
         transforms: ``{pattern: kind}`` for layouts the evidence cannot settle: ``"transpose"``,
-            ``"none"`` (as stored), ``"split:N"``; see :mod:`ckptfit.porting` and docs/porting.md.
+            ``"none"`` (as stored), ``"split:N"``; see :mod:`ckptfit.transform_rules` and docs/porting.md.
         source_model: the implementation that wrote the file, when names cannot settle a port
             (a model SPEC, a factory, an nn.Module or ``"identify"``); a Hugging Face folder's
             ``config.json`` names it by itself. See :mod:`ckptfit.provenance`.

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..dtypes import CAST_DTYPES
-from ..porting import parse_rules
+from ..transform_rules import parse_rules
 
 __all__ = ["check_options"]
 

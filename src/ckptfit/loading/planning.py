@@ -18,12 +18,13 @@ from ..errors import LoadError
 from ..formats import open_checkpoint
 from ..formats.torch_zip import wrap_real
 from ..hooks import ModuleHooks, custom_modules, discover
+from ..layouts import layouts_of, recorded_layouts
 from ..lazy import LazyTensor
 from ..matching import match
 from ..plans import Plan, TensorSpec
-from ..porting import layouts_of, port, recorded_layouts
+from ..porting import port
 from ..provenance import source_aware, source_model_option
-from ..report import refusal_error
+from ..refusal import refusal_error
 from .options import check_options
 
 __all__ = ["Source", "Target", "as_checkpoint", "device_of", "load_error", "plan", "plan_checkpoint"]
@@ -202,5 +203,5 @@ def plan_checkpoint(target: Target, ckpt: Checkpoint, **opts) -> tuple[StateDict
 
 
 def load_error(p: Plan, model: nn.Module) -> LoadError:
-    """The error a refused plan raises: the refusal once, the suggestions last (:func:`~ckptfit.report.refusal_error`)."""
+    """The error a refused plan raises: the refusal once, the suggestions last (:func:`~ckptfit.refusal.refusal_error`)."""
     return refusal_error(p)
