@@ -155,6 +155,13 @@ def _prefixes(d: Path) -> Path:
     return d / "byol.pth"
 
 
+def _untied(d: Path) -> Path:
+    m = _seeded(Tied(), 14)
+    m.head.weight = nn.Parameter(torch.randn(12, 6))  # saved from the model without its tie: values differ
+    torch.save(m.state_dict(), d / "untied.pth")
+    return d / "untied.pth"
+
+
 # (name, file maker, factory name in this module, model_kwargs the user passed, a load must be reachable)
 CASES = [
     ("head of another size", _head, "Net", {}, True),
@@ -168,6 +175,7 @@ CASES = [
     ("another model's file", _renamed, "Net", {}, False),
     ("int buffer into a float one", _int_buffer, "Counter", {}, True),
     ("two prefixes", _prefixes, "Net", {}, True),
+    ("tied weights saved untied", _untied, "Tied", {}, True),
 ]
 
 

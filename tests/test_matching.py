@@ -264,9 +264,13 @@ def test_tied_head_is_filled_through_the_tie():
 
     # both saved: the canonical key is loaded, the tied copy is not loaded twice
     plan = match(lm(), lm(), tied=tied)
-    assert plan.ok and decision(plan, "lm_head.weight").action == "tied"
+    d = decision(plan, "lm_head.weight")
+    assert plan.ok and (d.action, d.source, d.tied_to) == ("tied", "lm_head.weight", "embed.weight")
+    assert d.reason.endswith("the checkpoint holds its own tensor 'lm_head.weight' for this tied weight: "
+                             "checked equal to 'embed.weight' at load")  # by the loader (ckptfit.loading.ties)
     assert [(u.source, u.reason) for u in plan.unused] == [
-        ("lm_head.weight", "the model ties 'lm_head.weight' to 'embed.weight'; filled through the tie")]
+        ("lm_head.weight", "the model ties 'lm_head.weight' to 'embed.weight'; checked equal to 'embed.weight' "
+                           "at load, filled through the tie")]
 
 
 def test_tied_only_in_checkpoint_fills_the_canonical_key():

@@ -137,8 +137,9 @@ def fold_sections(loaded: Sequence[Decision], tied: Sequence[Decision], kept: Se
         sections.append(Section(STAGE_LABELS[stage], len(decisions), rows, show_reason))
     if tied:
         rows = tuple(
-            Row(tuple(fold_keys(d.target for d in group)), "tied", f"shares {tied_to}" if tied_to else "tied")
-            for tied_to, group in group_by(tied, lambda d: d.tied_to).items()
+            Row(tuple(fold_keys(d.target for d in group)), "tied", (f"shares {tied_to}" if tied_to else "tied")
+                + (f"; the checkpoint's own '{own}' checked equal at load" if own else ""))  # ckptfit.loading.ties
+            for (tied_to, own), group in group_by(tied, lambda d: (d.tied_to, d.source)).items()
         )
         sections.append(Section("tied", len(tied), rows))
     if kept:

@@ -20,6 +20,7 @@ from ..plans import Plan
 from ..transforms import apply_transform
 from .materialising import assign, device_for, holders_of, materialize_unloaded
 from .planning import Target
+from .ties import check_ties
 
 __all__ = ["Rollback", "Streamer", "apply_plan"]
 
@@ -303,12 +304,19 @@ class Rollback:
         self.saved.clear()
 
 
+def _dtype_of(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a model tensor takes in this load (``dtype=`` casts floating tensors only)."""
+    return dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype
+
+
 def apply_plan(target: Target, cand: StateDictCandidate, p: Plan, *, device: Any = None,
            dtype: torch.dtype | None = None, verify: bool = True,
            rollback: Rollback | None = None) -> tuple[int, str | None]:
     """Copy or assign every planned tensor. Returns (bytes read from the checkpoint, the ``bytes:`` line).
 
-    First every source is read once (so a damaged file fails before the model changes): a
+    First a tied weight whose file holds a tensor of its own is checked equal to the tensor the
+    tie is filled from (:func:`~.ties.check_ties`; refused otherwise). Then every source is read
+    once (so a damaged file fails before the model changes): a
     view of a memory-mapped file costs no memory and is kept; a tensor a reader had to build
     in memory (a DCP tensor gathered from chunks, an inflated zip member) is dropped and read
     again in its turn, so at most one of those exists at a time. Records that no single copy
@@ -318,6 +326,8 @@ def apply_plan(target: Target, cand: StateDictCandidate, p: Plan, *, device: Any
     failure at any point (I/O error, CRC mismatch) raises with ``rollback`` able to undo every
     change: tensors overwritten in place are kept (:meth:`Rollback.keep`) before they are.
     """
+    check_ties(cand, p, lambda k: _dtype_of(target.tensors[k], dtype), verify=verify,
+               is_parameter=lambda k: k not in target.owner or target.owner[k][2])  # before anything changes
     work: list[tuple[str, LazyTensor, torch.Tensor | None, tuple[MappedFile, int, int] | None, Record | None]] = []
     nbytes = 0
     checks = _Checks(verify)

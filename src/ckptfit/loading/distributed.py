@@ -39,6 +39,7 @@ from ..errors import LoadError
 from ..lazy import LazyTensor
 from ..report import LoadReport
 from .planning import Source, Target, as_checkpoint, load_error, plan_checkpoint
+from .ties import check_ties
 
 __all__ = ["is_sharded", "load_sharded", "local_block"]
 
@@ -215,6 +216,8 @@ def load_sharded(model: nn.Module, source: Source, *, partial: bool = False, use
                 raise LoadError(f"'{own[0]}' (and {len(own) - 1} more) is made by a module's own load logic, "
                                 f"which a sharded load does not run; load into the unsharded model, save it, "
                                 f"then shard", path=ckpt.path, plan=p)
+            check_ties(cand, p, lambda k: target.tensors[k].dtype, verify=True,  # a tied weight's own file tensor
+                       is_parameter=lambda k: k not in target.owner or target.owner[k][2])
             problems = _check_target(target, [d.target for d in p.loads if d.source is not None], device, dtype)
             if problems:
                 raise LoadError(f"cannot load into the sharded {type(model).__name__}: {len(problems)} "

@@ -24,6 +24,14 @@ _GLOB_FREE = re.compile(r"[\w.\-]+")  # a key that is its own exclude= pattern (
 _MAX_EXCLUDED = 3  # more tensors of another dtype kind than this: partial=True, not a list of names
 
 
+def _short(reason: str) -> str:
+    """A decision's reason without its ending ("...; kept at init"), to quote inside another."""
+    for end in ("; kept at init (partial=True)", "; kept at init", "; not loaded, kept at init (partial=True)"):
+        if reason.endswith(end):
+            return reason[: -len(end)]
+    return reason
+
+
 class PlanMaking:
     """Stages 5-7 of a :class:`~.matcher.Matcher` and the plan (a mixin: it works on the matcher's state)."""
 
@@ -133,23 +141,39 @@ class PlanMaking:
                 casts[(dtype_name(sdt), dtype_name(tdt))] += 1
             decide(ti, "load", stage, reason, si)
 
-        # Pass 2: ties. A tied key is filled through its canonical key; if only the tied key
-        # is in the checkpoint, it fills the canonical one.
+        # Pass 2: ties: the model's tied tensors are one tensor, filled once. A tied key is filled
+        # through its canonical key; if only the tied key has a loadable checkpoint tensor (the
+        # canonical one is absent, excluded or unloadable), that tensor fills the canonical key.
+        # A file that holds a tensor of its own for a tied key, other than the one loaded, may
+        # disagree with the tie: the decision names it (``source``) and the loader compares both
+        # tensors' values before the model changes (ckptfit.loading.ties), refusing if they differ.
         for ti, ci in self.tied.items():
             d, c = decisions[ti], decisions[ci]
             t_name, c_name = self.t_name[ti], self.t_name[ci]
-            if c is None and d is not None and d.action == "load" and self.t_shape[ti] == self.t_shape[ci]:
-                si = self.t2s[ti]
-                decide(ci, "load", "tie", f"{d.reason}; the model ties '{t_name}' to this tensor", si)
+            own = self.t2s[ti]
+            takes_tied = c is None or c.action == "keep" or (c.action == "skip_shape" and self.partial)
+            if takes_tied and d is not None and d.action == "load" and self.t_shape[ti] == self.t_shape[ci]:
+                not_own = "" if c is None else f"; its own checkpoint tensor is not used ({_short(c.reason)})"
+                decide(ci, "load", "tie", f"{d.reason}; the model ties '{t_name}' to this tensor{not_own}", own)
                 c = decisions[ci]
                 d = None
+            c_loads = c is not None and c.action == "load"
             if d is not None and d.action != "load":
-                continue  # the tied key has a decision of its own (excluded, wrong shape ...)
-            own = self.t2s[ti]
-            if c is not None and c.action == "load":
-                decide(ti, "tied", "tie", f"shares storage with '{c_name}', which is loaded", tied_to=c_name)
+                if c_loads and (d.action == "keep" or (d.action == "skip_shape" and self.partial)):
+                    # the tied key cannot stay at its init: it is the loaded tensor
+                    why = f"; its own checkpoint tensor is not used ({_short(d.reason)})"
+                    decide(ti, "tied", "tie", f"shares storage with '{c_name}', which is loaded{why}", tied_to=c_name)
+                continue  # otherwise the tied key has a decision of its own (a problem, or kept with its canonical key)
+            if c_loads:
                 if own is not None and c.source != self.s_name[own]:
-                    unused_reason[own] = f"the model ties '{t_name}' to '{c_name}'; filled through the tie"
+                    s_own = self.s_name[own]
+                    decide(ti, "tied", "tie", f"shares storage with '{c_name}', which is loaded; the checkpoint "
+                           f"holds its own tensor '{s_own}' for this tied weight: checked equal to "
+                           f"'{c.source}' at load", own, tied_to=c_name)
+                    unused_reason[own] = (f"the model ties '{t_name}' to '{c_name}'; checked equal to "
+                                          f"'{c.source}' at load, filled through the tie")
+                else:
+                    decide(ti, "tied", "tie", f"shares storage with '{c_name}', which is loaded", tied_to=c_name)
             elif c is not None and c.action == "keep":
                 decide(ti, "keep", c.stage, f"shares storage with '{c_name}', which is kept at init",
                        tied_to=c_name)

@@ -1,0 +1,125 @@
+"""Tied weights whose file holds a tensor of their own: checked equal before the model changes.
+
+A model that ties ``head.weight`` to ``emb.weight`` holds one tensor for both. A file saved from
+a model *without* that tie holds two, and when their values differ no load can be exact: one of
+them would be lost while the report claimed success. The plan names the file's own tensor for
+such a tied weight (:class:`~ckptfit.plans.Decision` ``source`` of a ``tied`` decision, see
+:mod:`ckptfit.matching.decisions`); :func:`check_ties` compares it bitwise with the tensor the tie
+is filled from, each as it would enter the model (the plan's transform applied, cast to the
+model's dtype), and refuses, model unchanged, when they differ. A file written by a tied model
+through a writer that duplicated the tensor (``safetensors`` ``save_file`` of cloned tensors)
+passes: the two are equal.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from ..checkpoint import StateDictCandidate
+from ..lazy import collecting_reads
+from ..plans import Decision, Plan
+from ..transforms import apply_transform
+from ..refusal import refusal_error
+
+__all__ = ["check_ties"]
+
+_GLOB_FREE = re.compile(r"[\w.\-]+")  # a key that is its own exclude= pattern (no glob or shell characters)
+_ATTR_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def check_ties(cand: StateDictCandidate, p: Plan, dtype_of: Callable[[str], torch.dtype], *,
+               verify: bool = True, is_parameter: Callable[[str], bool] = lambda key: True) -> None:
+    """Refuse (a :class:`~ckptfit.errors.LoadError`) when a tied weight's own file tensor differs
+    from the one the tie is filled from; nothing is changed, whatever happens.
+
+    Args:
+        cand: the state dict being loaded.
+        p: its plan.
+        dtype_of: the dtype a model key takes (the model's, or ``load(dtype=)``'s).
+        verify: on a difference, check the CRC-32 of the records read first, so damaged bytes are
+            a :class:`~ckptfit.errors.CorruptCheckpoint`, not a disagreement.
+        is_parameter: whether a model key is a parameter (for the advice's example code).
+    """
+    checks = [d for d in p.by_action("tied") if d.source is not None]
+    if not checks:
+        return
+    by_target = {d.target: d for d in p.decisions}
+    problems: list[str] = []
+    suggestions: list[str] = []
+    refused: dict[str, Decision] = {}  # tied decisions that cannot be exact, as the refusal shows them
+    for d in checks:
+        c = by_target.get(d.tied_to or "")
+        if c is None or c.action != "load" or c.source is None:
+            problems.append(f"{d.target}: the model ties it to '{d.tied_to}', which is not loaded from a checkpoint "
+                            f"tensor, so the checkpoint's own '{d.source}' cannot be checked against it")
+            continue
+        with collecting_reads() as reads:
+            through = _value(cand, c)
+            own = cand.tensors[d.source].load()
+        want = dtype_of(d.target)
+        a, b = through.detach().to("cpu", want), own.detach().to("cpu", want)
+        if tuple(a.shape) == tuple(b.shape) and _bitwise_equal(a, b):
+            continue
+        if verify:  # damaged bytes are a damaged file, not a disagreement
+            for m, r in reads:
+                m.check_record(r, tensor=d.source)
+        why = (f"tied to '{c.target}' (one tensor), but the checkpoint holds different values for them: "
+               f"'{d.source}' and '{c.source}' differ ({_difference(a, b)}); loading either would lose the other")
+        problems.append(f"{d.target}: {why}")
+        refused[d.target] = replace(d, action="missing", reason=why)
+        suggestions += _advice(d, c, is_parameter(d.target))
+    if problems:
+        decisions = tuple(refused.get(d.target, d) for d in p.decisions)
+        raise refusal_error(replace(p, decisions=decisions, problems=p.problems + tuple(problems),
+                                    suggestions=tuple(dict.fromkeys(suggestions)) + p.suggestions))
+
+
+def _value(cand: StateDictCandidate, d: Decision) -> torch.Tensor:
+    """The tensor ``d`` puts into the model, before the cast: its transform applied, if any."""
+    if d.transform is not None:
+        return apply_transform(d, lambda k: cand.tensors[k].load())
+    return cand.tensors[d.source].load()  # type: ignore[index]
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same bytes (``-0.0`` is not ``0.0``; a NaN equals the same NaN)."""
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    if tuple(a.shape) != tuple(b.shape):
+        return f"shapes {list(a.shape)} and {list(b.shape)}"
+    ne = a.reshape(-1) != b.reshape(-1)
+    n, total = int(ne.sum()), a.numel()
+    text = f"{n} of {total} values"
+    if (a.is_floating_point() or a.is_complex()) and n:
+        diff = (a.reshape(-1)[ne].to(torch.float64) - b.reshape(-1)[ne].to(torch.float64)).abs()
+        if torch.isfinite(diff).all():
+            text += f", largest difference {float(diff.max()):.3g}"
+    elif n == 0:  # only bit patterns differ (-0.0 against 0.0, two NaNs)
+        text = "in their bit patterns only (signed zeros or NaNs)"
+    return text
+
+
+def _advice(d: Decision, c: Decision, is_param: bool) -> list[str]:
+    """The options that settle it: untie the model, or load one of the two file tensors into both."""
+    t, ct = d.target, c.target
+    module, _, attr = t.rpartition(".")
+    make = (f"nn.Parameter(model.{ct}.detach().clone())" if is_param else f"model.{ct}.detach().clone()")
+    if _ATTR_PATH.fullmatch(t) and _ATTR_PATH.fullmatch(ct):
+        code = f"model.{t} = {make}"
+    else:
+        make = make.replace(f"model.{ct}", f"model.get_parameter({ct!r})" if is_param else f"model.get_buffer({ct!r})")
+        code = f"setattr(model.get_submodule({module!r}), {attr!r}, {make})"
+    out = [f"untie '{t}' from '{ct}' in the model, so each loads its own checkpoint tensor: before loading, "
+           f"`{code}` (or build the model without the tie)"]
+    for drop, keep in ((d.source, c.source), (c.source, d.source)):
+        if drop and keep and _GLOB_FREE.fullmatch(drop):
+            out.append(f"pass exclude=[{drop!r}] (on the command line: --exclude {drop}) to load the checkpoint's "
+                       f"'{keep}' into both tied weights; '{drop}' is not used")
+    return out
