@@ -21,8 +21,8 @@ import torch
 from ..checkpoint import StateDictCandidate
 from ..lazy import collecting_reads
 from ..plans import Decision, Plan
-from ..transforms import apply_transform
 from ..refusal import refusal_error
+from ..transforms import apply_transform
 
 __all__ = ["check_ties"]
 
