@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the public names, for type checkers and IDEs; at run time they load on first use
     from .auto import from_checkpoint as from_checkpoint
     from .checkpoint import Checkpoint as Checkpoint
-    from .checkpoint import StateDictCandidate as StateDictCandidate
     from .conversion import ConvertResult as ConvertResult
     from .conversion import convert as convert
     from .diffing import Diff as Diff
@@ -45,6 +44,7 @@ if TYPE_CHECKING:  # the public names, for type checkers and IDEs; at run time t
     from .resuming import resume as resume
     from .scanning import ScanReport as ScanReport
     from .scanning import scan as scan
+    from .state_dicts import StateDictCandidate as StateDictCandidate
     from .verification import VerifyResult as VerifyResult
     from .verification import verify as verify
 
@@ -55,7 +55,6 @@ if TYPE_CHECKING:  # the public names, for type checkers and IDEs; at run time t
 _LAZY: dict[str, tuple[str, str]] = {
     "from_checkpoint": (".auto", "from_checkpoint"),
     "Checkpoint": (".checkpoint", "Checkpoint"),
-    "StateDictCandidate": (".checkpoint", "StateDictCandidate"),
     "ConvertResult": (".conversion", "ConvertResult"),
     "convert": (".conversion", "convert"),
     "Diff": (".diffing", "Diff"),
@@ -82,6 +81,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "resume": (".resuming", "resume"),
     "ScanReport": (".scanning", "ScanReport"),
     "scan": (".scanning", "scan"),
+    "StateDictCandidate": (".state_dicts", "StateDictCandidate"),
     "VerifyResult": (".verification", "VerifyResult"),
     "verify": (".verification", "verify"),
 }

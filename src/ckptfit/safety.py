@@ -26,12 +26,19 @@ behind ``ckptfit scan``'s ``clean`` verdict.
 The same pass records every global, call and object construction with its opcode and
 position (a :class:`PickleScan`), so ``ckptfit scan`` and loading can never disagree.
 
-This module is the interpreter and the entry points around it. :func:`interpret` is one long
-function on purpose: its opcode dispatch is a single ``if``/``elif`` chain over local variables
-(the stack, the memo, the position, the object budget), ordered by how often ``torch.save``
-writes each opcode. Split into methods or a dispatch table, each opcode would pay a call and
-attribute lookups, which is most of the cost of reading a 20,000-tensor pickle, and the limits
-checked on every opcode would be spread over many places.
+This module is the interpreter and the entry points around it, and it stays one module over
+600 lines on purpose. What could leave it has: the policy tables (:mod:`ckptfit.pickle_policy`),
+the rebuild emulation (:mod:`ckptfit.pickle_rebuild`, :mod:`ckptfit.pickle_numpy`), the values
+it builds (:mod:`ckptfit.pickle_values`, :mod:`ckptfit.pickle_plain`). What is left is one thing:
+:func:`interpret`, about 570 lines, and the ~100 lines of entry points that call it with its
+limits and turn its failures into one error (:func:`load_pickle`, :func:`scan_trailing`,
+:func:`refuse_if_dangerous`). :func:`interpret` is one long function on purpose: its opcode
+dispatch is a single ``if``/``elif`` chain over local variables (the stack, the memo, the
+position, the object budget), ordered by how often ``torch.save`` writes each opcode. Split into
+methods or a dispatch table, each opcode would pay a call and attribute lookups, which is most
+of the cost of reading a 20,000-tensor pickle, and the limits checked on every opcode would be
+spread over many places. The limits are module globals read at each call
+(``ckptfit.safety.MAX_OBJECT_BYTES`` can be raised), so they live here beside the machine.
 """
 from __future__ import annotations
 

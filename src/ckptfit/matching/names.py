@@ -40,7 +40,7 @@ def describe(a: str, b: str) -> str:
 
 
 # Words that mark a name as an EMA / averaged copy of the weights (the one table: the
-# state-dict chooser in ckptfit.checkpoint reads it too).
+# state-dict chooser in ckptfit.state_dicts reads it too).
 EMA_WORDS = ("ema", "average", "swa", "shadow", "polyak")
 
 
