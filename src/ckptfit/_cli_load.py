@@ -36,6 +36,12 @@ def _load_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--adapt", "adapt", default=None, metavar="in_chans",
                      help="Adapt an RGB first convolution to the model's input channels (summed for 1, repeated "
                           "and rescaled for more), as timm does; reported as a transform."),
+        click.option("--class-map", "class_map", default=None, metavar="NEW=OLD,...|FILE.json",
+                     help="Keep the file's classifier rows for the model's classes: model class = file class pairs "
+                          "(0=3,1=7; classes not given are new, at init) or a JSON file (a list: the file's class "
+                          "for each model class, null for a new one); reported as a transform."),
+        click.option("--class-map-head", "class_map_head", default=None, metavar="NAME",
+                     help="The head module --class-map applies to (e.g. fc), when its shape does not tell."),
         click.option("--source-model", "source_model", default=None, metavar="SPEC|identify",
                      help="The implementation that wrote the file, when names cannot settle a port (same SPEC forms "
                           "as --model, or 'identify'); see docs/porting.md."),
@@ -77,8 +83,27 @@ def _transform_rules(rules: tuple[str, ...]) -> dict[str, str] | None:
     return out or None
 
 
+def _class_map(class_map: str | None, head: str | None) -> dict[str, Any]:
+    """``--class-map`` / ``--class-map-head`` as ``class_map=`` / ``class_map_head=`` (ckptfit._class_map)."""
+    if class_map is None and head is None:
+        return {}
+    from ._class_map import class_map_from_text, parse_class_map
+
+    if class_map is None:
+        raise click.BadParameter("names the head for --class-map; pass --class-map too", param_hint="--class-map-head")
+    try:
+        value = class_map_from_text(class_map)
+        parse_class_map(value, head)
+    except (TypeError, ValueError) as e:
+        hint = "--class-map-head" if str(e).startswith("class_map_head") else "--class-map"
+        text = str(e).replace("class_map_head=", "--class-map-head ").replace("class_map=", "--class-map ")
+        text = text.replace("class_map", "--class-map").replace("partial=True", "--partial")
+        raise click.BadParameter(text, param_hint=hint) from None
+    return {"class_map": value, **({"class_map_head": head} if head is not None else {})}
+
+
 def _common(partial, use, renames, include, exclude, trust, transform_rules=(), adapt=None, source_model=None,
-            source_model_args=()) -> dict[str, Any]:
+            source_model_args=(), class_map=None, class_map_head=None) -> dict[str, Any]:
     out = dict(partial=partial, use=use, rename=rename_rules(renames), include=list(include) or None,
                exclude=list(exclude) or None, trust=trust)
     if transform_rules:
@@ -90,6 +115,7 @@ def _common(partial, use, renames, include, exclude, trust, transform_rules=(), 
             out["adapt"] = parse_adapt(adapt)
         except ValueError as e:
             raise click.BadParameter(str(e).replace("adapt=", "--adapt ", 1), param_hint="--adapt") from None
+    out.update(_class_map(class_map, class_map_head))
     if source_model is not None:  # ckptfit.provenance
         if source_model != "identify":
             from .specs import model_factory, parse_model_args
@@ -166,7 +192,8 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
          adapt: str | None = None, sha256: str | None = None, freeze: bool = False,
          source_model: str | None = None, source_model_args: tuple[str, ...] = (),
          input_shape: str | None = None, reference_spec: str | None = None, reference_ckpt: str | None = None,
-         atol: float = 1e-5, rtol: float = 1e-4) -> None:
+         atol: float = 1e-5, rtol: float = 1e-4, class_map: str | None = None,
+         class_map_head: str | None = None) -> None:
     """Load a checkpoint into a model and print the report.
 
     The model is built from --model SPEC without random init, then filled from the checkpoint
@@ -177,7 +204,7 @@ def load(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
 
     _check_save_path(save_path)
     opts = _common(partial, use, renames, include, exclude, trust, transform_rules, adapt, source_model,
-                   source_model_args)
+                   source_model_args, class_map, class_map_head)
     opts.update(device=parse_device(device), dtype=parse_dtype(dtype))
     if zero_copy:
         opts["mmap"] = True
@@ -254,7 +281,8 @@ def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
          renames: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], trust: bool,
          as_json: bool, transform_rules: tuple[str, ...] = (), resume_: bool = False,
          adapt: str | None = None, sha256: str | None = None, source_model: str | None = None,
-         source_model_args: tuple[str, ...] = ()) -> None:
+         source_model_args: tuple[str, ...] = (), class_map: str | None = None,
+         class_map_head: str | None = None) -> None:
     """Show what would be loaded where, and why, without loading.
 
     A dry run of `load`: decides from names, shapes and dtypes only, reads no tensor data,
@@ -270,7 +298,7 @@ def plan(ckpt: str, model_spec: str | None, model_args: tuple[str, ...], partial
     with parameters_on_meta():
         model = factory()
     opts = _common(partial, use, renames, include, exclude, trust, transform_rules, adapt, source_model,
-                   source_model_args)
+                   source_model_args, class_map, class_map_head)
     p = make_plan(model, ckpt, **opts, sha256=sha256)
     kwargs = parse_model_args(model_args)  # shapes one constructor argument away: advise it (verified)
     p = advise_constructor(p, lambda kw: model_factory(model_spec, kw)(), kwargs, ckpt, opts)

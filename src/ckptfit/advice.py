@@ -27,7 +27,8 @@ from .plans import Plan
 __all__ = ["refine", "advise_constructor", "PLAN_OPTIONS"]
 
 # The load options that change a plan (device, dtype, verify, mmap do not).
-PLAN_OPTIONS = ("partial", "use", "rename", "include", "exclude", "trust", "transforms", "adapt", "source_model")
+PLAN_OPTIONS = ("partial", "use", "rename", "include", "exclude", "trust", "transforms", "adapt", "source_model",
+                "class_map", "class_map_head")
 
 # Constructor arguments named alike across libraries, and the dimension that gives each:
 # (name, tensor ranks it is read from, dimension).

@@ -58,9 +58,11 @@ class Transform:
         dim: the dimension split or joined, in the model's layout.
         transpose: for ``split`` / ``concat``: the checkpoint tensors are transposed first.
         sizes: for ``split`` into parts of different sizes (grouped-query attention): each part's size.
+        rows: for ``class_map`` (``class_map=``, :mod:`ckptfit._class_map`): the file's row for each
+            of the model's rows, ``None`` for a new class's row, which keeps the model's init.
     """
 
-    kind: Literal["transpose", "split", "concat", "adapt"]  # adapt: adapt="in_chans" (ckptfit._adapt)
+    kind: Literal["transpose", "split", "concat", "adapt", "class_map"]  # adapt: adapt="in_chans" (ckptfit._adapt)
     detail: str
     reason: str
     sources: tuple[str, ...] = ()
@@ -69,6 +71,7 @@ class Transform:
     dim: int = 0
     transpose: bool = False
     sizes: tuple[int, ...] = ()  # for ``split``: the parts' sizes along ``dim`` when they differ
+    rows: tuple[int | None, ...] = ()  # for ``class_map``: the file's row of each model row (None: at init)
 
 
 @dataclass(frozen=True)

@@ -591,10 +591,13 @@ def port(plan: Plan, layouts: Mapping[str, Layout], source: Sequence[TensorSpec]
         (True, 'transpose')
     """
     from ._adapt import adapt_plan
+    from ._class_map import class_map_plan
 
     adapt = next((r.adapt for r in rules if r.adapt), None)
-    rules = tuple(r for r in rules if r.adapt is None)
+    class_map = next((r.class_map for r in rules if r.class_map is not None), None)
+    rules = tuple(r for r in rules if r.adapt is None and r.class_map is None)
     plan = adapt_plan(plan, adapt)  # an RGB first convolution into other input channels, only when asked
+    plan = class_map_plan(plan, class_map)  # a classifier head's rows by the user's class map, only when asked
     if not layouts and not rules:
         return plan
     if not rules and not recorded and not _could_change(plan, layouts):

@@ -111,7 +111,8 @@ def decision_dict(d: Decision) -> dict[str, Any]:
 def _transform_dict(t: Any) -> dict[str, Any]:
     return {"kind": t.kind, "detail": t.detail, "reason": t.reason, "sources": list(t.sources),
             "part": t.part, "parts": t.parts, "dim": t.dim, "transpose": t.transpose,
-            "sizes": list(getattr(t, "sizes", ()))}
+            "sizes": list(getattr(t, "sizes", ())),
+            **({"rows": list(t.rows)} if getattr(t, "rows", ()) else {})}  # class_map: file row per model row
 
 
 def fold_sections(loaded: Sequence[Decision], tied: Sequence[Decision], kept: Sequence[Decision],

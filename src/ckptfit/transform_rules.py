@@ -29,6 +29,7 @@ class Rule:
     split: int | None = None
     _regex: Any = field(default=None, compare=False, repr=False)
     adapt: str | None = None  # "in_chans": adapt= rather than a transforms= entry (see :func:`parse_adapt`)
+    class_map: Any = None  # class_map= (a ckptfit._class_map.ClassMap) rather than a transforms= entry
 
     def hits(self, *keys: str | None) -> bool:
         for k in keys:
@@ -42,10 +43,12 @@ class Rule:
     def text(self) -> str:
         if self.adapt is not None:
             return f"adapt={self.adapt!r}"
+        if self.class_map is not None:
+            return self.class_map.text
         return f"transforms={{{self.pattern!r}: {self.kind!r}}}"
 
 
-def parse_rules(value: Any, adapt: Any = None) -> tuple[Rule, ...]:
+def parse_rules(value: Any, adapt: Any = None, class_map: Any = None, class_map_head: Any = None) -> tuple[Rule, ...]:
     """Check ``transforms=`` and turn it into :class:`Rule` objects; raise at once on anything wrong.
 
     Args:
@@ -54,6 +57,7 @@ def parse_rules(value: Any, adapt: Any = None) -> tuple[Rule, ...]:
             ``"transpose"``, ``"none"``, ``"split:N"`` or several joined by ``+``.
 
         adapt: ``adapt=`` (``"in_chans"``), carried as a last rule (:mod:`ckptfit._adapt`).
+        class_map: ``class_map=`` (and ``class_map_head``), carried as a last rule (:mod:`ckptfit._class_map`).
 
     Returns:
         The rules, in order.
@@ -67,8 +71,11 @@ def parse_rules(value: Any, adapt: Any = None) -> tuple[Rule, ...]:
         True
     """
     from ._adapt import parse_adapt
+    from ._class_map import parse_class_map
 
     tail = (Rule("", f"adapt:{a}", None, adapt=a),) if (a := parse_adapt(adapt)) else ()
+    if (cm := parse_class_map(class_map, class_map_head)) is not None:
+        tail += (Rule("", "class_map", None, class_map=cm),)
     if value is None:
         return tail
     if isinstance(value, Mapping):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._class_map import fill_rows, pick_rows
 from .._crc import crc32
 from .._progress import progress
 from ..checkpoint import StateDictCandidate
@@ -332,13 +333,18 @@ def apply_plan(target: Target, cand: StateDictCandidate, p: Plan, *, device: Any
     nbytes = 0
     checks = _Checks(verify)
     pending = []
+    rows: dict[str, tuple[int | None, ...]] = {}  # class_map: the file's rows, written over the model's at copy time
     with collecting_reads() as reads:
         for d in p.loads:
             if d.source is None:
                 continue
             lazy = cand.tensors[d.source]
             first = len(reads)
-            if d.transform is not None:  # transposed, split or joined: made in memory now, copied in its turn
+            if d.transform is not None and d.transform.kind == "class_map":  # ckptfit._class_map
+                rows[d.target] = d.transform.rows
+                pending.append((d.target, lazy, pick_rows(lazy.load(), d.transform.rows), None))
+                nbytes += lazy.nbytes
+            elif d.transform is not None:  # transposed, split or joined: made in memory now, copied in its turn
                 pending.append((d.target, lazy, apply_transform(d, lambda k: cand.tensors[k].load()), None))
                 nbytes += sum(cand.tensors[k].nbytes for k in d.transform.sources or (d.source,))
             else:
@@ -353,7 +359,7 @@ def apply_plan(target: Target, cand: StateDictCandidate, p: Plan, *, device: Any
     dev = device_for(device)
     holders: dict[int, list[tuple[nn.Module, str, bool]]] = {}
     if any(v.is_meta for v in target.tensors.values()):
-        materialize_unloaded(target, {w[0] for w in work}, device, dtype, rollback)
+        materialize_unloaded(target, {w[0] for w in work if w[0] not in rows}, device, dtype, rollback)  # new rows: init
         holders = holders_of(target)
     work.sort(key=_file_order)  # sequential reads; stable, so ties keep the plan's order
     streamer = Streamer()
@@ -367,6 +373,8 @@ def apply_plan(target: Target, cand: StateDictCandidate, p: Plan, *, device: Any
                     src = lazy.load()
                     checks.check_new(again[first:], key)
                 dst = target.tensors[key]
+                if key in rows:  # the new classes' rows keep the model's init (materialised above if on meta)
+                    src = fill_rows(dst, src, rows[key])
                 if dst.is_meta:
                     assign(target, key, dst, src, loc, holders, streamer, shared, dev, dtype, record)
                 else:

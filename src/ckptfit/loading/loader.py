@@ -76,7 +76,8 @@ def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
          trust: bool = False, transforms: Mapping[str, str] | None = None,
          adapt: str | None = None, verify: bool = True, sha256: str | None = None,
-         source_model: Any = None, freeze: bool = False) -> LoadReport:
+         source_model: Any = None, freeze: bool = False, class_map: Any = None,
+         class_map_head: str | None = None) -> LoadReport:
     """Put a checkpoint into ``model`` in place, loading only what provably belongs, and report it.
 
     The state dict inside the file is found (the model's own weights over EMA and optimizer
@@ -107,11 +108,16 @@ def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
             ``config.json`` names it by itself. See :mod:`ckptfit.provenance`.
         adapt: ``"in_chans"``: load an RGB first convolution into a model with other input channels
             (summed for 1, repeated and rescaled for more), as timm's ``adapt_input_conv``; reported.
+        class_map: a classifier head for other classes keeps the file's rows of the classes both
+            have: a list with the file's class index (or ``None``, a new class at init) for each
+            model class, or a dict ``{model class: file class}``; see :mod:`ckptfit._class_map`.
+        class_map_head: the head module's name (``"fc"``) when its shape does not tell.
         verify: check the CRC-32 of every record read (torch zip archives and DCP; fused with the
             copy, about one more pass at memory speed). ``False`` only for a file you verified yourself.
         freeze: set ``requires_grad=False`` on exactly the parameters that were loaded (transfer
-            learning: train only the new layers); ``report.frozen`` lists them. To do it by hand,
-            use ``report.loaded_keys``.
+            learning: train only the new layers); ``report.frozen`` lists them. A head whose new
+            classes' rows are at init (``class_map=``) stays trainable. To do it by hand, use
+            ``report.loaded_keys``.
 
     Returns:
         A :class:`LoadReport`; ``print(report)`` for a summary (its ``bytes:`` line says whether
@@ -134,7 +140,8 @@ def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
             fc.weight — checkpoint [1000, 512], model [10, 512]
             fc.bias — checkpoint [1000], model [10]
     """
-    o = check_options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms, adapt)
+    o = check_options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms, adapt,
+                      class_map, class_map_head)
     rename, include, exclude, device, dtype = o["rename"], o["include"], o["exclude"], o["device"], o["dtype"]
     if not isinstance(verify, bool):
         raise TypeError(f"verify= must be True or False, not {verify!r}")
@@ -142,7 +149,8 @@ def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
         raise TypeError(f"freeze= must be True or False, not {freeze!r}")
     if is_sharded(model):  # FSDP2 / DTensor / DDP in a process group: each rank reads its shards only
         if o["transforms"]:
-            raise ValueError("transforms= is not supported for a sharded model; port the weights into the "
+            raise ValueError(f"{o['transforms'][0].text.partition('=')[0]}= is not supported for a sharded model; "
+                             "port the weights into the "
                              "unsharded model first, then save and shard it")
         if sha256 is not None:  # checked (and, for a URL, fetched) before any rank reads
             open(source, trust=trust, sha256=sha256).close()
@@ -160,7 +168,9 @@ def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
 def _freeze(model: nn.Module, report: LoadReport) -> LoadReport:
     """``requires_grad=False`` on the loaded parameters (ties included); the report lists them."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    frozen = tuple(k for k in report.loaded_keys if k in params)
+    # a head whose new classes' rows are at init (class_map=) is trained, not frozen
+    fresh = {d.target for d in report.loaded if d.transform is not None and None in d.transform.rows}
+    frozen = tuple(k for k in report.loaded_keys if k in params and k not in fresh)
     for k in frozen:
         params[k].requires_grad_(False)
     return replace(report, frozen=frozen)

@@ -94,7 +94,8 @@ def _check_model(model: Any, source: Any) -> None:
 
 
 def check_options(model: Any, source: Any, partial: Any, use: Any, rename: Any, include: Any, exclude: Any,
-             device: Any, dtype: Any, trust: Any, transforms: Any = None, adapt: Any = None) -> dict[str, Any]:
+             device: Any, dtype: Any, trust: Any, transforms: Any = None, adapt: Any = None,
+             class_map: Any = None, class_map_head: Any = None) -> dict[str, Any]:
     """Check and normalise the user's options before any work (a wrong one fails early, clearly)."""
     _check_model(model, source)
     for name, flag in (("partial", partial), ("trust", trust)):
@@ -105,4 +106,4 @@ def check_options(model: Any, source: Any, partial: Any, use: Any, rename: Any, 
                         f"(or 'model/ema'), not {type(use).__name__}")
     return dict(partial=partial, use=use, rename=_rules(rename), include=_patterns(include, "include"),
                 exclude=_patterns(exclude, "exclude"), device=_check_device(device), dtype=_dtype(dtype), trust=trust,
-                transforms=parse_rules(transforms, adapt))
+                transforms=parse_rules(transforms, adapt, class_map, class_map_head))

@@ -161,7 +161,8 @@ def plan(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
          rename: Sequence[tuple[str, str]] | None = None, include: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, device: Any = None, dtype: torch.dtype | None = None,
          trust: bool = False, transforms: Mapping[str, str] | None = None,
-         adapt: str | None = None, sha256: str | None = None, source_model: Any = None) -> Plan:
+         adapt: str | None = None, sha256: str | None = None, source_model: Any = None,
+         class_map: Any = None, class_map_head: str | None = None) -> Plan:
     """Decide what :func:`load` would do, from names, shapes and dtypes only (a dry run).
 
     Takes the same arguments as :func:`load`; reads no tensor bytes and changes nothing.
@@ -175,7 +176,8 @@ def plan(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
         >>> p.ok, p.transforms                                    # doctest: +SKIP
         (True, ("strip 'module.'",))
     """
-    o = check_options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms, adapt)
+    o = check_options(model, source, partial, use, rename, include, exclude, device, dtype, trust, transforms, adapt,
+                      class_map, class_map_head)
     with gc_paused(), source_model_option(source_model):  # ckptfit.provenance
         ckpt, opened = as_checkpoint(source, trust, sha256)
         try:
