@@ -3,7 +3,9 @@
 :func:`progress` returns a :class:`Progress` that is silent unless stderr is a terminal and
 the work has already taken more than a second; it then shows a transient rich bar (bytes,
 speed, time left) on stderr, so stdout stays clean for ``--json`` output. Set
-``CKPTFIT_PROGRESS=0`` to turn it off, ``CKPTFIT_PROGRESS=1`` to force it on.
+``CKPTFIT_PROGRESS=0`` to turn it off, ``CKPTFIT_PROGRESS=1`` to force it on (drawn on stderr
+even when it is not a terminal, a pipe or a log file). The same holds for the library and the
+CLI, for loads, conversions, sha256 checks and remote transfers (:mod:`ckptfit._remote`).
 """
 from __future__ import annotations
 
@@ -17,12 +19,20 @@ __all__ = ["Progress", "progress"]
 DELAY_S = 1.0  # a bar for work that ends sooner is noise
 
 
-def _enabled() -> bool:
+def _forced() -> bool | None:
+    """``CKPTFIT_PROGRESS``: True (forced on), False (off) or None (not set: a terminal decides)."""
     env = os.environ.get("CKPTFIT_PROGRESS", "").strip().lower()
     if env in ("0", "false", "no", "off"):
         return False
     if env in ("1", "true", "yes", "on"):
         return True
+    return None
+
+
+def _enabled() -> bool:
+    forced = _forced()
+    if forced is not None:
+        return forced
     try:
         return sys.stderr is not None and sys.stderr.isatty()
     except (AttributeError, ValueError):
@@ -41,6 +51,7 @@ class Progress:
         self.done = 0
         self._delay = delay
         self._enabled = _enabled() if enabled is None else enabled
+        self._force = enabled is True or (enabled is None and _forced() is True)  # drawn on a pipe too
         self._start = time.perf_counter()
         self._bar = None
         self._task = None
@@ -74,7 +85,8 @@ class Progress:
             return
         self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                  TransferSpeedColumn(), TimeRemainingColumn(),
-                                 console=Console(stderr=True), transient=True)
+                                 console=Console(stderr=True, force_terminal=True if self._force else None),
+                                 transient=True)
         self._task = self._bar.add_task(self.description, total=self.total or None, completed=self.done)
         self._bar.start()
 
