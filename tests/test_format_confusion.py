@@ -12,6 +12,8 @@ import io
 import os
 import pathlib
 import pickle
+import re
+import subprocess
 import tarfile
 import zipfile
 
@@ -255,3 +257,94 @@ def test_a_dcp_data_file_link_outside_is_followed(tmp_path: pathlib.Path) -> Non
     assert report.verdict == "dangerous", report
     _agrees(folder)
     assert not os.path.exists(CANARY)
+
+
+# ----------------------------------------------------------------------------------------- loaders refuse both
+
+def _two_saves(path: pathlib.Path) -> tuple[pathlib.Path, int]:
+    """Two real torch.save archives, concatenated (a log-style append, a botched copy)."""
+    a, b = io.BytesIO(), io.BytesIO()
+    torch.save({"w": torch.ones(3)}, a)
+    torch.save({"w": torch.zeros(3), "v": torch.arange(2)}, b)
+    path.write_bytes(a.getvalue() + b.getvalue())
+    return path, len(a.getvalue())
+
+
+def test_zips_back_to_back_are_refused_naming_both_and_the_split_loads(tmp_path: pathlib.Path) -> None:
+    path, n = _two_saves(tmp_path / "two.pt")
+    size = path.stat().st_size
+    with pytest.raises(ckptfit.CorruptCheckpoint) as e:
+        ckptfit.open(path)
+    assert e.value.detail.startswith(f"the file holds two zip archives back to back: bytes 0..{n} (a zip archive) "
+                                     f"and bytes {n}..{size} (a zip archive, whose end record closes the file)")
+    assert "torch.load takes" in e.value.detail and "Python's zipfile reads the second part" in e.value.detail
+    with pytest.raises(ckptfit.CorruptCheckpoint, match="two zip archives back to back"):
+        ckptfit.load(nn.Linear(3, 1), path)
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code == 1 and "two zip archives back to back" in r.stderr
+    # the hint, followed literally, gives two files that each load as written
+    commands = re.findall(r"`([^`]+)`", e.value.hint)
+    assert commands[:2] == [f"head -c {n} two.pt > first.pt", f"tail -c +{n + 1} two.pt > second.pt"]
+    for command in commands[:2]:
+        subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+    for part, want in (("first.pt", {"w": torch.ones(3)}), ("second.pt", {"w": torch.zeros(3), "v": torch.arange(2)})):
+        with ckptfit.open(tmp_path / part) as ckpt:
+            got = {k: t.load() for k, t in ckpt.tensors()}
+        assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_npz_archives_back_to_back_are_refused(tmp_path: pathlib.Path) -> None:
+    import numpy as np
+
+    a, b = io.BytesIO(), io.BytesIO()
+    np.savez(a, w=np.ones(3))
+    np.savez(b, w=np.zeros(3))
+    path = tmp_path / "two.npz"
+    path.write_bytes(a.getvalue() + b.getvalue())
+    with pytest.raises(ckptfit.CorruptCheckpoint, match="two zip archives back to back"):
+        ckptfit.open(path)
+
+
+def test_the_crafted_back_to_back_pair_is_refused(tmp_path: pathlib.Path) -> None:
+    path = _back_to_back(tmp_path / "ab.pt", pickle.dumps({"from": "first"}, protocol=2),
+                         pickle.dumps({"from": "second"}, protocol=2))
+    with pytest.raises(ckptfit.CorruptCheckpoint, match=r"looks for the central directory at byte \d+: inside the first part"):
+        ckptfit.open(path)
+
+
+def test_a_tar_that_is_also_a_pickle_is_refused(tmp_path: pathlib.Path) -> None:
+    path = _tar_polyglot(tmp_path / "poly.pt", pickle.dumps(0, protocol=2) + pickle.dumps([], protocol=2),
+                         pickle.dumps({"from": "tar"}, protocol=2))
+    for trust in (False, True):  # the pickle reader never calls torch.load, trusted or not
+        with pytest.raises(ckptfit.CorruptCheckpoint, match="the file is both a pickle and a tar archive: torch.load "
+                                                            "reads every file that is not a zip as a tar first"):
+            ckptfit.open(path, trust=trust)
+    r = CliRunner().invoke(main, ["load", str(path), "--model", "torch.nn:Identity"])
+    assert r.exit_code == 1 and "both a pickle and a tar archive" in r.stderr and "tar tvf poly.pt" in r.stderr
+
+
+def test_a_tar_that_is_also_a_legacy_torch_file_is_refused(tmp_path: pathlib.Path) -> None:
+    legacy = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        info = tarfile.TarInfo(legacy.getvalue()[:14].decode("utf-8", "surrogateescape"))  # the legacy magic first
+        t.addfile(info, io.BytesIO(b""))
+    path = tmp_path / "legacy_tar.pt"
+    path.write_bytes(buf.getvalue())
+    assert ckptfit.formats.detect(path).name == "torch-legacy"
+    with pytest.raises(ckptfit.CorruptCheckpoint, match="the file is both a legacy torch file and a tar archive"):
+        ckptfit.open(path)
+
+
+def test_a_plain_tar_says_it_is_one(tmp_path: pathlib.Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for name in ("storages", "tensors", "pickle"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            t.addfile(info, io.BytesIO(b"abc"))
+    path = tmp_path / "old.pt"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(ckptfit.NotACheckpoint, match=r"this is a tar archive: torch's oldest checkpoint format"):
+        ckptfit.open(path)

@@ -215,6 +215,15 @@ def not_a_checkpoint(path: str, head: bytes) -> CheckpointError:
         return NotACheckpoint("this is a zip archive, but not one written by torch.save or torch.jit.save "
                               "(no data.pkl inside)", path=path,
                               hint="unzip it and pass the checkpoint inside, or check it is the right file")
+    from .polyglot import is_tar
+
+    if is_tar(path):  # torch.load would read it as torch's oldest (tar) format, with the real unpickler
+        return NotACheckpoint("this is a tar archive: torch's oldest checkpoint format (early torch releases) or a "
+                              "tarball holding files; ckptfit reads neither", path=path,
+                              hint=f"list its members with `tar tvf {os.path.basename(path)}`; extract a checkpoint "
+                                   f"inside with `tar xf` and pass that file; a file in torch's tar format must be "
+                                   f"loaded with torch.load(weights_only=False), only if you trust it, and saved "
+                                   f"again with torch.save")
     if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
         return NotACheckpoint("this looks like pickle data but it is not readable as a checkpoint", path=path)
     printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)

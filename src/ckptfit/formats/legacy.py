@@ -21,6 +21,7 @@ from ..lazy import ByteSpan, MappedFile, StorageRef
 from ..safety import (PlaceholderClass, StorageType, check_depth, interpret, merge_extra, refuse_if_dangerous,
                       scan_trailing, short_repr)
 from . import register
+from .polyglot import refuse_tar
 
 if TYPE_CHECKING:
     from ..scan_walk import ScanWalk
@@ -98,6 +99,7 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
         ck = open_trusted(path)
         ck.format = "torch-legacy"
         return ck
+    refuse_tar(path, "a legacy torch file")  # torch.load would read it as a tar archive instead
     mapped = MappedFile(path)
     if mapped.size <= len(_MAGIC_PICKLE):
         raise CorruptCheckpoint(f"the file holds only {mapped.size} bytes, the start of a legacy torch file: "

@@ -364,7 +364,9 @@ def open_npz(path: str, trust: bool = False) -> Checkpoint:
     deflated members (``np.savez_compressed``) are inflated when read (sizes capped, CRC checked).
     """
     from ._zip import ZipArchive
+    from .polyglot import refuse_two_archives
 
+    refuse_two_archives(path)  # zip archives back to back: readers disagree on which one is the file
     archive = ZipArchive(path, what="npz archive")
     mapped = MappedFile(path)
     tree: dict[str, Any] = {}

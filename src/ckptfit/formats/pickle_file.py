@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from ..checkpoint import Checkpoint
 from ..safety import load_pickle
 from . import register
+from .polyglot import refuse_tar
 from .numpy_file import numpy_to_tensors
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def scan_pickle(w: ScanWalk, path: str) -> None:
 @register("pickle", sniff=_sniff, priority=1, scan=scan_pickle)
 def open_pickle(path: str, trust: bool = False) -> Checkpoint:
     """Open a plain pickle file with the restricted interpreter."""
+    refuse_tar(path, "a pickle")  # torch.load would read it as a tar archive instead
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     value, scan = load_pickle(memoryview(mm), member="pickle", path=path)

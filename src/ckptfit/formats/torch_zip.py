@@ -20,6 +20,7 @@ from ..safety import (PickleScan, Placeholder, PlaceholderClass, StorageType, in
                       refuse_if_dangerous, short_repr)
 from . import register
 from ._zip import ZipArchive
+from .polyglot import refuse_two_archives
 from .zip_scan import scan_zip
 
 __all__ = ["open_torch_zip", "read_torch_zip_at", "scan_other_pickles"]
@@ -217,7 +218,8 @@ def _script_state(obj: Any) -> dict[str, LazyTensor]:
 def open_torch_zip(path: str, trust: bool = False) -> Checkpoint:
     """Open a torch.save zip archive or a TorchScript archive lazily."""
     if trust:
-        return open_trusted(path)
+        return open_trusted(path)  # torch.load itself: what it reads is what is loaded
+    refuse_two_archives(path)  # zip archives back to back: torch.load and zipfile read different ones
     mapped = MappedFile(path)
     value, scan, (archive, prefix, is_script) = read_torch_zip_at(path, mapped=mapped, what="torch zip archive")
     if is_script:
