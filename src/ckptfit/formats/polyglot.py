@@ -29,9 +29,9 @@ def refuse_two_archives(path: str) -> None:
         CorruptCheckpoint: naming both parts, what torch.load and Python's zipfile would each read,
             and how to split the file.
     """
-    from .zip_scan import _zip_concat
+    from .zip_scan import zip_concat
 
-    concat, cd_offset = _zip_concat(path)
+    concat, cd_offset = zip_concat(path)
     if concat <= 0:
         return
     size = os.path.getsize(path)

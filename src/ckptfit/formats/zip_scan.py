@@ -10,10 +10,10 @@ from typing import Any
 from ..errors import CheckpointError
 from ..scan_walk import CRC_MISMATCH, ScanWalk, recording_stub
 
-__all__ = ["scan_zip", "scan_zip_region"]
+__all__ = ["scan_zip", "scan_zip_region", "zip_concat"]
 
 
-def _zip_concat(path: str) -> tuple[int, int]:
+def zip_concat(path: str) -> tuple[int, int]:
     """``(concat, cd_offset)`` of the zip end record Python's zipfile uses: ``concat`` bytes precede the
     archive it reads (0 for a file written by torch.save); the end record says its central directory is
     at ``cd_offset``, which torch's reader takes as an absolute position."""
@@ -58,7 +58,7 @@ def scan_zip(w: ScanWalk, path: str) -> None:
             for base, length in spans:
                 scan_zip_region(w, path, base, length, label=f"@{base}:")
             return
-    concat, cd_offset = _zip_concat(path)
+    concat, cd_offset = zip_concat(path)
     if concat > 0:
         # Zip archives back to back: Python's zipfile (and ckptfit's reader) reads the last one, torch's
         # reader follows the end record's offsets from the start of the file, into the first. Both are read.
