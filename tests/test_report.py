@@ -208,3 +208,19 @@ def test_refused_plan_does_not_call_wrong_shapes_left_at_init():
     partial = Plan((decisions[0], Decision("fc.weight", "skip_shape", "fc.weight", "exact", "kept at init",
                                            (10, 512), (1000, 512), torch.float32, torch.float32)), partial=True)
     assert "  left at init, shape differs (1): fc.weight" in render_plan(partial)
+
+
+def test_one_byte_size_format_for_reports_inspect_and_convert():
+    from ckptfit.conversion import ConvertResult
+    from ckptfit.inspection import human_bytes as from_inspection
+    from ckptfit.rendering import human_bytes
+
+    assert from_inspection is human_bytes
+    assert [human_bytes(n) for n in (0, 999, 1000, 123_456_789, 999_949_999_999, 2_500_000_000_000, 10**16)] == \
+        ["0 B", "999 B", "1.0 KB", "123.5 MB", "999.9 GB", "2.5 TB", "10000.0 TB"]
+    plan = Plan((Decision("fc.weight", "load", "fc.weight", "exact", "same name", (2,), (2,)),))
+    text = LoadReport.from_plan(plan, device="cpu", bytes_read=2_500_000_000_000).to_text()
+    assert "  on cpu, 2.5 TB read" in text
+    wrote = ConvertResult("a.pt", "b.safetensors", "safetensors", ("b.safetensors",), "", 3, 1_500_000_000_000, None,
+                          seconds=2.0)
+    assert str(wrote).startswith("Wrote b.safetensors (safetensors, 3 tensors, 1.5 TB) in 2.00 s, 750.0 GB/s")

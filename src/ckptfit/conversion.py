@@ -94,7 +94,7 @@ class ConvertResult:
                 "seconds": self.seconds, "names": list(self.names)}
 
     def __str__(self) -> str:
-        from .inspection import human_bytes
+        from .rendering import human_bytes
 
         speed = f", {human_bytes(int(self.bytes_written / self.seconds))}/s" if self.seconds > 0 else ""
         tensors = f"{self.num_tensors} tensor{'s' if self.num_tensors != 1 else ''}"

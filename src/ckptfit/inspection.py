@@ -13,18 +13,10 @@ from typing import Any
 from .keyfolding import fold_keys
 from .checkpoint import Checkpoint
 from .formats import open_checkpoint
+from .rendering import human_bytes, printable
 
+# human_bytes (ckptfit.rendering) stays importable from here.
 __all__ = ["Inspection", "inspect_checkpoint", "TensorGroup", "human_bytes"]
-
-
-def human_bytes(n: int) -> str:
-    """``123456789`` -> ``"123.5 MB"``."""
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"  # pragma: no cover
 
 
 def _tensors(n: int) -> str:
@@ -95,8 +87,6 @@ class Inspection:
         """Render for a terminal (rich)."""
         from rich.table import Table
         from rich.text import Text as _Text
-
-        from .rendering import printable
 
         def Text(text: str = "", **kw: Any) -> _Text:  # noqa: N802 - text from the file, never markup or escapes
             return _Text(printable(text), **kw)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch for annotations only: describing a checkpoint never i
 
     from .report import LoadReport
 
-__all__ = ["printable", "STAGE_LABELS", "LISTED_STAGES", "dtype_text", "size_text", "group_by", "decision_dict",
+__all__ = ["printable", "STAGE_LABELS", "LISTED_STAGES", "dtype_text", "human_bytes", "group_by", "decision_dict",
            "fold_sections", "Row", "Section", "count_text", "source_text", "how_lines", "ported", "cap",
            "section_lines", "list_lines"]
 
@@ -74,11 +74,17 @@ def _shape_text(shape: Sequence[int] | None) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]" if shape is not None else "?"
 
 
-def size_text(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """A byte count for reading, in powers of 1000 (the one size format: reports, inspect, convert).
+
+    Example:
+        >>> human_bytes(999), human_bytes(123456789), human_bytes(2_500_000_000_000)
+        ('999 B', '123.5 MB', '2.5 TB')
+    """
     size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     raise AssertionError("unreachable")  # pragma: no cover
 

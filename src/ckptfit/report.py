@@ -18,8 +18,8 @@ from .keyfolding import fold_keys
 from .plans import Decision, Plan, Unused
 from .refusal import refusal_error, refusal_lines
 from .rendering import (LISTED_STAGES, STAGE_LABELS, Section, cap, count_text, decision_dict, dtype_text,
-                        fold_sections, group_by, how_lines, list_lines, ported, printable, section_lines,
-                        size_text, source_text)
+                        fold_sections, group_by, how_lines, human_bytes, list_lines, ported, printable,
+                        section_lines, source_text)
 
 if TYPE_CHECKING:  # torch for annotations only: describing a checkpoint never imports torch
     import torch
@@ -199,7 +199,7 @@ class LoadReport:
         if self.dtype:
             where.append(f"as {self.dtype}")
         if self.bytes_read is not None:
-            where.append(f"{size_text(self.bytes_read)} read")
+            where.append(f"{human_bytes(self.bytes_read)} read")
         if self.seconds is not None:
             where.append(f"in {self.seconds:.2f} s")
         if where:
