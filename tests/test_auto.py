@@ -17,7 +17,7 @@ torchvision = pytest.importorskip("torchvision")
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("CKPTFIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ckptfit-cache"))
+    monkeypatch.setenv("CKPTFIT_CACHE", str(tmp_path_factory.getbasetemp() / "ckptfit-cache"))
     monkeypatch.setenv("CKPTFIT_IDENTIFY_FAMILIES", "torchvision.models.resnet*,transformers.bert")
 
 

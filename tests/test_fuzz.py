@@ -270,7 +270,7 @@ def test_generated_hostile_inputs_on_every_entry_point(tmp_path, monkeypatch) ->
     _sys.path.insert(0, os.path.dirname(__file__))
     from _fuzz_entrypoints import run_child
 
-    monkeypatch.setenv("CKPTFIT_CACHE_DIR", str(tmp_path / "cache"))  # identify's index, for the child
+    monkeypatch.setenv("CKPTFIT_CACHE", str(tmp_path / "cache"))  # identify's index, for the child
     monkeypatch.setenv("CKPTFIT_IDENTIFY_FAMILIES", "torchvision.models.resnet18")
     n = int(os.environ.get("CKPTFIT_FUZZ_ENTRY_EXAMPLES", "12"))
     ran, failure = run_child(n, deadline_s=60)  # derandomized: the same examples on every run

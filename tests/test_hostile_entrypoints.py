@@ -42,7 +42,7 @@ MEMORY_LIMIT = 1 << 30  # peak RSS a case may add over the child's baseline
 def _identify_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     path = tmp_path_factory.mktemp("ckptfit-cache")
-    mp.setenv("CKPTFIT_CACHE_DIR", str(path))
+    mp.setenv("CKPTFIT_CACHE", str(path))
     mp.setenv("CKPTFIT_IDENTIFY_FAMILIES", FAMILIES)
     yield path
     mp.undo()
@@ -343,7 +343,7 @@ def isolated_results(tmp_path_factory, _identify_cache) -> dict[str, dict]:
     """Run the isolated cases in child processes (one after the other; a crash or hang ends a child and
     is recorded for the case in progress, and the next child goes on with the cases after it)."""
     root = tmp_path_factory.mktemp("isolated")
-    env = {**os.environ, "CKPTFIT_CACHE_DIR": str(_identify_cache), "CKPTFIT_IDENTIFY_FAMILIES": FAMILIES}
+    env = {**os.environ, "CKPTFIT_CACHE": str(_identify_cache), "CKPTFIT_IDENTIFY_FAMILIES": FAMILIES}
     todo = [c.id for c in ISOLATED]
     out: dict[str, dict] = {}
     n = 0

@@ -25,7 +25,7 @@ FAMILIES = ("torchvision.models.resnet*,torchvision.models.vgg11,timm.resnet26d,
 def cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     path = tmp_path_factory.mktemp("ckptfit-cache")
-    mp.setenv("CKPTFIT_CACHE_DIR", str(path))
+    mp.setenv("CKPTFIT_CACHE", str(path))
     mp.setenv("CKPTFIT_IDENTIFY_FAMILIES", FAMILIES)
     yield path
     mp.undo()

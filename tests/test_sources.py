@@ -137,6 +137,7 @@ def test_half_the_tensors_fetch_about_half_the_bytes(server, fmt):
     for k, v in src.state_dict().items():
         assert torch.equal(model2.state_dict()[k], v), k
     assert server.served - before < 0.6 * size
+    assert os.listdir(os.environ["CKPTFIT_CACHE"]) == ["remote"]  # fetched files: a subfolder of the one cache
 
 
 def test_a_download_cut_short_is_the_same_error_as_a_truncated_file(server, tmp_path):

@@ -31,7 +31,7 @@ def identify_command(path: str, as_json: bool, top: int, use: str | None, trust:
 
     From names and shapes alone (num_classes, in_chans, sizes ...). Compares the file with every
     torchvision builder, timm's registry and common transformers families, built on the meta
-    device (no download); the index is cached in ~/.cache/ckptfit ($CKPTFIT_CACHE_DIR), the
+    device (no download); the index is cached in ~/.cache/ckptfit/identify ($CKPTFIT_CACHE), the
     first run takes a minute. When nothing fits, only candidates sharing at least half of their
     tensors with the file are listed, else the closest one and why it fails. Exit code 6 when unknown.
     """

@@ -8,7 +8,7 @@ load with ``include=`` fetches only the tensors it loads. Formats whose metadata
 through the file (legacy torch files, plain pickles, DCP) are fetched whole.
 
 The cache lives in ``$CKPTFIT_CACHE`` (default ``$XDG_CACHE_HOME/ckptfit``, else
-``~/.cache/ckptfit``), under ``remote/<key>/``: the key is the expected sha256 when one is given
+``~/.cache/ckptfit``; :mod:`ckptfit.cache_dirs`), under ``remote/<key>/``: the key is the expected sha256 when one is given
 (the entry is then shared by every URL of that content), else a hash of the URL, the server's
 ETag (or Last-Modified) and the size, so a changed file is a new entry. A file fetched whole
 and checked is reused without asking the server for its bytes again.
@@ -23,8 +23,10 @@ import os
 import threading
 from typing import Any
 
+from .cache_dirs import REMOTE, cache_dir, cache_root
 from .errors import CheckpointError, CorruptCheckpoint
 
+# cache_root (ckptfit.cache_dirs) stays importable from here.
 __all__ = ["RemoteFile", "cache_root", "fetch_plan_for_open", "SCHEMES"]
 
 SCHEMES = ("http://", "https://", "s3://", "s3a://", "gs://", "gcs://")
@@ -32,15 +34,6 @@ _EXTRA = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "remote", 
 PIECE = 8 << 20  # bytes per request when a long range is fetched (the progress bar moves per batch)
 BATCH = 8  # pieces fetched concurrently
 _MERGE_GAP = 4096  # two wanted ranges closer than this are fetched as one
-
-
-def cache_root() -> str:
-    """Where ckptfit keeps fetched files: ``$CKPTFIT_CACHE``, ``$XDG_CACHE_HOME/ckptfit`` or ``~/.cache/ckptfit``."""
-    root = os.environ.get("CKPTFIT_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "ckptfit")
-    return root
 
 
 def _filesystem(url: str) -> Any:
@@ -107,7 +100,7 @@ class RemoteFile:
         version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("Last-Modified") or ""
         key = f"sha256-{sha256.lower()}" if sha256 else hashlib.sha256(
             f"{url}\n{version}\n{size}".encode()).hexdigest()[:40]
-        self.dir = os.path.join(cache_root(), "remote", key)
+        self.dir = os.path.join(cache_dir(REMOTE), key)
         os.makedirs(self.dir, exist_ok=True)
         name = os.path.basename(url.split("?", 1)[0].rstrip("/")) or "file"
         self.local = os.path.join(self.dir, name if name not in ("ranges.json", "lock") else "data")

@@ -15,8 +15,8 @@ shapes. Each comparison goes through :func:`ckptfit.matching.match`, the reconci
 :func:`ckptfit.load` uses, so ``module.`` / ``model.`` prefixes (DataParallel, Lightning) and
 the file's container choice are handled alike.
 
-The signature index is cached on disk (``$CKPTFIT_CACHE_DIR``, else
-``$XDG_CACHE_HOME/ckptfit``, else ``~/.cache/ckptfit``), keyed by the library versions, and
+The signature index is cached on disk under ``identify/`` in ckptfit's cache (``$CKPTFIT_CACHE``,
+else ``$XDG_CACHE_HOME/ckptfit``, else ``~/.cache/ckptfit``), keyed by the library versions, and
 grows incrementally: torchvision is indexed in full on first use (~10 s); timm's ~1,300
 architectures are grouped by module and name stem, one representative per group is indexed
 (~1 min on 2 cores, once), and a group is indexed in full only when a checkpoint resembles

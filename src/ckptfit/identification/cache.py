@@ -9,6 +9,7 @@ from importlib.metadata import version
 
 import torch
 
+from .. import cache_dirs
 from .._atomic import atomic_write
 
 __all__ = ["cache_dir", "cached_entries", "index_dir", "read_json", "write_json"]
@@ -17,12 +18,8 @@ _INDEX_VERSION = 2
 
 
 def cache_dir() -> str:
-    """Where the signature index lives: ``$CKPTFIT_CACHE_DIR``, ``$XDG_CACHE_HOME/ckptfit`` or ``~/.cache/ckptfit``."""
-    base = os.environ.get("CKPTFIT_CACHE_DIR")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        base = os.path.join(xdg, "ckptfit")
-    return base
+    """Where the signature index lives: ``identify/`` under the cache root (:func:`ckptfit.cache_dirs.cache_root`)."""
+    return cache_dirs.cache_dir(cache_dirs.IDENTIFY)
 
 
 def _version_of(module: str) -> str | None:
@@ -35,7 +32,7 @@ def _version_of(module: str) -> str | None:
 def index_dir() -> str:
     key = json.dumps([_INDEX_VERSION, torch.__version__, _version_of("torchvision"), _version_of("timm"),
                       _version_of("transformers")])
-    return os.path.join(cache_dir(), "identify-" + hashlib.sha1(key.encode()).hexdigest()[:12])
+    return os.path.join(cache_dir(), hashlib.sha1(key.encode()).hexdigest()[:12])
 
 
 def read_json(path: str) -> dict:
