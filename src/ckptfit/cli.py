@@ -11,6 +11,7 @@ live in ``_cli_load`` (load, plan), ``_cli_convert``, ``_cli_identify``, ``_cli_
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -81,6 +82,8 @@ def inspect(path: str, as_json: bool, show_all: bool, trust: bool) -> None:
 Examples:
   ckptfit diff epoch10.pth epoch20.pth
   ckptfit diff resnet18.pth torchvision:resnet18 --model-arg num_classes=10
+  ckptfit diff dino.pth dino.pth --use-a student --use-b teacher
+  ckptfit diff last.pth best.pth --use ema
 Exit status: 0 the same, 7 they differ, 1 error, 2 usage error (as diff(1), but 1 is kept for errors).
 """)
 @click.argument("a")
@@ -89,8 +92,13 @@ Exit status: 0 the same, 7 they differ, 1 error, 2 usage error (as diff(1), but 
 @click.option("--no-values", is_flag=True, help="Compare names, shapes and dtypes only (read no tensor data).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--trust", is_flag=True, help="Allow real unpickling (runs code from the files). Default: off.")
+@click.option("--use", metavar="NAME", help="Which state dict in each file, as load takes it: 'ema', 'teacher' or a "
+                                            "key path.")
+@click.option("--use-a", "use_a", metavar="NAME", help="Which state dict in A (over --use).")
+@click.option("--use-b", "use_b", metavar="NAME", help="Which state dict in B (over --use).")
 @handle_errors
-def diff(a: str, b: str, model_args: tuple[str, ...], no_values: bool, as_json: bool, trust: bool) -> None:
+def diff(a: str, b: str, model_args: tuple[str, ...], no_values: bool, as_json: bool, trust: bool,
+         use: str | None = None, use_a: str | None = None, use_b: str | None = None) -> None:
     """Compare two checkpoints, or a checkpoint and a model SPEC.
 
     Lists added, removed and renamed tensors, shape and dtype changes, and for tensors in both
@@ -99,7 +107,11 @@ def diff(a: str, b: str, model_args: tuple[str, ...], no_values: bool, as_json: 
     """
     from .diffing import diff_sources
 
-    result = diff_sources(a, b, model_args=model_args, values=not no_values, trust=trust)
+    if use_b is not None and not os.path.exists(b) and ":" in b:
+        raise click.BadParameter(f"{use_b!r} picks a state dict inside a checkpoint file, but B ({b!r}) is a model "
+                                 f"SPEC; leave --use-b out", param_hint="--use-b")
+    result = diff_sources(a, b, model_args=model_args, values=not no_values, trust=trust, use=use, use_a=use_a,
+                          use_b=use_b)
     if as_json:
         echo_json(result.to_dict())
     else:

@@ -103,13 +103,33 @@ def _capped(lines: list[str], limit: int) -> list[str]:
     return [*lines[: limit - 1], f"{indent}… {len(lines) - limit + 1} more lines"]
 
 
-def _side(src: str, model_args: Sequence[str], trust: bool) -> tuple[dict[str, Any], bool]:
-    """``({name: LazyTensor or meta tensor}, has_values)``."""
+def _side(src: str, model_args: Sequence[str], trust: bool, use: str | None = None,
+          option: str = "use_a", given: str = "use") -> tuple[dict[str, Any], bool]:
+    """``({name: LazyTensor or meta tensor}, has_values)``; ``use`` picks the state dict in a file,
+    the way :func:`ckptfit.load` does (:meth:`~ckptfit.checkpoint.Checkpoint.choose`), and ``option``
+    is the diff option that passes it for this side (``use_a`` / ``use_b``), named in the advice;
+    ``given`` the one the user passed (``use`` or that one)."""
+    from .errors import CheckpointError
+
+    cli = "--" + option.replace("_", "-")
     if os.path.exists(src):
         from .formats import open_checkpoint
 
         ckpt = open_checkpoint(src, trust=trust)
-        return dict(ckpt.state_dict().tensors), True
+        try:
+            choice = ckpt.choose(use)
+        except CheckpointError as e:
+            if use is None:
+                raise
+            detail = given + e.detail[3:] if e.detail.startswith("use=") else e.detail
+            raise CheckpointError(detail, path=e.path, hint=f"pass one of those names as {option}= (CLI: {cli} "
+                                                              f"NAME)") from None
+        if choice.ambiguous:  # two complete state dicts (DINO's student and teacher): refused, not guessed
+            names = [c.name for c in choice.ambiguous if c.name]
+            raise CheckpointError(choice.ambiguity, path=ckpt.path, hint="choose one: " + " or ".join(
+                f"{option}={n!r} (CLI: {cli} {n})" for n in names) + "; use= (CLI: --use NAME) picks the same "
+                "name in both files")
+        return dict(choice.candidate.tensors), True
     if ":" in src:
         from .loading.meta import parameters_on_meta
         from .specs import model_factory, parse_model_args
@@ -148,7 +168,8 @@ def _values(t: Any) -> torch.Tensor:
 
 
 def diff_sources(a: str, b: str, *, model_args: Sequence[str] = (), values: bool = True,
-                 trust: bool = False) -> Diff:
+                 trust: bool = False, use: str | None = None, use_a: str | None = None,
+                 use_b: str | None = None) -> Diff:
     """Compare two checkpoints (or a checkpoint with a model): names, shapes, dtypes and values.
 
     Tensors are paired through the loader's matcher (:func:`ckptfit.matching.match`), so a
@@ -160,15 +181,32 @@ def diff_sources(a: str, b: str, *, model_args: Sequence[str] = (), values: bool
         model_args: ``K=V`` constructor arguments for the model SPEC ``b``.
         values: also compare the values of tensors present on both sides (reads them).
         trust: allow real unpickling (runs code from the files). Never needed for weights.
+        use: which state dict in each file, as for :func:`ckptfit.load` (``"ema"``, ``"teacher"``,
+            a key path); for a file holding two complete state dicts, which is refused without it.
+        use_a, use_b: the same for one side only (over ``use``): ``use_a="student",
+            use_b="teacher"`` compares the two state dicts of one DINO file.
 
     Returns:
         A :class:`Diff`; ``print()`` it, or ``.to_dict()`` for JSON.
 
+    Raises:
+        CheckpointError: a file cannot be read, holds two complete state dicts and no ``use``
+            says which, or ``use`` matches none of its state dicts.
+
     Example:
         >>> print(ckptfit.diff("epoch10.pth", "epoch20.pth"))   # doctest: +SKIP
+        >>> print(ckptfit.diff("dino.pth", "dino.pth", use_a="student", use_b="teacher"))  # doctest: +SKIP
     """
-    ta, va = _side(a, (), trust)
-    tb, vb = _side(b, model_args, trust)
+    for name, value in (("use", use), ("use_a", use_a), ("use_b", use_b)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise TypeError(f"{name}= must be a state dict's name such as 'ema' or 'teacher', or a key path "
+                            f"such as 'model.ema', not {value!r}")
+    if use_b is not None and not os.path.exists(b) and ":" in b:
+        raise ValueError(f"use_b={use_b!r} picks a state dict inside a checkpoint file, but B ({b!r}) is a model "
+                         f"SPEC; leave use_b out")
+    ta, va = _side(a, (), trust, use_a if use_a is not None else use, "use_a", "use" if use_a is None else "use_a")
+    tb, vb = _side(b, model_args, trust, use_b if use_b is not None else use, "use_b",
+                   "use" if use_b is None else "use_b")
     p = match([_spec(k, v) for k, v in tb.items()], [_spec(k, v) for k, v in ta.items()], partial=True)
     mapping = {d.source: d.target for d in p.decisions if d.action == "load" and d.source is not None}
     shape_pairs = {d.source: d.target for d in p.decisions if d.action == "skip_shape" and d.source is not None}
