@@ -441,19 +441,11 @@ class LazyTensor:
         otherwise one conversion copy is made.
         """
         if self._reader is None:
-            raise CorruptCheckpoint("this tensor was saved without data (a meta tensor)",
-                                    hint="the checkpoint holds only shapes for it; it cannot be loaded")
+            raise _no_data()
         t = self._reader()
         if tuple(t.shape) != self.shape:
             raise CorruptCheckpoint(f"tensor data has shape {list(t.shape)}, expected {list(self.shape)}")
-        if dtype is not None and t.dtype != dtype:
-            t = t.to(dtype=dtype)
-        if device is not None:
-            import torch
-
-            if t.device != torch.device(device):
-                t = t.to(device=device)
-        return t
+        return _cast_and_move(t, device, dtype)
 
     def load_slice(self, index: tuple[slice, ...], device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -471,8 +463,7 @@ class LazyTensor:
             [[6.0, 7.0, 8.0], [9.0, 10.0, 11.0]]
         """
         if self._reader is None:
-            raise CorruptCheckpoint("this tensor was saved without data (a meta tensor)",
-                                    hint="the checkpoint holds only shapes for it; it cannot be loaded")
+            raise _no_data()
         if len(index) > len(self.shape):
             raise IndexError(f"{len(index)} slices for a tensor of shape {list(self.shape)}")
         block: list[slice] = []
@@ -492,14 +483,7 @@ class LazyTensor:
             t = full[tuple(block)]
         if tuple(t.shape) != want:
             raise CorruptCheckpoint(f"slice of tensor data has shape {list(t.shape)}, expected {list(want)}")
-        if dtype is not None and t.dtype != dtype:
-            t = t.to(dtype=dtype)
-        if device is not None:
-            import torch
-
-            if t.device != torch.device(device):
-                t = t.to(device=device)
-        return t
+        return _cast_and_move(t, device, dtype)
 
     def byte_span(self) -> ByteSpan | None:
         """Where the tensor's bytes lie in its file, when they are one C-contiguous run (else ``None``).
@@ -545,6 +529,23 @@ def strided_reader(storage: StorageRef, offset: int, shape: tuple[int, ...],
 
         read.span = read_span  # type: ignore[attr-defined]
     return read
+
+
+def _no_data() -> CorruptCheckpoint:
+    return CorruptCheckpoint("this tensor was saved without data (a meta tensor)",
+                             hint="the checkpoint holds only shapes for it; it cannot be loaded")
+
+
+def _cast_and_move(t: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` as ``dtype`` on ``device`` (either None: as it is); no copy when it already is."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype=dtype)
+    if device is not None:
+        import torch
+
+        if t.device != torch.device(device):
+            t = t.to(device=device)
+    return t
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

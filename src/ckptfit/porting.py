@@ -38,16 +38,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from .dtypes import dtype_kind
 from .fused_names import fused_parts, last_segment, parent_module, part_of, split_key
 from .layouts import OUT_IN, Layout, layouts_of, recorded_layouts, register_layout
 from .matching.names import fmt_shape
 from .plans import Decision, Plan, TensorSpec, Transform
 from .transform_rules import Rule, parse_rules, rule_text_for
 from .transforms import apply_transform
+
+if TYPE_CHECKING:
+    import torch
 
 # Rule, parse_rules, the layouts and apply_transform live in their own modules; they stay importable
 # from here, where the porting pass has always offered them.
@@ -56,11 +58,8 @@ __all__ = ["port", "parse_rules", "layouts_of", "recorded_layouts", "register_la
 
 
 def _kind(dtype: torch.dtype | None) -> str:
-    if dtype is None:
-        return "?"
-    if dtype == torch.bool:
-        return "bool"
-    return "complex" if dtype.is_complex else "float" if dtype.is_floating_point else "int"
+    """The dtype's kind (:func:`ckptfit.dtypes.dtype_kind`), ``"?"`` for none."""
+    return "?" if dtype is None else dtype_kind(dtype)
 
 
 def _listed(names: Sequence[str], n: int = 3) -> str:
@@ -244,7 +243,6 @@ class _Porter:
                     self.problems.append(f"{rule.text} matched '{leaves['weight']}', but no {rule.split} unfilled "
                                          f"modules of one shape sit where it would go")
                 continue
-            n = len(found)
             tw = [f"{m}.weight" for m in found]
             lay = self.layouts.get(tw[0])
             if lay is None:
@@ -308,7 +306,6 @@ class _Porter:
                     break
             if not found:
                 continue
-            n = len(found)
             sw = [f"{m}.weight" for m in found]
             lay = self.layouts[d.target]
             shapes = [tuple(self.src[w].shape) for w in sw]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .dtypes import dtype_name
 from .keyfolding import fold_keys, fold_pairs
 from .plans import Decision, Plan, Unused
 
@@ -65,9 +66,8 @@ LISTED_STAGES = ("rule", "structural")
 
 
 def dtype_text(dtype: torch.dtype | str | None) -> str | None:
-    if dtype is None:
-        return None
-    return str(dtype).removeprefix("torch.")
+    """:func:`ckptfit.dtypes.dtype_name`, or None for no dtype."""
+    return None if dtype is None else dtype_name(dtype)
 
 
 def _shape_text(shape: Sequence[int] | None) -> str:
