@@ -226,13 +226,17 @@ class MappedFile:
             self._fill(offset, nbytes)
         return torch.frombuffer(self._map(), dtype=dtype, count=count, offset=offset)
 
-    def read(self, offset: int, nbytes: int) -> bytes:
-        """``nbytes`` raw bytes from ``offset`` (bounds checked)."""
+    def _arrive(self, offset: int, nbytes: int) -> None:
+        """Check that bytes ``offset..offset + nbytes`` lie in the file, and fetch them if they arrive on demand."""
         if offset < 0 or offset + nbytes > self.size:
             raise CorruptCheckpoint(f"read of bytes {offset}..{offset + nbytes} beyond the end of the file "
                                     f"({self.size} bytes)", path=self.path)
         if self._fill is not None:
             self._fill(offset, nbytes)
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        """``nbytes`` raw bytes from ``offset`` (bounds checked)."""
+        self._arrive(offset, nbytes)
         mm = self._map()
         return mm[offset:offset + nbytes]
 
@@ -243,11 +247,7 @@ class MappedFile:
             CorruptCheckpoint: the range lies outside the file, or the file got shorter.
         """
         n = len(buf)
-        if offset < 0 or offset + n > self.size:
-            raise CorruptCheckpoint(f"read of bytes {offset}..{offset + n} beyond the end of the file "
-                                    f"({self.size} bytes)", path=self.path)
-        if self._fill is not None:
-            self._fill(offset, n)
+        self._arrive(offset, n)
         fd = self._fd
         if fd is None:
             with self._lock:

@@ -99,10 +99,7 @@ def model_factory(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callabl
         raise CheckpointError(f"model SPEC {spec!r} has no ':'", hint=_GRAMMAR)
     kind, name = _split(spec)
     if kind == "torchvision":
-        try:
-            import torchvision
-        except ImportError as e:
-            raise CheckpointError("torchvision is not installed", hint='pip install "ckptfit[vision]"') from e
+        torchvision = _installed("torchvision", "vision")
         try:
             builder = torchvision.models.get_model_builder(name)
         except ValueError as e:
@@ -111,19 +108,13 @@ def model_factory(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callabl
         kwargs.setdefault("weights", None)
         return _calling(spec, builder, kwargs)
     if kind == "timm":
-        try:
-            import timm
-        except ImportError as e:
-            raise CheckpointError("timm is not installed", hint='pip install "ckptfit[vision]"') from e
+        timm = _installed("timm", "vision")
         if not timm.is_model(name):
             stem = name.split("_")[0].rstrip("0123456789") or name
             raise CheckpointError(f"timm has no model {name!r}", hint=f"see timm.list_models('{stem}*')")
         return _calling(spec, lambda **kw: timm.create_model(name, pretrained=False, **kw), kwargs)
     if kind == "hf":
-        try:
-            import transformers
-        except ImportError as e:
-            raise CheckpointError("transformers is not installed", hint='pip install "ckptfit[hf]"') from e
+        transformers = _installed("transformers", "hf")
         cfg_path = name if os.path.isdir(name) else os.path.dirname(name) or "."
         if not os.path.exists(os.path.join(cfg_path, "config.json")):
             raise CheckpointError(f"no config.json in {cfg_path}", hint="point hf: at a save_pretrained folder")
@@ -166,6 +157,14 @@ def model_factory(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callabl
 
 _GRAMMAR = ("use torchvision:NAME, timm:NAME, hf:CONFIG_DIR, package.module:ATTR or path/to/file.py:ATTR "
             "(see docs/cli.md)")
+
+
+def _installed(module: str, extra: str) -> Any:
+    """Import a model library a SPEC names, or say which ckptfit extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise CheckpointError(f"{module} is not installed", hint=f'pip install "ckptfit[{extra}]"') from e
 
 
 def _import_file(path: str, spec: str) -> Any:
