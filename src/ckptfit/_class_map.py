@@ -242,7 +242,8 @@ def _new_text(rows: tuple[int | None, ...]) -> str:
     if not new:
         return ""
     shown = ", ".join(map(str, new[:8])) + (", ..." if len(new) > 8 else "")
-    return f", {len(new)} new row{'s' if len(new) != 1 else ''} at init (model class{'es' if len(new) != 1 else ''} {shown})"
+    many = len(new) != 1
+    return f", {len(new)} new row{'s' if many else ''} at init (model class{'es' if many else ''} {shown})"
 
 
 def _refused(plan: Plan, problem: str | None) -> Plan:

@@ -183,8 +183,9 @@ def diff_sources(a: str, b: str, *, model_args: Sequence[str] = (), values: bool
         trust: allow real unpickling (runs code from the files). Never needed for weights.
         use: which state dict in each file, as for :func:`ckptfit.load` (``"ema"``, ``"teacher"``,
             a key path); for a file holding two complete state dicts, which is refused without it.
-        use_a, use_b: the same for one side only (over ``use``): ``use_a="student",
-            use_b="teacher"`` compares the two state dicts of one DINO file.
+        use_a: the same for A only (over ``use``): ``use_a="student", use_b="teacher"``
+            compares the two state dicts of one DINO file.
+        use_b: the same for B only (over ``use``).
 
     Returns:
         A :class:`Diff`; ``print()`` it, or ``.to_dict()`` for JSON.
