@@ -22,8 +22,19 @@ Evidence per tensor, strongest first:
   torchvision's ``kaiming_normal_``): a KS test, plus a test that the largest value is not an
   outlier for that normal (training grows heavy tails, which a KS test alone would miss).
 
-A tensor is reported when one hypothesis is not rejected (p-value >= ``alpha``); the p-value
-and the number of values tested are its confidence. Tensors with fewer than ``MIN_VALUES``
+Each distribution is tested on its mean, spread (when the scale is known) and kurtosis as well
+as by KS: a trained tensor whose spread moved but whose shape stayed bell-like passes KS alone on
+a few hundred values. A matrix (two or more dimensions of size > 1) must also look like an
+i.i.d. draw, whatever its distribution: every init above draws each value independently, so its
+rows (output units) share one mean and one mean square, so do its columns (inputs), and
+neighbouring values are uncorrelated. Training breaks exactly this: units grow apart in norm,
+inputs differ in use, filters become smooth. This second, distribution-free test rejects most
+trained matrices outright, small ones included, where a test of the values' distribution alone
+has little power.
+
+A tensor is reported when one hypothesis is not rejected (p-value >= ``alpha``) and, for a
+matrix, the i.i.d. test is not either (p-value >= ``ALPHA_IID``); the smaller p-value and the
+number of values tested are its confidence. Tensors with fewer than ``MIN_VALUES``
 values that are not constant cannot be told apart and are counted as undecided (below
 ``MIN_RANDOM`` values only PyTorch's exact default distribution is tested).
 """
@@ -48,6 +59,9 @@ ALPHA_EXACT = 1e-3      # PyTorch's default distribution, parameters known from 
 ALPHA_FITTED = 1e-2     # a library's distribution, scale fitted to the values (a weaker test)
 MIN_FITTED = 4096       # values needed to test a distribution whose scale is fitted (any std)
 ALPHA_OUTLIER = 1e-4    # the largest value of a normal sample this far out: grown by training
+ALPHA_IID = 1e-3        # rows, columns and neighbours of a matrix this unalike: not an i.i.d. draw
+MAX_IID = 1 << 20       # values the i.i.d. tests read (whole rows, every k-th row of bigger tensors)
+MIN_GROUP = 8           # values per row (column) for the rows (columns) to be compared
 
 _NORM_TYPES: tuple[type, ...] = tuple(t for t in (
     nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None),
@@ -224,19 +238,25 @@ def _slack(dtype: torch.dtype) -> float:
 _KURTOSIS = {"normal": (0.0, 24.0), "uniform": (-1.2, 1.3166), "truncated": (-0.6345, 3.8482)}
 
 
-def _shape_p(s: _Sample, family: str, std: float, p_ks: float) -> float:
-    """Combine the KS p-value with tests of the mean (zero) and kurtosis of ``family`` (Bonferroni).
+def _shape_p(s: _Sample, family: str, std: float, p_ks: float, *, scale_known: bool = True) -> float:
+    """Combine the KS p-value with tests of the mean, spread and kurtosis of ``family`` (Bonferroni).
 
-    KS looks at the middle of the distribution; training shows first in the tails (kurtosis)
-    and as an offset (mean), so a trained tensor that a KS test alone would pass fails here.
+    KS looks at the middle of the distribution and is weak against a wrong scale; training shows
+    as a spread that moved from the init's (a tensor that is only narrower or wider than the
+    hypothesis, but still bell-shaped, passes KS on a few hundred values), in the tails
+    (kurtosis) and as an offset (mean). Each of these is a separate test that a fresh tensor
+    passes with probability 1 - p; the spread is tested only when ``std`` was not fitted to the
+    values themselves (``scale_known``).
     """
     k = s.x.numel()
     z_mean = abs(s.mean) / (std / math.sqrt(k))
     k0, var = _KURTOSIS[family]
     z_kurt = abs(s.m4 / (s.m2 * s.m2) - 3 - k0) / math.sqrt(var / k) if s.m2 > 0 else math.inf
-    p_mean = 2 * (1 - _phi(min(z_mean, 30.0)))
-    p_kurt = 2 * (1 - _phi(min(z_kurt, 30.0)))
-    return min(1.0, 3 * min(p_ks, p_mean, p_kurt))
+    ps = [p_ks, 2 * (1 - _phi(min(z_mean, 30.0))), 2 * (1 - _phi(min(z_kurt, 30.0)))]
+    if scale_known:  # the mean square m2 of k values has variance (kurtosis + 2) * std**4 / k
+        z_var = abs(s.m2 / (std * std) - 1) / math.sqrt((k0 + 2) / k)
+        ps.append(2 * (1 - _phi(min(z_var, 30.0))))
+    return min(1.0, len(ps) * min(ps))
 
 
 def _uniform_p(s: _Sample, b: float) -> float:
@@ -246,13 +266,13 @@ def _uniform_p(s: _Sample, b: float) -> float:
     return _shape_p(s, "uniform", b / math.sqrt(3), p)
 
 
-def _normal_p(s: _Sample, sigma: float) -> float:
-    """KS, mean and kurtosis against N(0, sigma); 0 when the largest value is an outlier for ``n`` draws."""
+def _normal_p(s: _Sample, sigma: float, *, scale_known: bool = True) -> float:
+    """KS, mean, spread and kurtosis against N(0, sigma); 0 when the largest value is an outlier for ``n`` draws."""
     u = s.amax / sigma
     tail = 2 * (1 - _phi(u)) if u < 8 else 2 * math.exp(-u * u / 2) / (u * math.sqrt(2 * math.pi))
     if s.n * tail < ALPHA_OUTLIER:
         return 0.0
-    return _shape_p(s, "normal", sigma, ks_pvalue(_ks(s.x, _phi(s.x / sigma)), s.x.numel()))
+    return _shape_p(s, "normal", sigma, ks_pvalue(_ks(s.x, _phi(s.x / sigma)), s.x.numel()), scale_known=scale_known)
 
 
 def _fitted(s: _Sample) -> tuple[float, str, str] | None:
@@ -268,7 +288,7 @@ def _fitted(s: _Sample) -> tuple[float, str, str] | None:
         if best is None or p > best[0]:
             best = (p, kind, text)
 
-    p = _normal_p(s, sd)
+    p = _normal_p(s, sd, scale_known=False)
     consider(p, "random normal N(0, σ)", f"N(0, {sd:.3g}) fitted: p={p:.2g}, max |x| {s.amax / sd:.1f}σ")
     b = s.amax * (s.n + 1) / s.n
     p = _uniform_p(s, b)
@@ -283,6 +303,55 @@ def _fitted(s: _Sample) -> tuple[float, str, str] | None:
         p = min(1.0, 2 * min(p, 2 * (1 - _phi(min(z_mean, 30.0)))))
         consider(p, "random truncated normal", f"N(0, {sig:.3g}) cut at ±{t:.2f}σ fitted: p={p:.2g}")
     return best
+
+
+def _chi2_sf(q: float, df: int) -> float:
+    """P(X >= q) for X ~ chi-square with ``df`` degrees of freedom."""
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(max(q, 0.0) / 2, dtype=torch.float64)))
+
+
+def _groups_p(x: torch.Tensor) -> list[float]:
+    """p-values that the rows of ``x`` (g groups of m values) share one mean and one mean square.
+
+    Under an i.i.d. draw each row's mean (mean square) has the pooled variance / m, so the sum of
+    squared deviations of the g row statistics, scaled by it, is chi-square with g - 1 degrees of
+    freedom (the pooled fourth moment makes this hold for any distribution: normal, uniform,
+    truncated). Training spreads the rows apart; too little spread is not evidence of training.
+    """
+    g, m = x.shape
+    out = []
+    for v in (x, x * x):
+        var = float(v.var(unbiased=False))
+        if var > 0:
+            means = v.mean(1)
+            out.append(_chi2_sf(float(((means - means.mean()) ** 2).sum()) * m / var, g - 1))
+    return out
+
+
+def _iid_p(data: torch.Tensor) -> tuple[float, str]:
+    """How well a matrix passes as an i.i.d. draw: ``(p, the test that decided)``, Bonferroni over the
+    tests that apply (rows alike, columns alike, neighbours uncorrelated)."""
+    x = data.reshape(data.shape[0], -1)
+    r, c = x.shape
+    if r * c > MAX_IID:  # whole rows, every step-th: a sample that keeps rows, columns and neighbours
+        x = x[:: -(-r * c // MAX_IID)] if c <= MAX_IID // 16 else x[:: max(1, r // 16), :MAX_IID // 16]
+        r, c = x.shape
+    x = x.to("cpu", torch.float64)
+    tests: dict[str, float] = {}
+    if r >= 2 and c >= MIN_GROUP:
+        tests["rows"] = min(_groups_p(x), default=1.0)
+    if c >= 2 and r >= MIN_GROUP:
+        tests["columns"] = min(_groups_p(x.T), default=1.0)
+    y = x.reshape(-1) - x.mean()
+    den = float((y * y).sum())
+    if y.numel() >= 2 * MIN_GROUP and den > 0:  # lag-1 autocorrelation in memory order ~ N(0, 1/n)
+        z = float((y[1:] * y[:-1]).sum()) / den * math.sqrt(y.numel() - 1)
+        tests["neighbours"] = math.erfc(abs(z) / math.sqrt(2))
+    if not tests:
+        return 1.0, ""
+    which = min(tests, key=tests.__getitem__)
+    return min(1.0, len(tests) * tests[which]), which
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -307,7 +376,7 @@ def _default_bound(module: nn.Module, leaf: str) -> tuple[float, str] | None:
             return 1 / math.sqrt(fan), f"{type(module).__name__} default U(±1/√fan_in), fan_in={fan}"
     if isinstance(module, nn.Bilinear) and leaf in ("weight", "bias"):
         return 1 / math.sqrt(module.weight.shape[1]), "Bilinear default U(±1/√in1_features)"
-    if isinstance(module, nn.RNNBase) and (leaf.startswith("weight_") or leaf.startswith("bias_")):
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and (leaf.startswith("weight_") or leaf.startswith("bias_")):
         return 1 / math.sqrt(module.hidden_size), f"{type(module).__name__} default U(±1/√hidden_size)"
     if isinstance(module, nn.MultiheadAttention) and leaf in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
                                                               "v_proj_weight"):
@@ -411,6 +480,22 @@ def _check(module: nn.Module, leaf: str, t: torch.Tensor, norm: bool,
         return None  # norm layers start exactly constant; anything else here was changed
     if n < MIN_VALUES:
         return "undecided"
+    iid_p, iid_test = _iid_p(data) if sum(d > 1 for d in data.shape) >= 2 else (1.0, "")
+    if iid_p < ALPHA_IID:
+        return None  # rows, columns or neighbours too unalike for an i.i.d. draw: trained
+    found = _fits(module, leaf, t, data, config_stds)
+    if found is None or isinstance(found, str):
+        return found
+    kind, evidence, p, conf = found
+    if iid_test:
+        evidence += f"; i.i.d. (rows, columns, neighbours): p={iid_p:.2g}"
+    return kind, evidence, min(p, iid_p), conf
+
+
+def _fits(module: nn.Module, leaf: str, t: torch.Tensor, data: torch.Tensor,
+          config_stds: tuple[float, ...]) -> tuple[str, str, float, str] | str | None:
+    """The init distribution that ``data`` (``t``'s values) fits best, ``"undecided"``, or None."""
+    n = data.numel()
     s = _sample(data)
     conf = "high" if n >= 100 else "moderate"
     bound = _default_bound(module, leaf)
