@@ -88,6 +88,15 @@ def _scalar(v: Any) -> Any:
     return v if isinstance(v, int | float) else None
 
 
+def _optimizer_state(v: dict) -> dict:
+    """An optimizer state as ``Optimizer.state_dict()`` lays it out. A DCP folder stores the list
+    ``param_groups`` as a dict keyed by each group's index; it is put back in index order."""
+    groups = v.get("param_groups")
+    if isinstance(groups, dict) and all(str(k).isdigit() for k in groups):
+        return {**v, "param_groups": [groups[k] for k in sorted(groups, key=lambda k: int(k))]}
+    return v
+
+
 def _find_parts(tree: Any, parts: Parts) -> None:
     """Fill ``parts`` from a training dict's top level."""
     if not isinstance(tree, dict):
@@ -96,9 +105,9 @@ def _find_parts(tree: Any, parts: Parts) -> None:
         if not isinstance(key, str):
             continue
         if isinstance(v, dict) and is_optimizer_state(v):
-            parts.optimizers.append((key, v))
+            parts.optimizers.append((key, _optimizer_state(v)))
         elif isinstance(v, list | tuple) and v and all(isinstance(x, dict) and is_optimizer_state(x) for x in v):
-            parts.optimizers.extend((f"{key}.{i}", x) for i, x in enumerate(v))
+            parts.optimizers.extend((f"{key}.{i}", _optimizer_state(x)) for i, x in enumerate(v))
         elif _word_in(key, "sched"):
             if isinstance(v, dict):
                 parts.schedulers.append((key, v))
@@ -119,8 +128,10 @@ def _find_parts(tree: Any, parts: Parts) -> None:
         parts.loss = _scalar(tree["loss"])
 
 
-def _layout_name(tree: Any) -> str:
+def _layout_name(tree: Any, fmt: str = "") -> str:
     keys = set(tree) if isinstance(tree, dict) else set()
+    if fmt == "dcp":
+        return "DCP folder"
     if keys & {"optimizer_states", "lr_schedulers", "loops", "pytorch-lightning_version"}:
         return "Lightning"
     if "model_state_dict" in keys and "optimizer_state_dict" in keys:
@@ -134,7 +145,7 @@ def read_parts(path: str, trust: bool) -> Parts:
     if os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in _HF_FILES):
         return _read_hf_folder(path, trust)
     ckpt = open_checkpoint(path, trust=trust)
-    parts = Parts(_layout_name(ckpt.tree), ckpt, opened=[ckpt])
+    parts = Parts(_layout_name(ckpt.tree, ckpt.format), ckpt, opened=[ckpt])
     _find_parts(ckpt.tree, parts)
     return parts
 
