@@ -39,6 +39,12 @@ __all__ = ["source_model_option", "source_aware", "check_source_model"]
 
 _OPTION: ContextVar[Any] = ContextVar("ckptfit_source_model", default=None)
 
+# Bounds on building the source model, whose sizes the file's config.json sets: the model that wrote a
+# file holds about as many tensors as the file (a few more: ties, buffers left out), and its __init__
+# computes small buffers (position ids, rotary frequencies, causal masks), not gigabytes.
+_MIN_PARAMETERS = 4096
+_MAX_INIT_BYTES = 1 << 30
+
 
 def check_source_model(value: Any) -> Any:
     """Validate ``source_model=`` early: None, a SPEC string, ``"identify"``, a factory or a module."""
@@ -187,7 +193,7 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
     structural = any(d.stage == "structural" and d.action == "load" for d in plan.decisions)
     if plan.ok and not structural:
         return plan
-    from .loading.meta import parameters_on_meta
+    from .loading.meta import bounded_build, parameters_on_meta
 
     try:
         found = _source_factory(ckpt)
@@ -212,8 +218,9 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
     if isinstance(factory, nn.Module):
         src = factory
     else:
-        try:
-            with parameters_on_meta():
+        try:  # sizes come from the file (config.json): bounded, so a hostile one is refused, not run out of memory
+            with parameters_on_meta(), bounded_build(max_parameters=max(4 * len(cand.tensors), _MIN_PARAMETERS),
+                                                     max_bytes=_MAX_INIT_BYTES, what="it"):
                 src = factory()
         except Exception as e:  # noqa: BLE001 - building a library model from the file's record
             return note(f"could not be built: {type(e).__name__}: {str(e)[:200]}")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["INIT_ATTR", "parameters_on_meta"]
+__all__ = ["INIT_ATTR", "parameters_on_meta", "bounded_build"]
 
 # ---------------------------------------------------------------------------------- build
 
@@ -77,7 +77,12 @@ def _install_registration_hook() -> None:
 def _parameter_to_meta(module: nn.Module, name: str, param: nn.Parameter) -> nn.Parameter | None:
     """In a thread inside :func:`parameters_on_meta`: the meta twin of ``param`` (else None: unchanged)."""
     kept = getattr(_BUILDING, "kept", None)
-    if kept is None or param is None or param.is_meta:
+    if kept is None or param is None:
+        return None
+    bound = getattr(_BUILDING, "bound", None)
+    if bound is not None:
+        bound.parameter(module, name)
+    if param.is_meta:
         return None
     with torch._C.DisableTorchFunction():  # plain tensor work: past _SkipInitOnMeta, at full speed
         cls = type(param) if isinstance(param, nn.Parameter) else nn.Parameter
@@ -116,3 +121,91 @@ class _SkipInitOnMeta(TorchFunctionMode):
             if type(t) in (torch.Tensor, nn.Parameter) and t.is_meta:
                 return t
         return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------- bounds
+
+class _Bound(TorchFunctionMode):
+    """Counts what a build registers and computes; raises :class:`~ckptfit.errors.ResourceLimitExceeded` past its bounds.
+
+    Parameters are counted as they are registered (:func:`_parameter_to_meta`). Every torch call
+    that would make real tensors (a factory such as ``arange``/``ones``, or an op on real tensors:
+    ``tril``, ``outer``, ``repeat`` ...) is first run on the meta device to learn the size of what it
+    returns, and refused before it runs for real when that is too large: a buffer of ``config.json``'s
+    ``max_position_embeddings`` squared never reaches memory. Calls on meta tensors cost nothing and
+    are not counted; ``empty`` (memory never touched until written) neither.
+    """
+
+    _LAZY = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
+
+    def __init__(self, max_parameters: int, max_bytes: int, what: str) -> None:
+        super().__init__()
+        self.max_parameters, self.max_bytes, self.what = max_parameters, max_bytes, what
+        self.parameters = 0
+        self.bytes = 0
+
+    def parameter(self, module: nn.Module, name: str) -> None:
+        from ..errors import ResourceLimitExceeded
+
+        self.parameters += 1
+        if self.parameters > self.max_parameters:
+            raise ResourceLimitExceeded(f"{self.what} has more than {self.max_parameters} parameters (the "
+                                        f"{self.max_parameters + 1}th: {type(module).__name__}.{name}); not built")
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name not in self._LAZY:
+            size = self._real_size(func, args, kwargs)
+            if size:
+                self.bytes += size
+                if size > self.max_bytes or self.bytes > self.max_bytes:
+                    from ..errors import ResourceLimitExceeded
+
+                    raise ResourceLimitExceeded(
+                        f"{self.what} would compute {self.bytes / 2**20:.0f} MiB of real tensors in its __init__ "
+                        f"(torch.{name} alone: {size / 2**20:.0f} MiB; at most {self.max_bytes >> 20} MiB); not built")
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _real_size(func: Any, args: tuple, kwargs: dict) -> int:
+        """Bytes of real tensors ``func`` would return (0: none, meta ones, or unknown)."""
+        from torch.utils._pytree import tree_flatten, tree_map
+
+        flat, _ = tree_flatten((args, kwargs))
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        if tensors and all(t.is_meta for t in tensors):
+            return 0
+        if not tensors and str(kwargs.get("device", "")) == "meta":
+            return 0
+        try:
+            with torch._C.DisableTorchFunction():
+                meta_args, meta_kwargs = tree_map(lambda a: a.to("meta") if isinstance(a, torch.Tensor) else a,
+                                                  (args, kwargs))
+                if not tensors:
+                    meta_kwargs = {**meta_kwargs, "device": "meta"}
+                out = func(*meta_args, **meta_kwargs)
+                inputs = {id(a) for a in tree_flatten((meta_args, meta_kwargs))[0] if isinstance(a, torch.Tensor)}
+                # new memory: a result that is neither a view (expand, transpose) nor an input written in place
+                # (fill_, which commits the pages of an ``empty``)
+                return sum(t.untyped_storage().nbytes() for t in tree_flatten(out)[0]
+                           if isinstance(t, torch.Tensor) and (id(t) in inputs or not t._is_view()))
+        except Exception:  # noqa: BLE001 - no meta kernel, or not a tensor function: run as it is
+            return 0
+
+
+@contextlib.contextmanager
+def bounded_build(*, max_parameters: int, max_bytes: int, what: str) -> Iterator[None]:
+    """Inside :func:`parameters_on_meta`: refuse a build beyond ``max_parameters`` parameters or
+    ``max_bytes`` of real tensors computed in ``__init__`` (a model described by a file, whose sizes
+    the file sets). Raises :class:`~ckptfit.errors.ResourceLimitExceeded` as the limit is crossed,
+    before the memory is taken; this thread only.
+    """
+    bound = _Bound(max_parameters, max_bytes, what)
+    outer = getattr(_BUILDING, "bound", None)
+    _BUILDING.bound = bound
+    try:
+        with bound:
+            yield
+    finally:
+        _BUILDING.bound = outer
