@@ -86,3 +86,23 @@ def test_the_bound_counts_real_tensors_only_and_is_per_build():
         with parameters_on_meta(), bounded_build(max_parameters=1, max_bytes=1 << 30, what="it"):
             nn.Linear(2, 2)
     assert nn.Linear(2, 2).weight.device.type == "cpu"  # nothing stays bounded after the build
+
+
+def test_from_checkpoint_builds_the_configs_model_within_the_same_bounds(tmp_path):
+    path = _folder(tmp_path, {"architectures": ["BertModel"], "model_type": "bert", "num_hidden_layers": 1,
+                              "hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 8, "vocab_size": 10,
+                              "max_position_embeddings": 300_000_000})
+    with pytest.raises(ResourceLimitExceeded, match=r"the model config.json describes would compute 2289 MiB"):
+        ckptfit.from_checkpoint(path)
+    small = transformers_bert_folder(tmp_path / "small")
+    model, report = ckptfit.from_checkpoint(small)  # a real save_pretrained folder builds as before
+    assert report.num_loaded == len(model.state_dict())
+
+
+def transformers_bert_folder(path: Path) -> Path:
+    import transformers
+
+    config = transformers.BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8,
+                                     vocab_size=10, max_position_embeddings=16)
+    transformers.BertModel(config).save_pretrained(path)
+    return path

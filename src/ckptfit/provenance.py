@@ -35,15 +35,15 @@ from torch import nn
 from .checkpoint import Checkpoint, StateDictCandidate
 from .plans import Plan
 
-__all__ = ["source_model_option", "source_aware", "check_source_model"]
+__all__ = ["source_model_option", "source_aware", "check_source_model", "MIN_PARAMETERS", "MAX_INIT_BYTES"]
 
 _OPTION: ContextVar[Any] = ContextVar("ckptfit_source_model", default=None)
 
 # Bounds on building the source model, whose sizes the file's config.json sets: the model that wrote a
 # file holds about as many tensors as the file (a few more: ties, buffers left out), and its __init__
 # computes small buffers (position ids, rotary frequencies, causal masks), not gigabytes.
-_MIN_PARAMETERS = 4096
-_MAX_INIT_BYTES = 1 << 30
+MIN_PARAMETERS = 4096
+MAX_INIT_BYTES = 1 << 30
 
 
 def check_source_model(value: Any) -> Any:
@@ -219,8 +219,8 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
         src = factory
     else:
         try:  # sizes come from the file (config.json): bounded, so a hostile one is refused, not run out of memory
-            with parameters_on_meta(), bounded_build(max_parameters=max(4 * len(cand.tensors), _MIN_PARAMETERS),
-                                                     max_bytes=_MAX_INIT_BYTES, what="it"):
+            with parameters_on_meta(), bounded_build(max_parameters=max(4 * len(cand.tensors), MIN_PARAMETERS),
+                                                     max_bytes=MAX_INIT_BYTES, what="it"):
                 src = factory()
         except Exception as e:  # noqa: BLE001 - building a library model from the file's record
             return note(f"could not be built: {type(e).__name__}: {str(e)[:200]}")
