@@ -24,10 +24,14 @@ dcp = pytest.importorskip("torch.distributed.checkpoint")
 state_dict_api = pytest.importorskip("torch.distributed.checkpoint.state_dict")
 
 
-def save_dcp(path: Path, model: nn.Module, opt, **extra) -> None:
+def save_dcp(path: Path, model: nn.Module, opt, flatten: bool = False, **extra) -> None:
     """What a training loop on DCP writes, in one process (no process group: ``no_dist=True``)."""
-    model_sd, optim_sd = state_dict_api.get_state_dict(model, opt)
-    assert isinstance(optim_sd["param_groups"][0]["params"][0], str)  # keyed by name, not by position
+    options = state_dict_api.StateDictOptions(flatten_optimizer_state_dict=flatten)
+    model_sd, optim_sd = state_dict_api.get_state_dict(model, opt, options=options)
+    if flatten:  # torchtitan's layout: "state.<name>.exp_avg", "param_groups.<name>.lr"
+        assert any(k.startswith("param_groups.inp.") for k in optim_sd)
+    else:
+        assert isinstance(optim_sd["param_groups"][0]["params"][0], str)  # keyed by name, not by position
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"model": model_sd, "optim": optim_sd, **extra}, checkpoint_id=str(path), no_dist=True)
@@ -64,6 +68,22 @@ def test_dcp_param_groups_and_hyperparameters(tmp_path: Path) -> None:
     assert [g["lr"] for g in new_opt.param_groups] == [1e-2, 0.2]
     assert report.optimizer.groups == (2, 2)
     assert_losses(train(new, new_opt, rest), ref_losses)
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "sgd-momentum"])
+def test_flattened_optimizer_state_two_groups_renamed(tmp_path: Path, opt_name: str) -> None:
+    """``flatten_optimizer_state_dict=True`` (torchtitan): one key per parameter and state or
+    hyper-parameter; the groups are rebuilt from equal hyper-parameters, in their saved order."""
+    make_opt = OPTIMIZERS[opt_name]
+    net, opt, _, _, ref, ref_losses, rest = reference(make_opt, groups=two_groups)
+    save_dcp(tmp_path / "dcp", net, opt, flatten=True, step=3)
+    new = Renamed()
+    new_opt = make_opt(two_groups(new))
+    report = ckptfit.resume(tmp_path / "dcp", new, new_opt, rename=RENAME)
+    assert (report.step, report.optimizer.groups, len(report.optimizer.mapped)) == (3, (2, 2), 10)
+    assert [g["lr"] for g in new_opt.param_groups] == [opt.param_groups[0]["lr"], 0.2]
+    assert_losses(train(new, new_opt, rest), ref_losses)
+    same_weights(new, ref, SAME)
 
 
 def test_dcp_state_that_does_not_fit_is_refused_before_anything_changes(tmp_path: Path) -> None:

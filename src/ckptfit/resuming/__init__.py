@@ -15,7 +15,9 @@ Layouts recognised: the PyTorch tutorial dict (``model_state_dict``, ``optimizer
 ``amp_scaler``, ``epoch``), Lightning ``.ckpt`` files (``state_dict``, ``optimizer_states``,
 ``lr_schedulers``, ``global_step``), Hugging Face Trainer ``checkpoint-N/`` folders
 (``model.safetensors``, ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state.pth``,
-``trainer_state.json``), and any dict holding such parts. Every file is read by ckptfit's
+``trainer_state.json``), DCP folders (``torch.distributed.checkpoint``) whose optimizer state
+is keyed by parameter name (``get_state_dict``, nested or flattened), and any dict holding such
+parts. Every file is read by ckptfit's
 restricted reader: no code from the file runs.
 
 The package: :mod:`.reports` (what :func:`resume` returns and ``plan --resume`` shows),

@@ -97,6 +97,46 @@ def _optimizer_state(v: dict) -> dict:
     return v
 
 
+def _unflatten_optimizer(v: dict) -> dict | None:
+    """The nested optimizer state of a flattened one, or None when ``v`` is not one.
+
+    ``get_state_dict(..., options=StateDictOptions(flatten_optimizer_state_dict=True))`` (as
+    torchtitan saves) writes ``state.<name>.<key>`` and ``param_groups.<name>.<hyper-parameter>``
+    for each parameter name. Parameters are grouped again by equal hyper-parameters, in the order
+    the groups were saved (two saved groups with equal hyper-parameters become one).
+    """
+    if not v or not all(isinstance(k, str) and k.startswith(("state.", "param_groups.")) for k in v):
+        return None
+    hyper: dict[str, dict] = {}
+    for k, x in v.items():
+        if k.startswith("param_groups."):
+            name, _, hp = k[len("param_groups."):].rpartition(".")
+            if not name or not hp:
+                return None
+            hyper.setdefault(name, {})[hp] = x
+    names = sorted(hyper, key=len, reverse=True)  # the longest name first: "a.b" before "a"
+    state: dict[str, dict] = {}
+    for k, x in v.items():
+        if k.startswith("state."):
+            rest = k[len("state."):]
+            name = next((n for n in names if rest.startswith(n + ".")), None)
+            if name is None:
+                return None  # state of a parameter in no group: not this layout
+            node = state.setdefault(name, {})
+            *path, leaf = rest[len(name) + 1:].split(".")
+            for part in path:  # nested states (Shampoo) are flattened level by level
+                node = node.setdefault(part, {})
+            node[leaf] = x
+    groups: list[dict] = []
+    for name, hp in hyper.items():
+        group = next((g for g in groups if {k: x for k, x in g.items() if k != "params"} == hp), None)
+        if group is None:
+            group = {**hp, "params": []}
+            groups.append(group)
+        group["params"].append(name)
+    return {"state": state, "param_groups": groups} if groups else None
+
+
 def _find_parts(tree: Any, parts: Parts) -> None:
     """Fill ``parts`` from a training dict's top level."""
     if not isinstance(tree, dict):
@@ -104,7 +144,10 @@ def _find_parts(tree: Any, parts: Parts) -> None:
     for key, v in tree.items():
         if not isinstance(key, str):
             continue
-        if isinstance(v, dict) and is_optimizer_state(v):
+        flat = _unflatten_optimizer(v) if isinstance(v, dict) and not is_optimizer_state(v) else None
+        if flat is not None:
+            parts.optimizers.append((key, flat))
+        elif isinstance(v, dict) and is_optimizer_state(v):
             parts.optimizers.append((key, _optimizer_state(v)))
         elif isinstance(v, list | tuple) and v and all(isinstance(x, dict) and is_optimizer_state(x) for x in v):
             parts.optimizers.extend((f"{key}.{i}", _optimizer_state(x)) for i, x in enumerate(v))

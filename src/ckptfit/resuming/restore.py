@@ -108,8 +108,8 @@ def resume(path: str | os.PathLike[str], model: nn.Module, optimizer: Any = None
     Everything is checked before anything changes: on a refusal nothing was modified.
 
     Args:
-        path: the checkpoint file (tutorial dict, timm, Lightning ``.ckpt`` ...) or a Hugging
-            Face Trainer ``checkpoint-N`` folder.
+        path: the checkpoint file (tutorial dict, timm, Lightning ``.ckpt`` ...), a Hugging
+            Face Trainer ``checkpoint-N`` folder or a DCP folder.
         model: the model to fill, in place.
         optimizer: the new optimizer, built over ``model``'s parameters (or a list of them,
             matched in order with the saved ones, as Lightning saves several).
