@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .dtypes import dtype_name
 from .keyfolding import fold_keys, fold_pairs
+from .matching.names import fmt_shape
 from .plans import Decision, Plan, Unused
 
 if TYPE_CHECKING:  # torch for annotations only: describing a checkpoint never imports torch
@@ -71,7 +72,7 @@ def dtype_text(dtype: torch.dtype | str | None) -> str | None:
 
 
 def _shape_text(shape: Sequence[int] | None) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]" if shape is not None else "?"
+    return fmt_shape(tuple(shape)) if shape is not None else "?"
 
 
 def human_bytes(n: int) -> str:
