@@ -226,3 +226,13 @@ def test_keys_that_are_not_attribute_paths_get_advice_that_runs(tmp_path):
     exec(code, {"model": model, "nn": nn})
     ckptfit.load(model, tmp_path / "seq.pth")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_torch_save_of_a_tied_model_stores_one_tensor_under_both_keys_and_loads(tmp_path):
+    torch.manual_seed(6)
+    src = Tied()
+    torch.save(src.state_dict(), tmp_path / "tied_both.pth")  # one storage behind emb.weight and head.weight
+    model = Tied()
+    report = ckptfit.load(model, tmp_path / "tied_both.pth")
+    assert model.head.weight is model.emb.weight and torch.equal(model.emb.weight, src.emb.weight)
+    assert [(d.target, d.source) for d in report.tied] == [("head.weight", "head.weight")]

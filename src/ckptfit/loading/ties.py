@@ -59,6 +59,8 @@ def check_ties(cand: StateDictCandidate, p: Plan, dtype_of: Callable[[str], torc
         with collecting_reads() as reads:
             through = _value(cand, c)
             own = cand.tensors[d.source].load()
+        if c.transform is None and _same_memory(through, own):
+            continue  # one storage behind both keys (torch.save of a tied model): equal without reading it
         want = dtype_of(d.target)
         a, b = through.detach().to("cpu", want), own.detach().to("cpu", want)
         if tuple(a.shape) == tuple(b.shape) and _bitwise_equal(a, b):
@@ -82,6 +84,12 @@ def _value(cand: StateDictCandidate, d: Decision) -> torch.Tensor:
     if d.transform is not None:
         return apply_transform(d, lambda k: cand.tensors[k].load())
     return cand.tensors[d.source].load()  # type: ignore[index]
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same elements of the same memory (two keys of one stored tensor, views of one mapping)."""
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr() and a.numel() > 0)
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
