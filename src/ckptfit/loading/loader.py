@@ -95,7 +95,8 @@ def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
         use: which state dict in the file: ``"ema"``, or a key path such as ``"model.ema"``.
         rename: ``[(regex, replacement), ...]`` applied to checkpoint keys before matching.
         include: glob patterns; only matching tensors are loaded.
-        exclude: glob patterns; matching tensors are not loaded (kept at init).
+        exclude: glob patterns; matching tensors are not loaded (kept at init). Of two tied weights
+            (one tensor in the model), one excluded is filled through the other when that one loads.
         device: move the model to this device and load there (default: where it is).
         dtype: cast the model's floating tensors to this dtype (default: keep the model's).
         trust: allow real unpickling; runs code from the file. Never needed for weights.
