@@ -223,3 +223,31 @@ def test_a_state_dict_in_memory_and_a_bias_free_head():
     b = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2, bias=False))
     ckptfit.load(b, a.state_dict(), class_map={1: 4, 0: 0})
     assert torch.equal(b[2].weight, a[2].weight[[0, 4]])
+
+
+def test_a_class_map_head_tied_to_another_weight_with_its_own_file_copy_is_refused(tmp_path):
+    """A tie filled through class_map rows cannot be compared with the file's own copy: a refusal, not a crash."""
+    class Tied(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.emb = nn.Embedding(n, 4)
+            self.head = nn.Linear(4, n, bias=False)
+            self.head.weight = self.emb.weight
+
+    src = {"emb.weight": torch.randn(5, 4), "head.weight": torch.randn(5, 4)}
+    path = tmp_path / "untied.pt"
+    torch.save(src, path)
+    model = Tied(5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ckptfit.LoadError) as e:
+        ckptfit.load(model, path, class_map=[4, 0, None, 1, 2], class_map_head="emb")
+    assert "whose rows are chosen by class_map" in str(e.value) and "cannot be checked" in str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "exclude=['head.weight']" in e.value.hint
+    # the advice, followed: the head is filled through the tie from the mapped rows
+    report = ckptfit.load(model, path, class_map=[4, 0, None, 1, 2], class_map_head="emb", exclude=["head.weight"])
+    assert model.head.weight is model.emb.weight
+    for new, old in enumerate([4, 0, None, 1, 2]):
+        want = before["emb.weight"][new] if old is None else src["emb.weight"][old]
+        assert torch.equal(model.emb.weight[new], want)
+    assert report.complete

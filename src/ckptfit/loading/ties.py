@@ -52,6 +52,15 @@ def check_ties(cand: StateDictCandidate, p: Plan, dtype_of: Callable[[str], torc
     refused: dict[str, Decision] = {}  # tied decisions that cannot be exact, as the refusal shows them
     for d in checks:
         c = by_target.get(d.tied_to or "")
+        if c is not None and c.transform is not None and c.transform.kind == "class_map":
+            problems.append(f"{d.target}: the model ties it to '{c.target}', whose rows are chosen by class_map "
+                            f"(new rows keep the model's init), so the checkpoint's own '{d.source}' cannot be "
+                            f"checked against it")
+            if d.source and _GLOB_FREE.fullmatch(d.source):
+                suggestions.append(f"pass exclude=[{d.source!r}] (on the command line: --exclude {d.source}) to fill "
+                                   f"'{d.target}' through the tie from the rows class_map selects; the checkpoint's "
+                                   f"'{d.source}' is not used")
+            continue
         if c is None or c.action != "load" or c.source is None:
             problems.append(f"{d.target}: the model ties it to '{d.tied_to}', which is not loaded from a checkpoint "
                             f"tensor, so the checkpoint's own '{d.source}' cannot be checked against it")
