@@ -54,3 +54,13 @@ def linear_state_dict() -> dict[str, torch.Tensor]:
     """The state dict of ``nn.Linear(3, 4)`` made with seed 0: the smallest real checkpoint."""
     torch.manual_seed(0)
     return nn.Linear(3, 4).state_dict()
+
+
+def seeded(model: nn.Module, seed: int) -> nn.Module:
+    """``model`` with every floating-point tensor drawn from N(0, 1) by ``seed``: values that tell tensors apart."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g))
+    return model

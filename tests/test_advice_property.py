@@ -25,6 +25,7 @@ import ckptfit
 from _advice_follow import (check_load, cli_alternatives, file_tensor, flat_tensors, merged,
                             python_alternatives, renames_onto_one_name)
 from ckptfit.cli import main
+from _checkpoints import seeded
 
 MODULE = Path(__file__).stem
 MAX_DEPTH = 4
@@ -91,34 +92,25 @@ class Counter(nn.Module):
         self.register_buffer("steps", torch.zeros(3))
 
 
-def _seeded(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g))
-    return model
-
-
 # -- the refusals ------------------------------------------------------------------------------
 
 def _head(d: Path) -> Path:
-    torch.save(_seeded(Net(num_classes=5), 1).state_dict(), d / "head.pth")
+    torch.save(seeded(Net(num_classes=5), 1).state_dict(), d / "head.pth")
     return d / "head.pth"
 
 
 def _in_chans(d: Path) -> Path:
-    torch.save({"model": _seeded(Net(in_chans=1), 2).state_dict(), "epoch": 3}, d / "gray.pth")
+    torch.save({"model": seeded(Net(in_chans=1), 2).state_dict(), "epoch": 3}, d / "gray.pth")
     return d / "gray.pth"
 
 
 def _width(d: Path) -> Path:
-    torch.save(_seeded(Net(width=16), 3).state_dict(), d / "wide.pth")
+    torch.save(seeded(Net(width=16), 3).state_dict(), d / "wide.pth")
     return d / "wide.pth"
 
 
 def _moco(d: Path) -> Path:
-    q, k = _seeded(MoCoEncoder(), 4), _seeded(MoCoEncoder(), 5)
+    q, k = seeded(MoCoEncoder(), 4), seeded(MoCoEncoder(), 5)
     sd = {f"module.encoder_q.{n}": t for n, t in q.state_dict().items()}
     sd |= {f"module.encoder_k.{n}": t for n, t in k.state_dict().items()}
     sd |= {"module.queue": torch.randn(4, 32), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
@@ -127,36 +119,36 @@ def _moco(d: Path) -> Path:
 
 
 def _inserted(d: Path) -> Path:
-    torch.save(_seeded(Net(), 6).state_dict(), d / "net.pth")
+    torch.save(seeded(Net(), 6).state_dict(), d / "net.pth")
     return d / "net.pth"
 
 
 def _renamed(d: Path) -> Path:
-    torch.save(_seeded(FirstSecond(), 7).state_dict(), d / "fs.pth")
+    torch.save(seeded(FirstSecond(), 7).state_dict(), d / "fs.pth")
     return d / "fs.pth"
 
 
 def _two_models(d: Path) -> Path:
-    torch.save({"student": _seeded(Net(), 8).state_dict(), "teacher": _seeded(Net(), 9).state_dict()}, d / "dino.pth")
+    torch.save({"student": seeded(Net(), 8).state_dict(), "teacher": seeded(Net(), 9).state_dict()}, d / "dino.pth")
     return d / "dino.pth"
 
 
 def _int_buffer(d: Path) -> Path:
-    sd = _seeded(Counter(), 11).state_dict()
+    sd = seeded(Counter(), 11).state_dict()
     sd["steps"] = torch.arange(3)  # saved as int64: not a cast into a float buffer
     torch.save(sd, d / "steps.pth")
     return d / "steps.pth"
 
 
 def _prefixes(d: Path) -> Path:
-    a, b = _seeded(Net(), 12), _seeded(Net(), 13)
+    a, b = seeded(Net(), 12), seeded(Net(), 13)
     sd = {f"online.{n}": t for n, t in a.state_dict().items()} | {f"target.{n}": t for n, t in b.state_dict().items()}
     torch.save(sd, d / "byol.pth")
     return d / "byol.pth"
 
 
 def _untied(d: Path) -> Path:
-    m = _seeded(Tied(), 14)
+    m = seeded(Tied(), 14)
     m.head.weight = nn.Parameter(torch.randn(12, 6))  # saved from the model without its tie: values differ
     torch.save(m.state_dict(), d / "untied.pth")
     return d / "untied.pth"

@@ -18,15 +18,7 @@ import ckptfit
 from ckptfit.matching import match
 from ckptfit.matching.names import _token_similarity
 from ckptfit.plans import TensorSpec
-
-
-def _distinct(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g))
-    return model
+from _checkpoints import seeded
 
 
 def _linears(*names: str, dim: int = 8) -> nn.Module:
@@ -55,7 +47,7 @@ def _specs(sd: dict) -> list[TensorSpec]:
 
 
 def test_reimplemented_attention_declared_in_another_order_loads_by_name():
-    src = _distinct(_linears("q", "k", "v", "o"), 0)
+    src = seeded(_linears("q", "k", "v", "o"), 0)
     model = _linears("value", "key", "query", "out")
     report = ckptfit.load(model, src.state_dict())
     for mine, theirs in (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o")):
@@ -84,7 +76,7 @@ class UpDownReimpl(nn.Module):
 
 
 def test_blocks_renamed_and_declared_in_the_other_order_load_by_name():
-    src = _distinct(UpDown(), 1)
+    src = seeded(UpDown(), 1)
     model = UpDownReimpl()
     report = ckptfit.load(model, src.state_dict())
     for i in (0, 2):
@@ -129,7 +121,7 @@ def test_numbered_look_alikes_follow_matching_numbers_not_the_declaration_order(
 
 
 def test_look_alikes_told_apart_by_order_alone_are_refused_with_a_rename_that_loads_them():
-    src = _distinct(_linears("block_a", "block_b"), 2)
+    src = seeded(_linears("block_a", "block_b"), 2)
     model = _linears("layer_x", "layer_y")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ckptfit.LoadError, match="only their declaration order tells them apart"):
@@ -146,7 +138,7 @@ def test_look_alikes_told_apart_by_order_alone_are_refused_with_a_rename_that_lo
 def test_names_contradicting_order_without_settling_it_are_refused_with_a_rename_that_loads_them():
     # the names place 'q' at 'query' (declared second), against the declaration order; the two
     # 'mid' blocks the names cannot tell apart, so nothing of the three is guessed
-    src = _distinct(_linears("q", "mid_a", "mid_b"), 3)
+    src = seeded(_linears("q", "mid_a", "mid_b"), 3)
     model = _linears("mid_x", "query", "mid_y")
     plan = ckptfit.plan(model, src.state_dict())
     assert not plan.ok and plan.loads == ()
@@ -168,7 +160,7 @@ def test_suggested_rules_touch_only_the_module_own_tensors_and_never_chain():
     src.a.p = nn.Parameter(torch.randn(8))
     src.b = nn.Module()
     src.b.p = nn.Parameter(torch.randn(8))
-    _distinct(src, 4)
+    seeded(src, 4)
     model = nn.Module()
     model.a = _linears("inner")
     model.x = nn.Module()
@@ -246,7 +238,7 @@ def test_the_cli_suggestion_followed_literally_loads(tmp_path, monkeypatch) -> N
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     spec = f"{Path(__file__).stem}:AlphaBeta"
-    src = _distinct(FirstSecond(), 3)
+    src = seeded(FirstSecond(), 3)
     torch.save(src.state_dict(), tmp_path / "c.pth")
     refused = CliRunner().invoke(main, ["load", str(tmp_path / "c.pth"), "--model", spec])
     assert refused.exit_code == 1
