@@ -82,6 +82,18 @@ def test_cached_answer_builds_nothing(cache, resnet34_sd, tmp_path, monkeypatch)
     assert not result.notes  # nothing was indexed the second time
 
 
+def test_a_cached_answer_imports_no_torch(cache, resnet34_sd, tmp_path):
+    """``ckptfit identify`` with the index on disk reads it and the file's header only: torch is never imported."""
+    from test_no_torch import run_without_torch
+
+    path = tmp_path / "r.pth"
+    torch.save(resnet34_sd, path)
+    identify(path)  # the index, built once (this process imports torch; the next one must not)
+    res = run_without_torch("identify", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "torchvision.models.resnet34(num_classes=7)" in res.stdout
+
+
 def test_timm_num_classes_and_in_chans(cache, tmp_path):
     timm = pytest.importorskip("timm")
     path = tmp_path / "timm.pth"

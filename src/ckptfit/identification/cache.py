@@ -7,8 +7,6 @@ import json
 import os
 from importlib.metadata import version
 
-import torch
-
 from .. import cache_dirs
 from .._atomic import atomic_write
 
@@ -30,7 +28,7 @@ def _version_of(module: str) -> str | None:
 
 
 def index_dir() -> str:
-    key = json.dumps([_INDEX_VERSION, torch.__version__, _version_of("torchvision"), _version_of("timm"),
+    key = json.dumps([_INDEX_VERSION, _version_of("torch"), _version_of("torchvision"), _version_of("timm"),
                       _version_of("transformers")])
     return os.path.join(cache_dir(), hashlib.sha1(key.encode()).hexdigest()[:12])
 

@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 
 from ..matching import match
 from ..plans import TensorSpec
@@ -92,7 +91,7 @@ def build_hf_family(model_type: str) -> dict:
 def _hf_read_sizes(tiny: dict, query: Query) -> dict[str, int]:
     """Sizes read from the checkpoint at the places the tiny model has its sentinels."""
     keys, shapes = tiny["keys"], tiny["shapes"]
-    p = match([TensorSpec(k, tuple(s), torch.float32) for k, s in zip(keys, shapes)], query.specs, partial=True)
+    p = match([TensorSpec(k, tuple(s), "float32") for k, s in zip(keys, shapes)], query.specs, partial=True)
     q_shape = {s.name: s.shape for s in query.specs}
     votes: dict[str, Counter] = {k: Counter() for k in _HF_SENTINELS}
     by_value = {v: (k, 0) for k, v in _HF_SENTINELS.items()}

@@ -7,7 +7,6 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 
 from ..keyfolding import fold_keys
 from ..matching import match
@@ -61,7 +60,7 @@ def score_signature(sig: dict, query: Query) -> Candidate:
     notes: list[str] = []
     num_classes = default
     if head:
-        first = match([TensorSpec(k, tuple(s), torch.float32) for k, s in zip(keys, shapes)], query.specs,
+        first = match([TensorSpec(k, tuple(s), "float32") for k, s in zip(keys, shapes)], query.specs,
                       partial=True)
         seen: list[int] = []
         head_missing = 0
@@ -87,7 +86,7 @@ def score_signature(sig: dict, query: Query) -> Candidate:
         else:
             keys, shapes = zip(*[(k, s) for k, s in zip(keys, shapes) if k not in head]) if len(head) < len(keys) \
                 else ((), ())
-    targets = [TensorSpec(k, tuple(s), torch.float32) for k, s in zip(keys, shapes)]
+    targets = [TensorSpec(k, tuple(s), "float32") for k, s in zip(keys, shapes)]
     present = set(keys)
     tied = {k: c for k, c in (sig.get("tied") or {}).items() if k in present and c in present}
     p = match(targets, query.specs, partial=True, tied=tied)

@@ -8,16 +8,18 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
-from ..loading.planning import Source, as_checkpoint
 from ..plans import TensorSpec
 from .cache import cached_entries, index_dir, read_json, write_json
 from .hf import HF_FAMILIES, build_hf_family, hf_candidates, looks_hf
 from .results import Candidate, Identification
 from .scoring import KNOWN_SCORE, Query, merge_equivalent, registry_rank, score_signature, strip_common
 from .signatures import NBT, Store, build_many, key_patterns, timm_entries, tv_entries
+
+if TYPE_CHECKING:
+    from ..loading.planning import Source
 
 __all__ = ["identify", "build_index"]
 
@@ -42,10 +44,17 @@ def _have(module: str) -> bool:
 
 
 def _query_of(source: Source, use: str | None, trust: bool) -> tuple[Query, str | None, str | None, dict | None]:
-    ckpt, opened = as_checkpoint(source, trust)
+    if isinstance(source, str | os.PathLike):  # a file: opened without importing torch (a cached answer needs none)
+        from ..formats import open_checkpoint
+
+        ckpt, opened = open_checkpoint(source, trust=trust), True
+    else:
+        from ..loading.planning import as_checkpoint
+
+        ckpt, opened = as_checkpoint(source, trust)
     try:
         cand = ckpt.state_dict(use)
-        specs = [TensorSpec(k, t.shape, t.dtype) for k, t in cand.tensors.items() if not k.endswith(NBT)]
+        specs = [TensorSpec(k, t.shape, t.dtype_name) for k, t in cand.tensors.items() if not k.endswith(NBT)]
         config = ckpt.metadata.get("config") if ckpt.format == "hf-folder" else None
         return Query(specs), ckpt.path, cand.name, _recorded_config(config)
     finally:

@@ -8,14 +8,15 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..loading.meta import parameters_on_meta
 from .cache import read_json, write_json
 
 __all__ = ["NBT", "SENTINEL", "Store", "build_many", "key_patterns", "on_meta", "quiet", "signature_of",
            "timm_entries", "tv_entries"]
+
+if TYPE_CHECKING:
+    import torch
 
 SENTINEL = 1009  # num_classes used to build signatures: prime, no layer width is a multiple of it
 NBT = "num_batches_tracked"
@@ -53,6 +54,10 @@ def quiet() -> Iterator[None]:
 
 def on_meta(make) -> torch.nn.Module:
     """Build with every tensor on meta; fall back to parameters-only on meta for builders that copy data."""
+    import torch
+
+    from ..loading.meta import parameters_on_meta
+
     try:
         with torch.device("meta"):
             return make()
@@ -63,6 +68,8 @@ def on_meta(make) -> torch.nn.Module:
 
 def signature_of(model: torch.nn.Module) -> tuple[list[str], list[list[int]], dict[str, str]]:
     """State-dict keys and shapes (``num_batches_tracked`` left out), and ``{tied_key: canonical_key}``."""
+    import torch
+
     keys, shapes = [], []
     first: dict[int, str] = {}
     tied: dict[str, str] = {}
