@@ -20,8 +20,8 @@ from torch import nn
 import ckptfit
 from ckptfit.cli import main
 from ckptfit.errors import LoadError
-from test_advice_property import (AlphaBeta, Counter, FirstSecond, Net, NetPlus, Tied, _moco, _seeded,
-                                  _two_models)
+from _checkpoints import seeded
+from test_advice_property import AlphaBeta, Counter, FirstSecond, Net, NetPlus, Tied, _moco, _two_models
 
 MODULE = Path(__file__).stem
 
@@ -66,7 +66,7 @@ def test_cli_advises_num_classes_for_a_timm_model_and_the_advice_loads(tmp_path)
 
 
 def test_cli_plan_advises_the_argument_too(tmp_path, spec):
-    torch.save(_seeded(Net(in_chans=1), 0).state_dict(), tmp_path / "gray.pth")
+    torch.save(seeded(Net(in_chans=1), 0).state_dict(), tmp_path / "gray.pth")
     r = _cli("plan", tmp_path / "gray.pth", "--model", spec)
     assert r.exit_code == 1
     assert r.output.splitlines()[-1] == ("  suggestion: the file's shapes are this model's built with in_chans=1: "
@@ -76,7 +76,7 @@ def test_cli_plan_advises_the_argument_too(tmp_path, spec):
 
 
 def test_python_build_advises_model_kwargs_for_a_width(tmp_path):
-    src = _seeded(Net(width=16), 1)
+    src = seeded(Net(width=16), 1)
     torch.save(src.state_dict(), tmp_path / "wide.pth")
     with pytest.raises(LoadError) as e:
         ckptfit.build(Net, tmp_path / "wide.pth")
@@ -89,7 +89,7 @@ def test_python_build_advises_model_kwargs_for_a_width(tmp_path):
 
 
 def test_a_new_head_on_purpose_keeps_partial_first_and_offers_the_files_own(tmp_path, spec):
-    torch.save(_seeded(Net(num_classes=5), 2).state_dict(), tmp_path / "head.pth")
+    torch.save(seeded(Net(num_classes=5), 2).state_dict(), tmp_path / "head.pth")
     r = _cli("load", tmp_path / "head.pth", "--model", spec, "--model-arg", "num_classes=3")
     assert r.exit_code == 1
     assert r.output.splitlines()[-3:] == [
@@ -105,7 +105,7 @@ def test_no_argument_is_advised_unless_building_with_it_fits(tmp_path):
     def fixed() -> nn.Module:
         return Net(num_classes=7)
 
-    torch.save(_seeded(Net(num_classes=5), 3).state_dict(), tmp_path / "head.pth")
+    torch.save(seeded(Net(num_classes=5), 3).state_dict(), tmp_path / "head.pth")
     with pytest.raises(LoadError) as e:
         ckptfit.build(fixed, tmp_path / "head.pth")
     assert e.value.hint == "pass partial=True (on the command line: --partial) to keep these layers at their init"
@@ -139,7 +139,7 @@ def test_moco_advice_leads_to_a_load_never_to_an_empty_partial_one(tmp_path, spe
 
 
 def test_partial_is_not_advised_when_it_would_load_nothing(tmp_path):
-    torch.save(_seeded(AlphaBeta(), 4).state_dict(), tmp_path / "ab.pth")
+    torch.save(seeded(AlphaBeta(), 4).state_dict(), tmp_path / "ab.pth")
     with pytest.raises(LoadError) as e:
         ckptfit.load(Net(), tmp_path / "ab.pth")
     assert not any("partial=True" in s for s in e.value.plan.suggestions)
@@ -147,7 +147,7 @@ def test_partial_is_not_advised_when_it_would_load_nothing(tmp_path):
 
 
 def test_an_inserted_layer_is_advised_partial_and_no_rename_onto_one_name(tmp_path):
-    torch.save(_seeded(Net(), 5).state_dict(), tmp_path / "net.pth")
+    torch.save(seeded(Net(), 5).state_dict(), tmp_path / "net.pth")
     with pytest.raises(LoadError) as e:
         ckptfit.load(NetPlus(), tmp_path / "net.pth")
     assert e.value.plan.suggestions == (
@@ -175,13 +175,13 @@ def _refusal(model: nn.Module, source, **options) -> LoadError:
 
 def test_every_refusal_kind_reads_once_and_carries_a_hint(tmp_path):
     kinds = {
-        "shape": _refusal(Net(num_classes=3), _seeded(Net(num_classes=5), 0).state_dict()),
-        "missing": _refusal(NetPlus(), _seeded(Net(), 0).state_dict()),
-        "structural": _refusal(AlphaBeta(), _seeded(FirstSecond(), 0).state_dict()),
+        "shape": _refusal(Net(num_classes=3), seeded(Net(num_classes=5), 0).state_dict()),
+        "missing": _refusal(NetPlus(), seeded(Net(), 0).state_dict()),
+        "structural": _refusal(AlphaBeta(), seeded(FirstSecond(), 0).state_dict()),
         "dtype": _refusal(Counter(), {**Counter().state_dict(), "steps": torch.arange(3)}),
         "two state dicts": _refusal(Net(), _two_models(tmp_path)),
         "prefix": _refusal(Net(), _moco(tmp_path)),
-        "nothing": _refusal(Net(), _seeded(AlphaBeta(), 0).state_dict()),
+        "nothing": _refusal(Net(), seeded(AlphaBeta(), 0).state_dict()),
     }
     for kind, e in kinds.items():
         text = str(e)
@@ -209,7 +209,7 @@ def test_a_load_error_without_a_hint_gets_one():
 
 def test_a_tied_load_reads_all_loaded_with_the_tie_counted(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    src = _seeded(Tied(), 6)
+    src = seeded(Tied(), 6)
     torch.save(src.state_dict(), tmp_path / "tied.pth")
     report = ckptfit.load(Tied(), tmp_path / "tied.pth")
     assert str(report).splitlines()[0].startswith("Loaded 4/4 tensors (1 tied) from ")
