@@ -114,7 +114,7 @@ def lightning_kwargs(cls: type, tree: Any, new: Mapping[str, Any] | None = None,
 def build_lightning(cls: type, new: Mapping[str, Any], source: Any, build: Callable[..., Any], *,
                     mmap: bool = False, **load_options: Any) -> tuple[nn.Module, Any]:
     """``build`` a LightningModule ``cls`` with the file's hyper_parameters; the report's ``model`` says so."""
-    from .loading.planning import as_checkpoint
+    from .checkpoint import as_checkpoint
 
     ckpt, opened = as_checkpoint(source, bool(load_options.get("trust")))
     try:

@@ -20,7 +20,7 @@ from .state_dicts import (META_KEYS, Choice, StateDictCandidate, candidate_kind,
                           is_optimizer_state, mark_candidates, module_state)
 
 # StateDictCandidate, Choice and is_optimizer_state (ckptfit.state_dicts) stay importable from here.
-__all__ = ["Checkpoint", "StateDictCandidate", "Safety", "Choice", "is_optimizer_state"]
+__all__ = ["Checkpoint", "StateDictCandidate", "Safety", "Choice", "is_optimizer_state", "as_checkpoint"]
 
 _SCHED_WORDS = ("sched", "lr_")
 
@@ -243,3 +243,31 @@ def _summary(v: Any) -> str:
     if isinstance(v, list | tuple):
         return f"{type(v).__name__} of {len(v)}"
     return type(v).__name__
+
+
+def as_checkpoint(source: Any, trust: bool, sha256: str | None = None) -> tuple[Checkpoint, bool]:
+    """Any :data:`ckptfit.Source` as a :class:`Checkpoint`, and whether it was opened here (to close).
+
+    A path is opened by the format readers without importing torch; a state dict or a module (which
+    already hold torch tensors) is wrapped in place.
+    """
+    if isinstance(source, Checkpoint):
+        return source, False
+    if isinstance(source, str | os.PathLike):
+        from .formats import open_checkpoint
+
+        return open_checkpoint(source, trust=trust, sha256=sha256), True
+    if sha256 is not None:
+        raise TypeError("sha256= checks a file; pass the path (not an opened checkpoint or a state dict)")
+    from collections.abc import Mapping
+
+    if isinstance(source, Mapping):
+        from .formats.torch_zip import wrap_real
+
+        return Checkpoint(path="<state dict>", format="in-memory", tree=wrap_real(dict(source))), False
+    from torch import nn
+
+    if isinstance(source, nn.Module):
+        return Checkpoint(path=f"<{type(source).__name__}>", format="in-memory",
+                          tree={k: LazyTensor.of(v) for k, v in source.state_dict().items()}), False
+    raise TypeError(f"source must be a path, a Checkpoint or a state dict, not {type(source).__name__}")

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..checkpoint import as_checkpoint
 from ..errors import CheckpointError
 from ..plans import TensorSpec
 from .cache import cached_entries, index_dir, read_json, write_json
@@ -44,14 +45,7 @@ def _have(module: str) -> bool:
 
 
 def _query_of(source: Source, use: str | None, trust: bool) -> tuple[Query, str | None, str | None, dict | None]:
-    if isinstance(source, str | os.PathLike):  # a file: opened without importing torch (a cached answer needs none)
-        from ..formats import open_checkpoint
-
-        ckpt, opened = open_checkpoint(source, trust=trust), True
-    else:
-        from ..loading.planning import as_checkpoint
-
-        ckpt, opened = as_checkpoint(source, trust)
+    ckpt, opened = as_checkpoint(source, trust)  # a file opens without importing torch (a cached answer needs none)
     try:
         cand = ckpt.state_dict(use)
         specs = [TensorSpec(k, t.shape, t.dtype_name) for k, t in cand.tensors.items() if not k.endswith(NBT)]

@@ -13,13 +13,10 @@ from torch import nn
 
 from .._gc import gc_paused
 from ..advice import refine
-from ..checkpoint import Checkpoint, StateDictCandidate
+from ..checkpoint import Checkpoint, StateDictCandidate, as_checkpoint
 from ..errors import LoadError
-from ..formats import open_checkpoint
-from ..formats.torch_zip import wrap_real
 from ..hooks import ModuleHooks, custom_modules, discover
 from ..layouts import layouts_of, recorded_layouts
-from ..lazy import LazyTensor
 from ..matching import match
 from ..plans import Plan, TensorSpec
 from ..porting import port
@@ -32,22 +29,6 @@ __all__ = ["Source", "Target", "as_checkpoint", "device_of", "load_error", "plan
 #: What the verbs take as a checkpoint: a path (file or folder; also ``hf://``, ``https://``,
 #: ``s3://``, ``gs://``), an opened :class:`~ckptfit.Checkpoint`, a state dict, or a module (its state dict).
 Source: TypeAlias = str | os.PathLike[str] | Checkpoint | Mapping[str, torch.Tensor] | nn.Module
-
-
-def as_checkpoint(source: Source, trust: bool, sha256: str | None = None) -> tuple[Checkpoint, bool]:
-    """(checkpoint, opened_here)."""
-    if isinstance(source, Checkpoint):
-        return source, False
-    if isinstance(source, str | os.PathLike):
-        return open_checkpoint(source, trust=trust, sha256=sha256), True
-    if sha256 is not None:
-        raise TypeError("sha256= checks a file; pass the path (not an opened checkpoint or a state dict)")
-    if isinstance(source, Mapping):
-        return Checkpoint(path="<state dict>", format="in-memory", tree=wrap_real(dict(source))), False
-    if isinstance(source, nn.Module):
-        return Checkpoint(path=f"<{type(source).__name__}>", format="in-memory",
-                          tree={k: LazyTensor.of(v) for k, v in source.state_dict().items()}), False
-    raise TypeError(f"source must be a path, a Checkpoint or a state dict, not {type(source).__name__}")
 
 
 class Target:
