@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -371,3 +372,15 @@ def test_identify_cli_unknown_exit_code(tmp_path, monkeypatch):
     r = run("identify", tmp_path / "odd.pth")
     assert r.exit_code == EXIT_CODES["unknown"] == 6
     assert "closest: torchvision.models.googlenet()" in r.stdout and "0.004" not in r.stdout
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`ckptfit load ... --save F | head -1`: the reader is gone before "saved F" is written; no error text."""
+    (tmp_path / "net.py").write_text("import torch.nn as nn\n\n\ndef Net():\n    return nn.Linear(4, 3)\n")
+    torch.save(nn.Linear(4, 3).state_dict(), tmp_path / "w.pt")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    cmd = (f'cd "{tmp_path}" && "{sys.executable}" -m ckptfit load w.pt --model ./net.py:Net --save out.safetensors '
+           '| head -1 >/dev/null; echo "rc=${PIPESTATUS[0]}" >&2')
+    res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=120)
+    assert "error" not in res.stderr and "Traceback" not in res.stderr and "Exception" not in res.stderr, res.stderr
+    assert res.stderr.strip() in ("rc=0", "rc=1"), res.stderr  # 0 if everything was written before head left

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -95,6 +96,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except click.ClickException:
             raise  # usage errors: JsonAwareGroup
+        except BrokenPipeError:  # the reader went away (`ckptfit inspect F | head`): stop quietly, as cat does
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit must not fail again
+            sys.exit(EXIT_CODES["error"])
         except (CheckpointError, OSError, ValueError, TypeError, ImportError, RuntimeError, MemoryError) as e:
             if debug:
                 raise
