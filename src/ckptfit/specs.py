@@ -13,6 +13,9 @@ second argument of ``ckptfit diff`` take the same strings::
 ``__init__.py``) is imported under its package name, so its relative imports work; other
 modules it imports must be importable (run from their folder, or set ``PYTHONPATH``).
 Importing a module runs its code: name only code you trust (the checkpoint itself never runs).
+An ``hf:`` model's sizes come from a file, so :func:`ckptfit.build` builds it within bounds the
+checkpoint sets (:func:`bounded_by_file`): a config.json describing a model far larger than the
+file is refused before the memory is taken.
 
 Constructor arguments (``--model-arg K=V``, repeatable; ``model_kwargs`` in Python) are
 Python literals: ``num_classes=10``, ``dims=(64, 128)``, ``act='gelu'``, ``bias=False``,
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
 
 from .errors import CheckpointError
 
-__all__ = ["model_factory", "parse_model_args"]
+__all__ = ["model_factory", "parse_model_args", "bounded_by_file"]
 
 
 def parse_model_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -127,6 +130,7 @@ def model_factory(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callabl
                 return transformers.AutoModel.from_config(config)
             return cls(config)
 
+        make.ckptfit_config_dir = cfg_path  # type: ignore[attr-defined]  # its sizes come from a file: bounded_by_file
         return make
     if kind.endswith(".py") or "/" in kind or os.sep in kind:
         module = _import_file(kind, spec)
@@ -221,6 +225,51 @@ def _defined_in(module: Any, stem: str) -> bool:
     """``module`` is the file ``stem.py`` or the package in folder ``stem``."""
     where = getattr(module, "__file__", None) or ""
     return os.path.abspath(where) in (stem + ".py", os.path.join(stem, "__init__.py"))
+
+
+# A model a config.json describes is to hold the checkpoint it is built for: without partial=True every
+# parameter comes from the file, so it holds about the file's bytes (times 2 for a half-precision file in a
+# float32 model, 8 for a 4-bit one). partial=True may add new layers: a head, some adapters. Beyond the
+# ratio below it cannot be a correct load, and config.json is wrong (or hostile: max_position_embeddings
+# of 300,000,000 makes a BertModel compute 4.5 GB of position buffers in its __init__).
+_PARAMETER_RATIO = 16
+_MIN_PARAMETER_BYTES = 1 << 28
+
+
+def bounded_by_file(factory: Callable[..., Any], make: Callable[[dict[str, Any]], nn.Module], ckpt: Any
+                    ) -> Callable[[dict[str, Any]], nn.Module]:
+    """``make`` bounded by the checkpoint ``ckpt`` it builds the model for, when ``factory`` is an ``hf:DIR``
+    SPEC's (its sizes come from ``DIR/config.json``); else ``make`` itself. Call it on the meta device
+    (:func:`ckptfit.loading.meta.parameters_on_meta`). A model far larger than the file raises
+    :class:`~ckptfit.errors.ResourceLimitExceeded` before it takes the memory, saying what to do.
+    """
+    cfg_dir = getattr(factory, "ckptfit_config_dir", None)
+    if cfg_dir is None:
+        return make
+    from .errors import ResourceLimitExceeded
+    from .loading.meta import bounded_build
+    from .provenance import MAX_INIT_BYTES, MIN_PARAMETERS
+
+    tensors, nbytes = ckpt.num_tensors, ckpt.num_bytes
+    config = os.path.join(cfg_dir, "config.json")
+
+    def bounded(kwargs: dict[str, Any]) -> nn.Module:
+        try:
+            with bounded_build(max_parameters=max(4 * tensors, MIN_PARAMETERS), max_bytes=MAX_INIT_BYTES,
+                               max_parameter_bytes=max(_PARAMETER_RATIO * nbytes, _MIN_PARAMETER_BYTES),
+                               what=f"the model {config} describes"):
+                return make(kwargs)
+        except ResourceLimitExceeded as e:
+            size = f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
+            raise ResourceLimitExceeded(
+                f"{e.detail.removesuffix('; not built')}, far larger than the checkpoint it is to hold "
+                f"({tensors} tensors, {size}), so it cannot be a correct load; not built", path=ckpt.path,
+                hint=f"fix the sizes in {config} (layer counts, max_position_embeddings, vocab_size ...) to "
+                     f"those of the model that wrote the checkpoint; or, if the model really is this large, "
+                     f"build it yourself and fill it with ckptfit.load(model, {ckpt.path!r}) (with "
+                     f"partial=True for the layers the file lacks)") from None
+
+    return bounded
 
 
 def _calling(spec: str, builder: Callable[..., nn.Module], kwargs: dict[str, Any]) -> Callable[[], nn.Module]:

@@ -19,7 +19,7 @@ from ..hooks import metadata_of, run_after_load
 from ..lazy import checking_reads
 from ..plans import Plan
 from ..report import LoadReport
-from ..specs import model_factory
+from ..specs import bounded_by_file, model_factory
 from .copying import Rollback, apply_plan
 from .distributed import is_sharded, load_sharded
 from .materialising import ZERO_COPY
@@ -294,6 +294,7 @@ def build(factory: Callable[..., nn.Module] | str, source: Source, *, mmap: bool
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise TypeError(f"model_kwargs= must be a dict of keyword arguments, not {type(model_kwargs).__name__}")
     kwargs = dict(model_kwargs or {})
+    spec = None
     if isinstance(factory, str):
         spec = factory
         factory = model_factory(spec, kwargs)
@@ -305,6 +306,16 @@ def build(factory: Callable[..., nn.Module] | str, source: Source, *, mmap: bool
 
     if (lit := lightning_target(factory)) is not None:  # a LightningModule class: the file's hyper_parameters
         return build_lightning(lit[0], {**lit[1], **kwargs}, source, build, mmap=mmap, train=train, **load_options)
+    if getattr(factory, "ckptfit_config_dir", None) is not None:  # hf:DIR: bounded by the file (ckptfit.specs)
+        if not isinstance(source, Checkpoint):  # opened once, here, for its size
+            ckpt, opened = as_checkpoint(source, load_options.get("trust", False), load_options.pop("sha256", None))
+            try:
+                return build(factory if spec is None else spec, ckpt, mmap=mmap, train=train,
+                             model_kwargs=model_kwargs, **load_options)
+            finally:
+                if opened:
+                    ckpt.close()
+        make = bounded_by_file(factory, make, source)
     with gc_paused():  # the model's modules are as long-lived as the checkpoint's objects (see _gc)
         with parameters_on_meta():
             model = make(kwargs)

@@ -81,7 +81,7 @@ def _parameter_to_meta(module: nn.Module, name: str, param: nn.Parameter) -> nn.
         return None
     bound = getattr(_BUILDING, "bound", None)
     if bound is not None:
-        bound.parameter(module, name)
+        bound.parameter(module, name, param)
     if param.is_meta:
         return None
     with torch._C.DisableTorchFunction():  # plain tensor work: past _SkipInitOnMeta, at full speed
@@ -93,6 +93,8 @@ def _parameter_to_meta(module: nn.Module, name: str, param: nn.Parameter) -> nn.
                 and not callable(getattr(module, "_reset_parameters", None))):
             setattr(meta, INIT_ATTR, param.detach().clone())
             kept[0] += n
+    if bound is not None:
+        bound.seen.add(id(meta))  # registered again (a tied weight): one tensor, counted once
     return meta
 
 
@@ -138,19 +140,31 @@ class _Bound(TorchFunctionMode):
 
     _LAZY = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
 
-    def __init__(self, max_parameters: int, max_bytes: int, what: str) -> None:
+    def __init__(self, max_parameters: int, max_bytes: int, what: str, max_parameter_bytes: int | None = None) -> None:
         super().__init__()
         self.max_parameters, self.max_bytes, self.what = max_parameters, max_bytes, what
+        self.max_parameter_bytes = max_parameter_bytes
         self.parameters = 0
         self.bytes = 0
+        self.parameter_bytes = 0
+        self.seen: set[int] = set()
 
-    def parameter(self, module: nn.Module, name: str) -> None:
+    def parameter(self, module: nn.Module, name: str, param: torch.Tensor) -> None:
         from ..errors import ResourceLimitExceeded
 
         self.parameters += 1
         if self.parameters > self.max_parameters:
             raise ResourceLimitExceeded(f"{self.what} has more than {self.max_parameters} parameters (the "
                                         f"{self.max_parameters + 1}th: {type(module).__name__}.{name}); not built")
+        if id(param) in self.seen:
+            return
+        self.seen.add(id(param))
+        self.parameter_bytes += param.numel() * param.element_size()
+        if self.max_parameter_bytes is not None and self.parameter_bytes > self.max_parameter_bytes:
+            raise ResourceLimitExceeded(
+                f"{self.what} has more than {_size(self.max_parameter_bytes)} of parameters (reached at "
+                f"{type(module).__name__}.{name}, shape {list(param.shape)}: {_size(self.parameter_bytes)} so far); "
+                f"not built")
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -194,14 +208,20 @@ class _Bound(TorchFunctionMode):
             return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 @contextlib.contextmanager
-def bounded_build(*, max_parameters: int, max_bytes: int, what: str) -> Iterator[None]:
-    """Inside :func:`parameters_on_meta`: refuse a build beyond ``max_parameters`` parameters or
+def bounded_build(*, max_parameters: int, max_bytes: int, what: str,
+                  max_parameter_bytes: int | None = None) -> Iterator[None]:
+    """Inside :func:`parameters_on_meta`: refuse a build beyond ``max_parameters`` parameters,
+    ``max_parameter_bytes`` of them (as the model would hold them once filled; None: any), or
     ``max_bytes`` of real tensors computed in ``__init__`` (a model described by a file, whose sizes
     the file sets). Raises :class:`~ckptfit.errors.ResourceLimitExceeded` as the limit is crossed,
     before the memory is taken; this thread only.
     """
-    bound = _Bound(max_parameters, max_bytes, what)
+    bound = _Bound(max_parameters, max_bytes, what, max_parameter_bytes)
     outer = getattr(_BUILDING, "bound", None)
     _BUILDING.bound = bound
     try:
