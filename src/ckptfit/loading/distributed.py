@@ -217,7 +217,7 @@ def load_sharded(model: nn.Module, source: Source, *, partial: bool = False, use
                                 f"which a sharded load does not run; load into the unsharded model, save it, "
                                 f"then shard", path=ckpt.path, plan=p)
             check_ties(cand, p, lambda k: target.tensors[k].dtype, verify=True,  # a tied weight's own file tensor
-                       is_parameter=lambda k: k not in target.owner or target.owner[k][2])
+                       is_parameter=lambda k: k not in target.owner or target.owner[k][2], sharded=True)
             problems = _check_target(target, [d.target for d in p.loads if d.source is not None], device, dtype)
             if problems:
                 raise LoadError(f"cannot load into the sharded {type(model).__name__}: {len(problems)} "

@@ -31,7 +31,8 @@ _ATTR_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 def check_ties(cand: StateDictCandidate, p: Plan, dtype_of: Callable[[str], torch.dtype], *,
-               verify: bool = True, is_parameter: Callable[[str], bool] = lambda key: True) -> None:
+               verify: bool = True, is_parameter: Callable[[str], bool] = lambda key: True,
+               sharded: bool = False) -> None:
     """Refuse (a :class:`~ckptfit.errors.LoadError`) when a tied weight's own file tensor differs
     from the one the tie is filled from; nothing is changed, whatever happens.
 
@@ -42,6 +43,8 @@ def check_ties(cand: StateDictCandidate, p: Plan, dtype_of: Callable[[str], torc
         verify: on a difference, check the CRC-32 of the records read first, so damaged bytes are
             a :class:`~ckptfit.errors.CorruptCheckpoint`, not a disagreement.
         is_parameter: whether a model key is a parameter (for the advice's example code).
+        sharded: the model is sharded or wrapped (FSDP2, DDP): a tie is undone before that, in the
+            plain model, so the advice says so.
     """
     checks = [d for d in p.by_action("tied") if d.source is not None]
     if not checks:
@@ -62,8 +65,14 @@ def check_ties(cand: StateDictCandidate, p: Plan, dtype_of: Callable[[str], torc
                                    f"'{d.source}' is not used")
             continue
         if c is None or c.action != "load" or c.source is None:
-            problems.append(f"{d.target}: the model ties it to '{d.tied_to}', which is not loaded from a checkpoint "
-                            f"tensor, so the checkpoint's own '{d.source}' cannot be checked against it")
+            own = c is not None and c.action == "load" and c.source is None  # a module's own load logic makes it
+            why = (f"tied to '{d.tied_to}' (one tensor), which is "
+                   + ("made by a module's own load logic" if own else "not loaded from a checkpoint tensor")
+                   + f", so the checkpoint's own '{d.source}' cannot be checked against it")
+            problems.append(f"{d.target}: {why}")
+            refused[d.target] = replace(d, action="missing", reason=why)
+            if own and c is not None:
+                suggestions += _advice(d, c, is_parameter(d.target), sharded, through_own=True)
             continue
         with collecting_reads() as reads:
             through = _value(cand, c)
@@ -81,7 +90,7 @@ def check_ties(cand: StateDictCandidate, p: Plan, dtype_of: Callable[[str], torc
                f"'{d.source}' and '{c.source}' differ ({_difference(a, b)}); loading either would lose the other")
         problems.append(f"{d.target}: {why}")
         refused[d.target] = replace(d, action="missing", reason=why)
-        suggestions += _advice(d, c, is_parameter(d.target))
+        suggestions += _advice(d, c, is_parameter(d.target), sharded)
     if problems:
         decisions = tuple(refused.get(d.target, d) for d in p.decisions)
         raise refusal_error(replace(p, decisions=decisions, problems=p.problems + tuple(problems),
@@ -123,9 +132,14 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> str:
     return text
 
 
-def _advice(d: Decision, c: Decision, is_param: bool) -> list[str]:
-    """The options that settle it: untie the model, or load one of the two file tensors into both."""
+def _advice(d: Decision, c: Decision, is_param: bool, sharded: bool = False, through_own: bool = False) -> list[str]:
+    """The options that settle it: untie the model, or load one of the two file tensors into both.
+
+    ``through_own``: ``c`` is made by a module's own load logic, so only ``d``'s file tensor can be left out.
+    """
     t, ct = d.target, c.target
+    if sharded:  # untied in the plain model, before fully_shard or DDP (whose keys start with 'module.')
+        t, ct = t.removeprefix("module."), ct.removeprefix("module.")
     module, _, attr = t.rpartition(".")
     make = (f"nn.Parameter(model.{ct}.detach().clone())" if is_param else f"model.{ct}.detach().clone()")
     if _ATTR_PATH.fullmatch(t) and _ATTR_PATH.fullmatch(ct):
@@ -133,8 +147,19 @@ def _advice(d: Decision, c: Decision, is_param: bool) -> list[str]:
     else:
         make = make.replace(f"model.{ct}", f"model.get_parameter({ct!r})" if is_param else f"model.get_buffer({ct!r})")
         code = f"setattr(model.get_submodule({module!r}), {attr!r}, {make})"
-    out = [f"untie '{t}' from '{ct}' in the model, so each loads its own checkpoint tensor: before loading, "
-           f"`{code}` (or build the model without the tie)"]
+    if sharded:
+        out = [f"untie '{t}' from '{ct}' in the model before you shard or wrap it (fully_shard, DDP), so each loads "
+               f"its own checkpoint tensor: `{code}` on the plain model, then shard it and load (or build the "
+               f"model without the tie)"]
+    else:
+        out = [f"untie '{t}' from '{ct}' in the model, so each loads its own checkpoint tensor: before loading, "
+               f"`{code}` (or build the model without the tie)"]
+    if through_own:
+        if d.source and _GLOB_FREE.fullmatch(d.source):
+            out.append(f"pass exclude=[{d.source!r}] (on the command line: --exclude {d.source}) to fill both tied "
+                       f"weights with what the module's own load logic makes for '{c.target}'; the checkpoint's "
+                       f"'{d.source}' is not used")
+        return out
     for drop, keep in ((d.source, c.source), (c.source, d.source)):
         if drop and keep and _GLOB_FREE.fullmatch(drop):
             out.append(f"pass exclude=[{drop!r}] (on the command line: --exclude {drop}) to load the checkpoint's "
