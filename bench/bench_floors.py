@@ -11,6 +11,7 @@ The ratio ``path / floor`` is the figure; absolute times on a shared VM vary 3-1
 | ``build_mmap`` | meta model, copy-on-write views of the file (``mmap=True``), CRC checked | meta model + ``torch.load(mmap=True)`` / ``safe_open`` + ``load_state_dict(assign=True)`` |
 | ``build_mmap_nocrc`` | the same with ``verify=False`` | the same floor |
 | ``load`` | into an existing model, CRC checked, all or nothing | ``os.preadv`` into each parameter's own memory (2 threads) |
+| ``load_atomic_false`` | the same with ``atomic=False`` (no undo copy; every record checked before the writes) | the same floor |
 | ``build`` of the fp16 file into the fp32 model | private fp32 memory, converted while read | meta model + mapped file + ``torch.empty`` fp32 + ``copy_`` (torch's threads) |
 | small tensors | ckptfit's own time per tensor | ``build`` minus constructing the same model on meta, per tensor |
 
@@ -56,8 +57,9 @@ PAIRS = [
     ("build_mmap", "floor_mmap_assign"),
     ("build_mmap_nocrc", "floor_mmap_assign"),
     ("load", "floor_read_existing"),
+    ("load_atomic_false", "floor_read_existing"),
 ]
-CAST_PAIRS = [("build", "floor_alloc_cast"), ("load", "floor_cast_existing")]
+CAST_PAIRS = [("build", "floor_alloc_cast"), ("load", "floor_cast_existing"), ("load_atomic_false", "floor_cast_existing")]
 
 
 # ------------------------------------------------------------------------------------------- floors
@@ -161,7 +163,8 @@ def child(recipe: str, path: str, st_path: str, shape: str, n: int) -> dict:
     def make() -> nn.Module:
         return make_model(shape, n)
 
-    existing = _existing(make) if recipe in ("load", "load_nocrc", "floor_read_existing", "floor_cast_existing") else None
+    existing = _existing(make) if recipe in ("load", "load_nocrc", "load_atomic_false", "floor_read_existing",
+                                             "floor_cast_existing") else None
     torch.empty(1).sum()
     base = _rss()
     t0 = time.perf_counter()
@@ -184,6 +187,8 @@ def child(recipe: str, path: str, st_path: str, shape: str, n: int) -> dict:
         ckptfit.build(make, path, mmap=recipe.startswith("build_mmap"), verify=not recipe.endswith("nocrc"))
     elif recipe in ("load", "load_nocrc"):
         ckptfit.load(existing, path, verify=recipe == "load")
+    elif recipe == "load_atomic_false":
+        ckptfit.load(existing, path, atomic=False)
     else:
         raise SystemExit(f"unknown recipe {recipe}")
     seconds = time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """All or nothing, also when the disk fails mid-copy: a read that fails at the k-th tensor changes nothing."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,18 @@ from torch import nn
 import ckptfit
 from ckptfit.errors import CorruptCheckpoint
 from ckptfit.lazy import MappedFile
+from ckptfit.loading import streaming
+
+
+@pytest.fixture(autouse=True, params=["one thread", "threads"])
+def readers(request, monkeypatch):
+    """Every test twice: copies on the calling thread, and each tensor its own task on 3 worker threads."""
+    if request.param == "one thread":
+        monkeypatch.setattr(streaming, "worker_count", lambda: 1)
+    else:
+        monkeypatch.setattr(streaming, "worker_count", lambda: 3)
+        monkeypatch.setattr(streaming, "_BATCH_BYTES", 1)
+    return request.param
 
 
 class Net(nn.Module):
@@ -54,32 +67,31 @@ def _file(tmp_path: Path, fmt: str) -> Path:
 
 def _fail_at(monkeypatch: pytest.MonkeyPatch, k: int, exc: BaseException) -> list[int]:
     """Make the k-th read of tensor bytes from a file raise ``exc`` (the disk failing mid-copy)."""
-    calls = [0]
+    counter = itertools.count(1)  # next() is atomic: reads run on several threads
     real = MappedFile.readinto
 
     def readinto(self, offset, buf):
-        calls[0] += 1
-        if calls[0] == k:
+        if next(counter) == k:
             raise exc
         return real(self, offset, buf)
 
     monkeypatch.setattr(MappedFile, "readinto", readinto)
-    return calls
+    return counter
 
 
 def _reads(path: Path, **kw) -> int:
     """How many reads a load of ``path`` makes (to inject the failure at each of them)."""
-    calls = [0]
+    counter = itertools.count(1)
     real = MappedFile.readinto
 
     def readinto(self, offset, buf):
-        calls[0] += 1
+        next(counter)
         return real(self, offset, buf)
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(MappedFile, "readinto", readinto)
         ckptfit.load(Net(), path, **kw)
-    return calls[0]
+    return next(counter) - 1
 
 
 @pytest.mark.parametrize("fmt", ["torch-zip", "safetensors"])
@@ -151,3 +163,53 @@ def test_build_after_a_failed_read_returns_nothing_half_built(tmp_path, monkeypa
     _fail_at(monkeypatch, 3, OSError(5, "Input/output error"))
     with pytest.raises(OSError):
         ckptfit.build(Net, path)
+
+
+class Flat(nn.Module):
+    """Parameters that are views of one flat buffer (as fused optimizers and FSDP keep them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat = torch.zeros(4 * 64 + 64 + 64 * 8)
+        self.w = nn.Parameter(self.flat[:256].view(4, 64))
+        self.b = nn.Parameter(self.flat[256:320])
+        self.v = nn.Parameter(self.flat[320:].view(64, 8))
+
+
+def test_tensors_sharing_memory_are_written_in_plan_order_and_undone_exactly(tmp_path, monkeypatch) -> None:
+    torch.manual_seed(3)
+    sd = {"w": torch.randn(4, 64), "b": torch.randn(64), "v": torch.randn(64, 8)}
+    path = tmp_path / "flat.safetensors"
+    save_file(sd, str(path))
+    model = Flat()
+    ckptfit.load(model, path)
+    for k, v in sd.items():
+        assert torch.equal(getattr(model, k).detach(), v), k
+    assert torch.equal(model.flat[:256], sd["w"].flatten())  # still views of the one buffer
+    with torch.no_grad():
+        model.flat.fill_(0.5)
+    snap = _snapshot(model)
+    flat_before = model.flat.clone()
+    _fail_at(monkeypatch, 3, OSError(5, "Input/output error"))
+    with pytest.raises(OSError, match="Input/output error"):
+        ckptfit.load(model, path)
+    _assert_unchanged(model, snap)
+    assert torch.equal(model.flat, flat_before)
+
+
+def test_the_threaded_variant_reads_on_worker_threads(tmp_path, monkeypatch, readers) -> None:
+    """The fixture's "threads" variant does run the copies on the pool (else the tests above prove less)."""
+    import threading
+
+    path = _file(tmp_path, "safetensors")
+    names: set[str] = set()
+    real = MappedFile.readinto
+
+    def readinto(self, offset, buf):
+        names.add(threading.current_thread().name)
+        return real(self, offset, buf)
+
+    monkeypatch.setattr(MappedFile, "readinto", readinto)
+    ckptfit.load(Net(), path)
+    on_pool = {n for n in names if n.startswith("ckptfit-read")}
+    assert bool(on_pool) == (readers == "threads"), names

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import ckptfit
 from _checkpoints import write_checkpoint
-from ckptfit.loading import copying
+from ckptfit.loading import streaming
 from ckptfit._progress import progress
 from ckptfit.lazy import MappedFile, locate
 
@@ -55,7 +55,7 @@ def test_load_keeps_parameter_identity_requires_grad_and_owns_its_memory(tmp_pat
 
 @pytest.mark.parametrize("fmt", ["torch-zip", "safetensors"])
 def test_fp16_file_into_fp32_model_streamed_in_pieces(tmp_path, fmt, monkeypatch):
-    monkeypatch.setattr(copying, "_CHUNK_BYTES", 24)  # several pieces per tensor, one odd last piece
+    monkeypatch.setattr(streaming, "_CHUNK_BYTES", 24)  # several pieces per tensor, one odd last piece
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in _sd().items()}
     path = write_checkpoint(sd, tmp_path, fmt)
     model = Net()
@@ -142,14 +142,14 @@ def test_mapped_file_readinto_and_locate(tmp_path):
 
 def test_streamer_pieces_on_the_cpu_device(monkeypatch, tmp_path):
     """The staged path the GPU uses (pieces through a reused buffer), run on the CPU."""
-    monkeypatch.setattr(copying, "_CHUNK_BYTES", 40)
+    monkeypatch.setattr(streaming, "_CHUNK_BYTES", 40)
     src = torch.randn(7, 9).to(torch.bfloat16)
     path = os.fspath(tmp_path / "b.safetensors")
     safetensors.torch.save_file({"w": src}, path)
     ck = ckptfit.open(path)
     view = ck.state_dict().tensors["w"].load()
     dst = torch.empty(7, 9, dtype=torch.float32)
-    s = copying.Streamer()
+    s = streaming.Streamer()
     s._pieces(dst.view(-1), *locate(view)[:2], torch.bfloat16)
     s.finish()
     assert torch.equal(dst, src.float())
@@ -167,7 +167,7 @@ def test_progress_is_silent_without_a_terminal_and_draws_when_forced():
 
 @pytest.mark.gpu
 def test_load_into_a_cuda_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(copying, "_CHUNK_BYTES", 64)  # many pieces: the two pinned buffers alternate
+    monkeypatch.setattr(streaming, "_CHUNK_BYTES", 64)  # many pieces: the two pinned buffers alternate
     sd = {k: (v.half() if k == "a.weight" else v) for k, v in _sd().items()}
     path = write_checkpoint(sd, tmp_path, "safetensors")
     model = Net().cuda()

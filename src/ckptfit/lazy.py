@@ -105,6 +105,17 @@ def collecting_reads() -> Iterator[list[tuple["MappedFile", Record]]]:
         _COLLECT.reset(token)
 
 
+_THREAD = threading.local()
+
+
+def _crc_buffer() -> memoryview:
+    """This thread's buffer of :data:`CRC_CHUNK` bytes for checking records (fresh memory costs page faults)."""
+    view = getattr(_THREAD, "crc_buffer", None)
+    if view is None:
+        view = _THREAD.crc_buffer = memoryview(bytearray(CRC_CHUNK))
+    return view
+
+
 def crc_error(record: Record, path: str, tensor: str | None = None) -> CorruptCheckpoint:
     """The error for a record whose bytes do not match its CRC-32 (naming the tensor when known)."""
     what = f"the bytes of tensor {tensor!r}" if tensor else "its bytes"
@@ -184,8 +195,7 @@ class MappedFile:
             CorruptCheckpoint: the bytes differ (naming the record and ``tensor``), or the file
                 is shorter than the record.
         """
-        buf = bytearray(min(record.size, CRC_CHUNK))
-        view = memoryview(buf)
+        view = _crc_buffer()
         crc = 0
         for start in range(0, record.size, CRC_CHUNK):
             piece = view[:min(CRC_CHUNK, record.size - start)]

@@ -1,26 +1,28 @@
 """The copy engine: applies a plan's loads to the model's tensors, reading the file with
-``pread`` (:class:`Streamer`), checking every record's CRC-32 (:class:`_Checks`) and able to
-undo everything if it fails part way (:class:`Rollback`)."""
+``pread`` on a few threads (:class:`~.streaming.Streamer`), checking every record's CRC-32
+(:class:`_Checks`) and able to undo everything if it fails part way (:class:`Rollback`)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._class_map import fill_rows, pick_rows
-from .._crc import crc32
 from .._progress import progress
 from ..checkpoint import StateDictCandidate
-from ..dtypes import itemsize
-from ..lazy import CRC_CHUNK, LazyTensor, MappedFile, Record, buffer_of, collecting_reads, crc_error, locate
+from ..errors import LoadError
+from ..lazy import LazyTensor, MappedFile, Record, collecting_reads, locate
 from ..plans import Plan
+from ..rendering import human_bytes
 from ..transforms import apply_transform
 from .materialising import assign, device_for, holders_of, materialize_unloaded
 from .planning import Target
+from .streaming import Streamer
 from .ties import check_ties
 
 __all__ = ["Rollback", "Streamer", "apply_plan"]
@@ -32,150 +34,34 @@ def _no_grad() -> Iterator[None]:
         yield
 
 
-# Bytes per piece when a tensor is streamed through a staging buffer (a cast, a GPU).
-_CHUNK_BYTES = 64 << 20
+def _memory_available() -> int | None:
+    """Bytes of memory the kernel says a process can still get (``MemAvailable``), if it says."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
-def _bump_version(t: torch.Tensor) -> None:
-    """Tell autograd ``t`` was modified in place (a graph saved before the load then refuses to run)."""
-    increment = getattr(torch.autograd.graph, "increment_version", None)
-    if increment is not None:
-        increment(t)
-
-
-def _read_checked(mfile: MappedFile, offset: int, view: memoryview, check: bool, crc: int = 0) -> int:
-    """Fill ``view`` from the file at ``offset``; with ``check``, return the CRC-32 (continuing ``crc``).
-
-    The bytes are read in pieces of :data:`CRC_CHUNK`, each hashed right after it is read, while
-    it is still in the CPU cache: checking costs about one pass at cache speed, not a second
-    read of the file.
-    """
-    if not check:
-        mfile.readinto(offset, view)
-        return crc
-    n = len(view)
-    for start in range(0, n, CRC_CHUNK):
-        piece = view[start:start + CRC_CHUNK]
-        mfile.readinto(offset + start, piece)
-        crc = crc32(piece, crc)
-    return crc
-
-
-class Streamer:
-    """Copies checkpoint tensors into model tensors, reading the file itself where it can.
-
-    A source that views a memory-mapped file is not copied through the mapping (that would
-    leave the mapping's pages resident: twice the model in RAM) but read with ``pread``:
-    straight into the destination's memory when dtype and layout match, otherwise in pieces
-    of :data:`_CHUNK_BYTES` through one staging buffer that is cast-copied into place. For a
-    CUDA destination the staging buffers are pinned, two of them alternate, and the host to
-    device copies run on a side stream, so reading the next piece overlaps sending the last.
-    Call :meth:`finish` before using the destinations.
-    """
-
-    def __init__(self) -> None:
-        self._stage: torch.Tensor | None = None
-        self._stage_view: memoryview | None = None  # buffer_of(self._stage), which does not keep it alive
-        self._cuda: dict[torch.device, tuple[Any, list[torch.Tensor], list[Any]]] = {}
-        self._turn = 0
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, loc: tuple[MappedFile, int, int] | None = None,
-             record: Record | None = None, tensor: str | None = None) -> None:
-        """``dst.copy_(src)`` (with the same dtype conversion), reading ``src``'s bytes from its file.
-
-        ``loc`` is ``locate(src)`` when the caller has it already. With ``record`` (the file
-        record ``src`` spans exactly), the CRC-32 of the bytes is computed as they are read,
-        piece by piece while they are in the CPU cache, and compared at the end.
-
-        Raises:
-            CorruptCheckpoint: the bytes read do not match ``record``'s CRC-32 (naming it and
-                ``tensor``); ``dst`` is then partly written (the caller restores it).
-        """
-        if loc is None:
-            loc = locate(src)
-        if loc is None or dst.is_conj() or dst.is_neg() or src.is_conj() or src.is_neg():
-            if record is not None and loc is not None:  # a conjugate or negative view: check its record on its own
-                loc[0].check_record(record, tensor=tensor)
-            dst.copy_(src)  # already in memory (a state dict, a DCP tensor gathered from chunks): one copy
-            return
-        mfile, offset, span = loc
-        if not src.is_contiguous() or not dst.is_contiguous() or dst.numel() != src.numel():
-            # a strided view of a stored tensor: read the bytes it spans, then one strided copy
-            raw = torch.empty(span, dtype=torch.uint8)
-            crc = _read_checked(mfile, offset, buffer_of(raw), record is not None)
-            dst.copy_(torch.as_strided(raw.view(src.dtype), tuple(src.shape), tuple(src.stride())))
-        elif dst.device.type == "cpu" and dst.dtype == src.dtype:
-            crc = _read_checked(mfile, offset, buffer_of(dst), record is not None)  # straight into the model's memory
-            _bump_version(dst)  # an in-place write autograd must know about, as copy_ would
-        else:
-            crc = self._pieces(dst.view(-1), mfile, offset, src.dtype, record is not None)
-        if record is not None and crc != record.crc:
-            raise crc_error(record, mfile.path, tensor)
-
-    def _pieces(self, flat: torch.Tensor, mfile: MappedFile, offset: int, src_dtype: torch.dtype,
-                check: bool = False) -> int:
-        """Stream through the staging buffer(s); returns the CRC-32 of the bytes read when ``check``."""
-        size = itemsize(src_dtype)
-        per = max(_CHUNK_BYTES // size, 1)
-        n = flat.numel()
-        cuda = flat.device.type == "cuda"
-        crc = 0
-        if not cuda and n <= per:  # one piece (every small tensor): no loop, no new buffer view
-            nbytes = n * size
-            stage, view = self._cpu_stage(per * size)
-            crc = _read_checked(mfile, offset, view[:nbytes], check)
-            flat.copy_(stage[:nbytes].view(src_dtype))
-            return crc
-        if cuda:
-            stream, bufs, events = self._cuda_state(flat.device, per * size)
-            stream.wait_stream(torch.cuda.current_stream(flat.device))  # flat was made on the current stream
-            ctx: Any = torch.cuda.stream(stream)
-        else:
-            self._cpu_stage(per * size)
-            ctx = contextlib.nullcontext()
-        with ctx:
-            for start in range(0, n, per):
-                k = min(per, n - start)
-                if cuda:
-                    j = self._turn % len(bufs)
-                    self._turn += 1
-                    if events[j] is not None:
-                        events[j].synchronize()  # the copy out of this buffer has finished
-                    buf = bufs[j][: k * size]
-                else:
-                    buf = self._stage[: k * size]  # type: ignore[index]
-                crc = _read_checked(mfile, offset + start * size, buffer_of(buf), check, crc)
-                flat[start:start + k].copy_(buf.view(src_dtype), non_blocking=cuda)
-                if cuda:
-                    ev = torch.cuda.Event()
-                    ev.record(stream)
-                    events[j] = ev
-        return crc
-
-    def _cpu_stage(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:
-        """The CPU staging buffer (at least ``nbytes``) and a byte view of it, made once and kept."""
-        if self._stage is None or self._stage_view is None or self._stage.numel() < nbytes:
-            self._stage = torch.empty(nbytes, dtype=torch.uint8)
-            self._stage_view = buffer_of(self._stage)
-        return self._stage, self._stage_view
-
-    def _cuda_state(self, device: torch.device, nbytes: int) -> tuple[Any, list[torch.Tensor], list[Any]]:
-        state = self._cuda.get(device)
-        if state is None or state[1][0].numel() < nbytes:
-            if state is not None:
-                state[0].synchronize()
-            stream = torch.cuda.Stream(device=device)
-            bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            state = self._cuda[device] = (stream, bufs, [None, None])
-        return state
-
-    def finish(self) -> None:
-        """Wait for every copy in flight and release the staging buffers."""
-        for stream, _bufs, _events in self._cuda.values():
-            stream.synchronize()
-        self._cuda.clear()
-        self._stage_view = None
-        self._stage = None
+def _room_to_undo(rollback: Rollback, tensors: list[torch.Tensor], p: Plan) -> None:
+    """Refuse, before the model changes, a load whose undo copy cannot fit in memory (rather than be killed)."""
+    need = rollback.undo_bytes(tensors)
+    free = _memory_available() if need else None
+    if free is None or need <= 0.9 * free:
+        return
+    problem = (f"loading in place overwrites {human_bytes(need)} of the model's memory, and to undo a load that "
+               f"fails part way (all or nothing) ckptfit first keeps a copy of what it overwrites; only "
+               f"{human_bytes(free)} of memory is available")
+    where = f" {p.path}" if p.path else ""
+    raise LoadError(f"Refused: loading{where} {problem.removeprefix('loading ')}; the model was not changed",
+                    path=p.path, problems=[problem], plan=p,
+                    hint="pass atomic=False to write in place without that copy: every byte is checked before the "
+                         "model changes, but an I/O error or an interrupt while writing would leave it partly loaded\n"
+                         "or delete this model and make it from the file with ckptfit.build(factory, path), "
+                         "which needs no copy")
 
 
 def _file_order(item: tuple) -> tuple:
@@ -225,13 +111,14 @@ class _Checks:
         self.done.add(k)  # by the copy, which raises if it fails
         return r
 
-    def check_rest(self) -> None:
-        """Check, each on its own, every record read that no copy checks."""
+    def check_rest(self, run: Callable[[Callable[[], None], int | None, int], None]) -> None:
+        """Check, each on its own, every record read that no copy checks (through ``run``: ``Streamer.run``,
+        whose ``wait`` then raises the first failure)."""
         if not self.verify:
             return
         for k, (m, r, tensor) in self.records.items():
             if k not in self.done:
-                m.check_record(r, tensor=tensor)
+                run(functools.partial(m.check_record, r, tensor=tensor), None, r.size)
                 self.done.add(k)
 
     def check_new(self, reads: list[tuple[MappedFile, Record]], tensor: str) -> None:
@@ -270,7 +157,9 @@ class Rollback:
     device memory, and no change of any tensor's address.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, keep_values: bool = True):
+        self.keep_values = keep_values  # False: load(atomic=False), no copy of values overwritten in place
+        self._written: list[None] = []  # one entry per tensor written in place (list.append is thread-safe)
         self.entries: list[tuple[dict, str, Any]] = []
         self.datas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.storages: set[int] = set()
@@ -282,16 +171,58 @@ class Rollback:
                         self.datas[id(t)] = (t, t.data)
                         if not t.is_meta and t.numel():
                             self.storages.add(t.untyped_storage().data_ptr())
-        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.saved: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.kept: set[int] = set()
 
     def keep(self, t: torch.Tensor) -> None:
         """``t`` is about to be written in place: keep a copy of its values if they are the model's own."""
+        take = self.keep_later(t)
+        if take is not None:
+            take()
+
+    def keep_later(self, t: torch.Tensor) -> Callable[[], None] | None:
+        """Like :meth:`keep`, but returns the copy to make (on the thread that then writes ``t``), if any.
+
+        Its place among the copies to restore is taken now, so undoing runs in the order the
+        writes were planned whichever thread made them; a copy never made (its write was
+        cancelled) restores nothing.
+        """
         if id(t) in self.kept or t.is_meta or not t.numel():
-            return
+            return None
         self.kept.add(id(t))
-        if t.untyped_storage().data_ptr() in self.storages:
-            self.saved.append((t.detach(), t.detach().to("cpu", copy=True)))
+        if t.untyped_storage().data_ptr() not in self.storages:
+            return None
+        if not self.keep_values:
+            return self._count
+        slot = len(self.saved)
+        self.saved.append((t.detach(), None))
+
+        def take() -> None:
+            self.saved[slot] = (self.saved[slot][0], t.detach().to("cpu", copy=True))
+            self._count()
+        return take
+
+    def _count(self) -> None:
+        self._written.append(None)
+
+    @property
+    def written(self) -> int:
+        """Tensors written in place so far."""
+        return len(self._written)
+
+    def undo_bytes(self, tensors: list[torch.Tensor]) -> int:
+        """Bytes :meth:`keep` would copy to write ``tensors`` in place (each storage's tensors once)."""
+        if not self.keep_values:
+            return 0
+        seen: set[int] = set()
+        total = 0
+        for t in tensors:
+            if t.is_meta or not t.numel() or id(t) in seen or id(t) in self.kept:
+                continue
+            seen.add(id(t))
+            if t.untyped_storage().data_ptr() in self.storages:
+                total += t.numel() * t.element_size()
+        return total
 
     def restore(self) -> None:
         """Undo every change since construction (values, tensors, dtypes, devices)."""
@@ -301,7 +232,8 @@ class Rollback:
             for store, name, t in self.entries:
                 store[name] = t
             for t, snap in reversed(self.saved):
-                t.copy_(snap)
+                if snap is not None:
+                    t.copy_(snap)
         self.saved.clear()
 
 
@@ -353,20 +285,27 @@ def apply_plan(target: Target, cand: StateDictCandidate, p: Plan, *, device: Any
                 pending.append((d.target, lazy, t if loc is not None else None, loc))
                 nbytes += lazy.nbytes
             checks.saw(reads[first:], d.source)
-    for key, lazy, src, loc in pending:
-        work.append((key, lazy, src, loc, checks.fused(loc)))
-    checks.check_rest()  # partly read records, shared ones, transform sources: before the model changes
-    dev = device_for(device)
-    holders: dict[int, list[tuple[nn.Module, str, bool]]] = {}
-    if any(v.is_meta for v in target.tensors.values()):
-        materialize_unloaded(target, {w[0] for w in work if w[0] not in rows}, device, dtype, rollback)  # new rows: init
-        holders = holders_of(target)
-    work.sort(key=_file_order)  # sequential reads; stable, so ties keep the plan's order
+    precheck = rollback is not None and not rollback.keep_values  # atomic=False: no undo, so check all first
     streamer = Streamer()
-    shared: dict[int, int] = {}  # data_ptr of a source assigned zero-copy -> id of the model tensor
-    where = os.path.basename(p.path) if p.path else "checkpoint"
     try:
+        if precheck:
+            checks.check_rest(streamer.run)  # every record read, before the model changes
+        for key, lazy, src, loc in pending:
+            work.append((key, lazy, src, loc, checks.fused(loc)))
+        checks.check_rest(streamer.run)  # partly read records, shared ones, transform sources
+        streamer.wait()  # ... all checked before the model changes
+        if rollback is not None:
+            _room_to_undo(rollback, [target.tensors[w[0]] for w in work], p)
+        dev = device_for(device)
+        holders: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+        if any(v.is_meta for v in target.tensors.values()):
+            materialize_unloaded(target, {w[0] for w in work if w[0] not in rows}, device, dtype, rollback)  # new rows: init
+            holders = holders_of(target)
+        work.sort(key=_file_order)  # sequential reads; stable, so ties keep the plan's order
+        shared: dict[int, int] = {}  # data_ptr of a source assigned zero-copy -> id of the model tensor
+        where = os.path.basename(p.path) if p.path else "checkpoint"
         with _no_grad(), progress(nbytes, f"loading {where}") as bar, collecting_reads() as again:
+            streamer.on_done = bar.advance
             for key, lazy, src, loc, record in work:
                 if src is None:
                     first = len(again)
@@ -378,10 +317,10 @@ def apply_plan(target: Target, cand: StateDictCandidate, p: Plan, *, device: Any
                 if dst.is_meta:
                     assign(target, key, dst, src, loc, holders, streamer, shared, dev, dtype, record)
                 else:
-                    if rollback is not None:
-                        rollback.keep(dst)
-                    streamer.copy(dst, src, loc, record, key)
-                bar.advance(src.numel() * src.element_size())
-    finally:
-        streamer.finish()
+                    before = rollback.keep_later(dst) if rollback is not None else None
+                    streamer.copy(dst, src, loc, record, key, before=before)
+            streamer.finish()  # raises the first copy's error
+    except BaseException:
+        streamer.finish(cancel=True)  # copies running on other threads end before anything is undone
+        raise
     return nbytes, checks.summary(p.format)

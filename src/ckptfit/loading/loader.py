@@ -77,7 +77,7 @@ def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
          trust: bool = False, transforms: Mapping[str, str] | None = None,
          adapt: str | None = None, verify: bool = True, sha256: str | None = None,
          source_model: Any = None, freeze: bool = False, class_map: Any = None,
-         class_map_head: str | None = None) -> LoadReport:
+         class_map_head: str | None = None, atomic: bool = True) -> LoadReport:
     """Put a checkpoint into ``model`` in place, loading only what provably belongs, and report it.
 
     The state dict inside the file is found (the model's own weights over EMA and optimizer
@@ -115,6 +115,13 @@ def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
         class_map_head: the head module's name (``"fc"``) when its shape does not tell.
         verify: check the CRC-32 of every record read (torch zip archives and DCP; fused with the
             copy, about one more pass at memory speed). ``False`` only for a file you verified yourself.
+        atomic: all or nothing (the default): a load that fails part way (an I/O error, an interrupt)
+            leaves the model exactly as it was, because each tensor overwritten in place is first
+            copied aside, which costs memory the size of what is overwritten (refused up front with a
+            :class:`LoadError` when the machine does not have it). ``False`` writes in place without
+            that copy (peak memory: the model's own): every byte is still checked before the model
+            changes, but a failure while writing leaves the model partly loaded; the error then says
+            so in a note. Same speed as reading into the model's memory by hand.
         freeze: set ``requires_grad=False`` on exactly the parameters that were loaded (transfer
             learning: train only the new layers); ``report.frozen`` lists them. A head whose new
             classes' rows are at init (``class_map=``) stays trainable. To do it by hand, use
@@ -148,6 +155,8 @@ def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
         raise TypeError(f"verify= must be True or False, not {verify!r}")
     if not isinstance(freeze, bool):
         raise TypeError(f"freeze= must be True or False, not {freeze!r}")
+    if not isinstance(atomic, bool):
+        raise TypeError(f"atomic= must be True or False, not {atomic!r}")
     if is_sharded(model):  # FSDP2 / DTensor / DDP in a process group: each rank reads its shards only
         if o["transforms"]:
             raise ValueError(f"{o['transforms'][0].text.partition('=')[0]}= is not supported for a sharded model; "
@@ -162,7 +171,7 @@ def load(model: nn.Module, source: Source, *, partial: bool = False, use: str | 
         with gc_paused(), checking_reads(verify), source_model_option(source_model):  # ckptfit.provenance
             report = _load(model, source, partial=partial, use=use, rename=rename, include=include,
                            exclude=exclude, device=device, dtype=dtype, trust=trust, transforms=o["transforms"],
-                           verify=verify, sha256=sha256)
+                           verify=verify, sha256=sha256, atomic=atomic)
     return _freeze(model, report) if freeze else report
 
 
@@ -179,7 +188,7 @@ def _freeze(model: nn.Module, report: LoadReport) -> LoadReport:
 
 def _load(model: nn.Module, source: Source, *, partial: bool, use: str | None, rename, include, exclude, device: Any,
           dtype: torch.dtype | None, trust: bool, transforms=(), verify: bool = True,
-          sha256: str | None = None) -> LoadReport:
+          sha256: str | None = None, atomic: bool = True) -> LoadReport:
     start = time.perf_counter()
     ckpt, opened = as_checkpoint(source, trust, sha256)
     try:
@@ -188,15 +197,20 @@ def _load(model: nn.Module, source: Source, *, partial: bool, use: str | None, r
                         transforms=transforms)
         if not p.ok:
             raise load_error(p, model)
-        rollback = Rollback(model)  # an I/O error or a CRC mismatch from here on leaves the model as it was
+        # an I/O error or a CRC mismatch from here on leaves the model as it was (atomic=False: its values aside)
+        rollback = Rollback(model, keep_values=atomic)
         try:
             if device is not None or dtype is not None:
                 _move_model(model, device, dtype)
                 target = Target(model)
             nbytes, checked = apply_plan(target, cand, p, device=device, dtype=dtype, verify=verify, rollback=rollback)
             _after_apply(target, cand, p, ckpt)  # the modules' own load logic (ckptfit.hooks)
-        except BaseException:
+        except BaseException as e:
             rollback.restore()
+            if not rollback.keep_values and rollback.written:  # atomic=False: nothing undid the writes
+                e.add_note(f"ckptfit: load(atomic=False) failed after writing {rollback.written} of the model's "
+                           f"tensors in place: the model is partly loaded (its other tensors kept their values); "
+                           f"load it again, or make it anew")
             raise
         dev = str(device) if device is not None else device_of(model)
         return LoadReport.from_plan(p, device=dev, dtype=dtype, seconds=time.perf_counter() - start,

@@ -14,7 +14,8 @@ from .meta import INIT_ATTR
 from .planning import Target
 
 if TYPE_CHECKING:
-    from .copying import Rollback, Streamer
+    from .copying import Rollback
+    from .streaming import Streamer
 
 __all__ = ["ZERO_COPY", "assign", "device_for", "holders_of", "materialize_unloaded"]
 
@@ -68,8 +69,8 @@ def assign(target: Target, key: str, dst: torch.Tensor, src: torch.Tensor, loc: 
              and (loc is None or ZERO_COPY.get())  # a view of the file only when asked for
              and shared.get(src.data_ptr(), id(dst)) == id(dst))  # two untied tensors never share memory
     if reuse:
-        if record is not None and loc is not None:
-            loc[0].check_record(record, tensor=key)  # nothing copies it: read it once to check it
+        if record is not None and loc is not None:  # nothing copies it: read it once to check it
+            streamer.run(lambda: loc[0].check_record(record, tensor=key), None, record.size)
         value = src
         if src.numel():
             shared[src.data_ptr()] = id(dst)
