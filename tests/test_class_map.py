@@ -226,7 +226,8 @@ def test_a_state_dict_in_memory_and_a_bias_free_head():
 
 
 def test_a_class_map_head_tied_to_another_weight_with_its_own_file_copy_is_refused(tmp_path):
-    """A tie filled through class_map rows cannot be compared with the file's own copy: a refusal, not a crash."""
+    """A tie filled through class_map rows whose file copy differs in the rows the map selects: a refusal, not a
+    crash (tests/test_class_map_ties.py: equal copies load)."""
     class Tied(nn.Module):
         def __init__(self, n):
             super().__init__()
@@ -241,7 +242,8 @@ def test_a_class_map_head_tied_to_another_weight_with_its_own_file_copy_is_refus
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ckptfit.LoadError) as e:
         ckptfit.load(model, path, class_map=[4, 0, None, 1, 2], class_map_head="emb")
-    assert "whose rows are chosen by class_map" in str(e.value) and "cannot be checked" in str(e.value)
+    assert ("whose rows are chosen by class_map, but the checkpoint's own 'head.weight' and 'emb.weight' differ in "
+            "the rows the map selects (16 of 16 values") in str(e.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert "exclude=['head.weight']" in e.value.hint
     # the advice, followed: the head is filled through the tie from the mapped rows

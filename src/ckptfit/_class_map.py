@@ -287,8 +287,8 @@ def class_map_plan(plan: Plan, cm: ClassMap | None) -> Plan:
         by_id[id(d)] = replace(d, action="load",  # the stage that matched the name stays
                                reason=f"{d.reason.split(', but checkpoint has')[0]}; {why}",
                                transform=Transform("class_map", detail, why, rows=rows))
-    decisions = tuple(by_id.get(id(x), x) for x in plan.decisions)
-    targets = {d.target for d in head}
+    decisions, tied = _ties_through(tuple(by_id.get(id(x), x) for x in plan.decisions), by_id.values(), why)
+    targets = {d.target for d in head} | tied
     problems = tuple(p for p in plan.problems if not any(p.startswith(f"{t}: ") for t in targets))
     suggestions = plan.suggestions
     if not any(x.action == "skip_shape" for x in decisions):
@@ -296,8 +296,43 @@ def class_map_plan(plan: Plan, cm: ClassMap | None) -> Plan:
 
         suggestions = tuple(s for s in suggestions if s != PARTIAL_SHAPES)
     sources = {d.source for d in head}
-    unused = tuple(u for u in plan.unused if u.source not in sources)
+    checked = {d.source: d for d in decisions if d.target in tied and d.source is not None}
+    unused = tuple(u if u.source not in checked else replace(u, reason=(
+        f"the model ties '{checked[u.source].target}' to '{checked[u.source].tied_to}', whose rows class_map "
+        f"selects; compared with it at load, filled through the tie")) for u in plan.unused if u.source not in sources)
     return replace(plan, decisions=decisions, problems=problems, suggestions=suggestions, unused=unused)
+
+
+def _ties_through(decisions: tuple[Decision, ...], head: Any, why: str) -> tuple[tuple[Decision, ...], set[str]]:
+    """A weight tied to the head is the head's tensor: it holds the rows class_map selects, not its init.
+
+    The model's other key for the head's tensor (its tied weight, found by ``tied_to`` either way)
+    becomes ``tied`` to the head's decision: the report says what the tensor holds. Its own file
+    tensor, if the file has one and it is not excluded, stays named as the decision's source, so
+    the load compares it with the rows the map selects (:mod:`ckptfit.loading.ties`).
+    """
+    loaded = {d.target: d for d in head}
+    partner: dict[str, str] = {}  # the tied key -> the head key that fills it
+    for d in decisions:
+        if d.target in loaded:
+            if d.tied_to and d.tied_to not in loaded:
+                partner[d.tied_to] = d.target
+        elif d.tied_to in loaded:
+            partner[d.target] = d.tied_to
+    out = []
+    for d in decisions:
+        h = partner.get(d.target)
+        if d.target in loaded and d.tied_to:
+            d = replace(d, tied_to=None)  # the head carries the values
+        elif h is not None and d.action in ("keep", "skip_shape", "missing"):
+            own = d.source if d.stage != "user" else None  # excluded: filled through the tie, unused
+            reason = f"shares storage with '{h}', which is loaded ({why})"
+            if own is not None:
+                reason += f"; the checkpoint's own '{own}' is compared with those rows at load"
+            d = replace(d, action="tied", stage="tie", source=own, tied_to=h, reason=reason,
+                        source_shape=d.source_shape if own else None, source_dtype=d.source_dtype if own else None)
+        out.append(d)
+    return tuple(out), set(partner)
 
 
 # ---------------------------------------------------------------------------- the copy

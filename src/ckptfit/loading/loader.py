@@ -180,6 +180,7 @@ def _freeze(model: nn.Module, report: LoadReport) -> LoadReport:
     params = dict(model.named_parameters(remove_duplicate=False))
     # a head whose new classes' rows are at init (class_map=) is trained, not frozen
     fresh = {d.target for d in report.loaded if d.transform is not None and None in d.transform.rows}
+    fresh |= {d.target for d in report.tied if d.tied_to in fresh}  # the same tensor under its tied name
     frozen = tuple(k for k in report.loaded_keys if k in params and k not in fresh)
     for k in frozen:
         params[k].requires_grad_(False)

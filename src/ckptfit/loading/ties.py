@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import torch
 
+from .._class_map import pick_rows
 from ..checkpoint import StateDictCandidate
 from ..lazy import collecting_reads
 from ..plans import Decision, Plan
@@ -55,10 +56,28 @@ def check_ties(cand: StateDictCandidate, p: Plan, dtype_of: Callable[[str], torc
     refused: dict[str, Decision] = {}  # tied decisions that cannot be exact, as the refusal shows them
     for d in checks:
         c = by_target.get(d.tied_to or "")
-        if c is not None and c.transform is not None and c.transform.kind == "class_map":
-            problems.append(f"{d.target}: the model ties it to '{c.target}', whose rows are chosen by class_map "
-                            f"(new rows keep the model's init), so the checkpoint's own '{d.source}' cannot be "
-                            f"checked against it")
+        if c is not None and c.transform is not None and c.transform.kind == "class_map" and c.source is not None:
+            rows = c.transform.rows or ()
+            with collecting_reads() as reads:
+                through, own = cand.tensors[c.source].load(), cand.tensors[d.source].load()
+            want = dtype_of(d.target)
+            if tuple(through.shape) == tuple(own.shape):  # the rows the map selects, from each file tensor
+                a = pick_rows(through.detach(), rows).to("cpu", want)
+                b = pick_rows(own.detach(), rows).to("cpu", want)
+                if _bitwise_equal(a, b):
+                    continue
+                if verify:
+                    for m, r in reads:
+                        m.check_record(r, tensor=d.source)
+                why = (f"tied to '{c.target}' (one tensor), whose rows are chosen by class_map, but the checkpoint's "
+                       f"own '{d.source}' and '{c.source}' differ in the rows the map selects ({_difference(a, b)}); "
+                       f"loading either would lose the other")
+            else:
+                why = (f"tied to '{c.target}' (one tensor), whose rows are chosen by class_map, but the checkpoint's "
+                       f"own '{d.source}' has shape {list(own.shape)} and '{c.source}' {list(through.shape)}, so "
+                       f"they cannot be checked against each other")
+            problems.append(f"{d.target}: {why}")
+            refused[d.target] = replace(d, action="missing", reason=why)
             if d.source and _GLOB_FREE.fullmatch(d.source):
                 suggestions.append(f"pass exclude=[{d.source!r}] (on the command line: --exclude {d.source}) to fill "
                                    f"'{d.target}' through the tie from the rows class_map selects; the checkpoint's "

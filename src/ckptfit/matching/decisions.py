@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from fnmatch import fnmatchcase
 
 from ..plans import Decision, Plan, Stage, Unused
@@ -163,6 +164,8 @@ class PlanMaking:
                     # the tied key cannot stay at its init: it is the loaded tensor
                     why = f"; its own checkpoint tensor is not used ({_short(d.reason)})"
                     decide(ti, "tied", "tie", f"shares storage with '{c_name}', which is loaded{why}", tied_to=c_name)
+                elif d.action in ("keep", "skip_shape") and d.tied_to is None:  # its tie, for a later pass that
+                    decisions[ti] = replace(d, tied_to=c_name)  # may load c_name after all (ckptfit._class_map)
                 continue  # otherwise the tied key has a decision of its own (a problem, or kept with its canonical key)
             if c_loads:
                 if own is not None and c.source != self.s_name[own]:
