@@ -54,7 +54,7 @@ _MAX_READ = 1 << 30
 CRC_CHUNK = 4 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """A checksummed byte range of a file: one zip member's data and its CRC-32."""
 
@@ -169,7 +169,11 @@ class MappedFile:
 
     def add_record(self, record: Record) -> None:
         """Declare a checksummed range (a reader does, for each record it may hand out)."""
-        i = bisect.bisect_left(self._records, record.offset, key=_rec_start)
+        records = self._records
+        if not records or records[-1].offset < record.offset:  # readers declare records in file order, mostly
+            records.append(record)
+            return
+        i = bisect.bisect_left(records, record.offset, key=_rec_start)
         if i < len(self._records) and self._records[i].offset == record.offset:
             return
         self._records.insert(i, record)
@@ -366,7 +370,7 @@ class ByteSpan:
             yield self.mapped.read(self.offset + start, min(size, self.nbytes - start))
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class StorageRef:
     """A storage as a pickle references it: dtype, element count, saved device, and where its bytes are.
 
@@ -417,6 +421,29 @@ class LazyTensor:
         self.storage_key = storage_key
         self.storage_offset = storage_offset
         self.stride = stride
+
+    @classmethod
+    def checked(cls, shape: tuple[int, ...], dtype_name: str, reader: Callable[[], torch.Tensor] | None, device: str,
+                requires_grad: bool, storage_key: str | None, storage_offset: int,
+                stride: tuple[int, ...] | None) -> "LazyTensor":
+        """The lazy tensor ``__init__`` would make from fields its caller has already checked: ``shape`` a tuple
+        of ints, ``dtype_name`` a name as :func:`dtype_name` gives it, ``requires_grad`` a bool.
+
+        The pickle interpreter makes one per tensor it rebuilds, after checking each field; this skips
+        converting them again.
+        """
+        t = cls.__new__(cls)
+        t.shape = shape
+        t.dtype_name = dtype_name
+        t._dtype = None
+        t.device = device
+        t.requires_grad = requires_grad
+        t.is_parameter = False
+        t._reader = reader
+        t.storage_key = storage_key
+        t.storage_offset = storage_offset
+        t.stride = stride
+        return t
 
     @property
     def numel(self) -> int:
@@ -518,27 +545,48 @@ class LazyTensor:
 
 def strided_reader(storage: StorageRef, offset: int, shape: tuple[int, ...],
                    stride: tuple[int, ...]) -> Callable[[], torch.Tensor]:
-    """A reader that views ``storage`` with the given offset/shape/stride (checked by the caller)."""
+    """A reader that views ``storage`` with the given offset/shape/stride (checked by the caller).
 
-    def read() -> torch.Tensor:
+    When the storage's reader offers a ``span()``, so does this one (the run of file bytes the view covers).
+    """
+    if getattr(storage.read, "span", None) is not None:
+        return _StridedSpanRead(storage, offset, shape, stride)
+    return _StridedRead(storage, offset, shape, stride)
+
+
+class _StridedRead:
+    """Reads a strided view of a storage. One small object per tensor (no closure cells): a file of 20,000
+    tensors keeps 20,000 of them alive, and every object the collector tracks costs at its next pass."""
+
+    __slots__ = ("storage", "offset", "shape", "stride")
+
+    def __init__(self, storage: StorageRef, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]):
+        self.storage = storage
+        self.offset = offset
+        self.shape = shape
+        self.stride = stride
+
+    def __call__(self) -> torch.Tensor:
+        storage = self.storage
         if storage.read is None:
             raise CorruptCheckpoint(f"storage {storage.key!r} has no data in the file")
         import torch
 
-        return torch.as_strided(storage.read(), shape, stride, offset)
+        return torch.as_strided(storage.read(), self.shape, self.stride, self.offset)
 
-    span = getattr(storage.read, "span", None)
-    if span is not None:
-        size = itemsize(storage.dtype)
+
+class _StridedSpanRead(_StridedRead):
+    """A :class:`_StridedRead` whose storage's reader offers ``span()``: so does it."""
+
+    __slots__ = ()
+
+    def span(self) -> ByteSpan:
+        shape, stride = self.shape, self.stride
+        whole = self.storage.read.span()  # type: ignore[union-attr]
+        size = itemsize(self.storage.dtype)
         count = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, stride))  # elements the view spans
         layout = None if tuple(stride) == _contiguous_strides(shape) else tuple(stride)
-
-        def read_span() -> ByteSpan:
-            whole = span()
-            return ByteSpan(whole.mapped, whole.offset + offset * size, count * size, whole.record, layout)
-
-        read.span = read_span  # type: ignore[attr-defined]
-    return read
+        return ByteSpan(whole.mapped, whole.offset + self.offset * size, count * size, whole.record, layout)
 
 
 def _no_data() -> CorruptCheckpoint:

@@ -188,6 +188,12 @@ class PickleScan:
     def dangerous(self) -> list[GlobalRef]:
         return [g for g in self.globals if g.kind == "dangerous"]
 
+    @property
+    def names_numpy(self) -> bool:
+        """Whether the pickle named any numpy global. Only numpy's reconstructors rebuild arrays, so a
+        reader need not walk a tree whose pickle named none to find them."""
+        return any(g.module == "numpy" or g.module.startswith("numpy.") for g in self.globals)
+
 
 # Classes ckptfit reads as inert placeholders that are also inert under real unpickling
 # (``torch.load(weights_only=False)``): importing their module runs only library code, and

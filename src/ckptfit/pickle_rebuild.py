@@ -99,7 +99,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
                     metadata=None, *, dtype: str | None = None) -> LazyTensor:
     if not isinstance(storage, StorageRef):
         raise CorruptCheckpoint(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
-    check_dtype(storage.dtype if dtype is None else dtype)
+    if dtype is not None or type(storage.dtype) is not str or storage.dtype not in PLAIN_DTYPES:  # else: checked
+        check_dtype(storage.dtype if dtype is None else dtype)
     size_t, stride_t = int_tuple(size, "size"), int_tuple(stride, "stride")
     if dtype is not None and dtype != dtype_name(storage.dtype):
         # untyped storage (v3): re-express element counts in the tensor's dtype
@@ -115,9 +116,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
         storage = StorageRef(base.key, dtype, base.nbytes // size, base.location,
                              read_cast if base.read is not None else None)
     _check_view(storage, storage_offset, size_t, stride_t)
-    return LazyTensor(size_t, storage.dtype, strided_reader(storage, storage_offset, size_t, stride_t),
-                      device=storage.location, requires_grad=bool(requires_grad), storage_key=storage.key,
-                      storage_offset=storage_offset, stride=stride_t)
+    reader = strided_reader(storage, storage_offset, size_t, stride_t)
+    if type(storage.dtype) is str:  # every field checked: the one lazy tensor per pickled tensor, made directly
+        return LazyTensor.checked(size_t, dtype_name(storage.dtype), reader, storage.location, bool(requires_grad),
+                                  storage.key, storage_offset, stride_t)
+    return LazyTensor(size_t, storage.dtype, reader, device=storage.location, requires_grad=bool(requires_grad),
+                      storage_key=storage.key, storage_offset=storage_offset, stride=stride_t)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,

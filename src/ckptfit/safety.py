@@ -104,6 +104,9 @@ class _Frame:
     __slots__ = ("end",)
 
 
+_U32, _U16, _I32 = (struct.Struct(f).unpack_from for f in ("<I", "<H", "<i"))  # opcode arguments, compiled once
+
+
 def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any] | None = None,
               start: int = 0, member: str = "", path: str | None = None,
               allow_trailing: bool = False, scan: PickleScan | None = None) -> tuple[Any, PickleScan]:
@@ -142,6 +145,8 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
     globals_idx: dict[int, int] = {}  # id(handle) -> index in scan.globals
     kinds: dict[tuple[str, str], Kind] = {}  # classification of each distinct global, once
     unpack = struct.unpack_from
+    u32, u16, i32 = _U32, _U16, _I32
+    at = start  # the position of the opcode that records one (a global, a call)
     alloc = 0  # estimated bytes of Python objects built so far (see MAX_OBJECT_BYTES)
 
     def fail(msg: str) -> CorruptCheckpoint:
@@ -207,9 +212,12 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
         if idx is None:
             return
         calls[idx] = calls.get(idx, 0) + 1
+        if not refs[idx].called:
+            mark_called_first(idx)
+
+    def mark_called_first(idx: int) -> None:
         g = refs[idx]
-        if not g.called:
-            refs[idx] = GlobalRef(g.module, g.name, g.kind, g.opcode, g.position, True, g.member)
+        refs[idx] = GlobalRef(g.module, g.name, g.kind, g.opcode, g.position, True, g.member)
 
     def call(fn: Any, args: Any, kwargs: dict | None = None) -> Any:
         nonlocal alloc
@@ -372,66 +380,79 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                     limit = n
                 if pos >= n:
                     raise fail("the pickle ends before its STOP opcode")
-            at = pos
-            op = mv[pos]
+            op = mv[pos]  # (the opcode's own position, `at`, is set only by the opcodes that record it)
             pos += 1
             alloc += 8
             if alloc > check_from and (alloc > max_objects or len(stack) > max_stack):
                 where = f" ({member})" if member else ""
                 raise ResourceLimitExceeded(
                     f"the pickle{where} builds more than {max_objects >> 20} MiB of Python objects by byte "
-                    f"{at} (a memory bomb?); ckptfit stopped before allocating more", path=path,
+                    f"{pos - 1} (a memory bomb?); ckptfit stopped before allocating more", path=path,
                     hint="no checkpoint's structure needs that much; nothing was executed. If this is a genuine "
                          "checkpoint with a huge pickle, raise ckptfit.safety.MAX_OBJECT_BYTES, or save the weights "
                          "with safetensors")
-            # ---- most frequent opcodes first (torch.save writes protocol 2: LONG_BINPUT after 256 memo entries)
+            # ---- most frequent opcodes first, in the order of their counts in a torch.save state dict (protocol
+            # 2: LONG_BINPUT after 256 memo entries; MEMOIZE and SHORT_BINUNICODE where protocol 4 writes them)
             if op == 0x72:  # LONG_BINPUT
                 if pos + 4 > limit: need(4)
-                idx = unpack("<I", mv, pos)[0]
+                idx = u32(mv, pos)[0]
                 if stack and len(memo) < max_memo:
                     alloc += 100; memo[idx] = stack[-1]
                 else:
                     memo_put(idx)  # raises
                 pos += 4
-            elif op == 0x68:  # BINGET
-                if pos >= limit: need(1)
-                idx = mv[pos]
-                if idx not in memo: memo_get(idx)  # raises
-                stack.append(memo[idx]); pos += 1
-            elif op == 0x4B:  # BININT1
-                if pos >= limit: need(1)
-                stack.append(mv[pos]); pos += 1
-            elif op == 0x71:  # BINPUT
-                if pos >= limit: need(1)
-                if stack and len(memo) < max_memo:
-                    alloc += 100; memo[mv[pos]] = stack[-1]
-                else:
-                    memo_put(mv[pos])  # raises
-                pos += 1
-            elif op == 0x28:  # MARK
-                metastack.append(stack); stack = []; alloc += 64
-            elif op == 0x58:  # BINUNICODE
-                if pos + 4 > limit: need(4)
-                (k,) = unpack("<I", mv, pos); pos += 4
-                if pos + k > limit: need(k)
-                stack.append(str(mv[pos:pos + k], "utf-8", "surrogatepass")); pos += k
-            elif op == 0x74:  # TUPLE
-                if not metastack: raise fail("MARK expected on the stack")
-                stack_items = stack; stack = metastack.pop()
-                stack.append(tuple(stack_items)); alloc += 48 + 8 * len(stack_items)
-            elif op == 0x52:  # REDUCE
-                if len(stack) < 2: raise fail("REDUCE needs a callable and arguments")
-                args = stack.pop(); fn = stack[-1]; stack[-1] = call(fn, args)
             elif op == 0x94:  # MEMOIZE
                 if stack and len(memo) < max_memo:
                     alloc += 100; memo[len(memo)] = stack[-1]
                 else:
                     memo_put(len(memo))  # raises
+            elif op == 0x4B:  # BININT1
+                if pos >= limit: need(1)
+                stack.append(mv[pos]); pos += 1
+            elif op == 0x68:  # BINGET
+                if pos >= limit: need(1)
+                idx = mv[pos]
+                if idx not in memo: memo_get(idx)  # raises
+                stack.append(memo[idx]); pos += 1
+            elif op == 0x58:  # BINUNICODE
+                if pos + 4 > limit: need(4)
+                (k,) = u32(mv, pos); pos += 4
+                if pos + k > limit: need(k)
+                stack.append(str(mv[pos:pos + k], "utf-8", "surrogatepass")); pos += k
             elif op == 0x8C:  # SHORT_BINUNICODE
                 if pos >= limit: need(1)
                 k = mv[pos]; pos += 1
                 if pos + k > limit: need(k)
                 stack.append(str(mv[pos:pos + k], "utf-8", "surrogatepass")); pos += k
+            elif op == 0x28:  # MARK
+                metastack.append(stack); stack = []; alloc += 64
+            elif op == 0x52:  # REDUCE
+                if len(stack) < 2: raise fail("REDUCE needs a callable and arguments")
+                args = stack.pop(); fn = stack[-1]
+                if type(fn) is Handler and type(args) is tuple and fn.fn is not None and fn.fn is not reconstructor:
+                    # call(fn, args) for what torch's pickles call (its rebuild functions, OrderedDict), inline
+                    alloc += 160 + take_charge()
+                    idx = globals_idx.get(id(fn))
+                    if idx is not None:  # mark_called(fn)
+                        calls[idx] = calls.get(idx, 0) + 1
+                        if not refs[idx].called:
+                            mark_called_first(idx)
+                    try:
+                        stack[-1] = fn.fn(*args)
+                    except (CorruptCheckpoint, UnsupportedFormat, UnsafeCheckpoint):
+                        raise
+                    except (TypeError, ValueError, OverflowError, KeyError, IndexError, AttributeError,
+                            RuntimeError) as e:
+                        raise fail(f"{fn.module}.{fn.name} got unexpected arguments ({e})") from e
+                else:
+                    at = pos - 1
+                    stack[-1] = call(fn, args)
+            elif op == 0x74:  # TUPLE
+                if not metastack: raise fail("MARK expected on the stack")
+                stack_items = stack; stack = metastack.pop()
+                stack.append(tuple(stack_items)); alloc += 48 + 8 * len(stack_items)
+            elif op == 0x29:  # EMPTY_TUPLE
+                stack.append(())
             elif op == 0x51:  # BINPERSID
                 if not stack: raise fail("BINPERSID on an empty stack")
                 pid = stack.pop()
@@ -443,17 +464,32 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 b = stack.pop(); stack[-1] = (stack[-1], b); alloc += 64
             elif op == 0x89:  # NEWFALSE
                 stack.append(False)
-            elif op == 0x29:  # EMPTY_TUPLE
-                stack.append(())
             elif op == 0x85:  # TUPLE1
                 if not stack: raise fail("TUPLE1 on an empty stack")
                 stack[-1] = (stack[-1],); alloc += 56
+            elif op == 0x71:  # BINPUT
+                if pos >= limit: need(1)
+                if stack and len(memo) < max_memo:
+                    alloc += 100; memo[mv[pos]] = stack[-1]
+                else:
+                    memo_put(mv[pos])  # raises
+                pos += 1
+            elif op == 0x7D:  # EMPTY_DICT
+                stack.append({}); alloc += 256
+            elif op == 0x73:  # SETITEM
+                if len(stack) < 3: raise fail("SETITEM needs a dict, a key and a value")
+                v = stack.pop(); k = stack.pop(); setitems(stack[-1], [k, v])
+            elif op == 0x6A:  # LONG_BINGET
+                if pos + 4 > limit: need(4)
+                idx = u32(mv, pos)[0]
+                if idx not in memo: memo_get(idx)  # raises
+                stack.append(memo[idx]); pos += 4
             elif op == 0x4D:  # BININT2
                 if pos + 2 > limit: need(2)
-                stack.append(unpack("<H", mv, pos)[0]); pos += 2; alloc += 32
+                stack.append(u16(mv, pos)[0]); pos += 2; alloc += 32
             elif op == 0x4A:  # BININT
                 if pos + 4 > limit: need(4)
-                stack.append(unpack("<i", mv, pos)[0]); pos += 4; alloc += 32
+                stack.append(i32(mv, pos)[0]); pos += 4; alloc += 32
             elif op == 0x87:  # TUPLE3
                 if len(stack) < 3: raise fail("TUPLE3 needs three items")
                 c = stack.pop(); b = stack.pop(); stack[-1] = (stack[-1], b, c); alloc += 72
@@ -461,17 +497,12 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 stack.append(True)
             elif op == 0x4E:  # NONE
                 stack.append(None)
-            elif op == 0x7D:  # EMPTY_DICT
-                stack.append({}); alloc += 256
             elif op == 0x5D:  # EMPTY_LIST
                 stack.append([]); alloc += 64
             elif op == 0x75:  # SETITEMS
                 items = pop_mark()
                 if not stack: raise fail("SETITEMS without a dict")
                 setitems(stack[-1], items)
-            elif op == 0x73:  # SETITEM
-                if len(stack) < 3: raise fail("SETITEM needs a dict, a key and a value")
-                v = stack.pop(); k = stack.pop(); setitems(stack[-1], [k, v])
             elif op == 0x65:  # APPENDS
                 items = pop_mark()
                 if not stack: raise fail("APPENDS without a list")
@@ -483,16 +514,20 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 if len(stack) < 2: raise fail("BUILD needs an object and a state")
                 state = stack.pop(); build(stack[-1], state)
             elif op == 0x63:  # GLOBAL
+                at = pos - 1
                 mod = text_line().decode("utf-8", "replace"); name = text_line().decode("utf-8", "replace")
                 stack.append(find(mod, name, "GLOBAL", at))
             elif op == 0x93:  # STACK_GLOBAL
+                at = pos - 1
                 if len(stack) < 2: raise fail("STACK_GLOBAL needs a module and a name")
                 name = stack.pop(); mod = stack.pop()
                 stack.append(find(mod, name, "STACK_GLOBAL", at))
             elif op == 0x81:  # NEWOBJ
+                at = pos - 1
                 if len(stack) < 2: raise fail("NEWOBJ needs a class and arguments")
                 args = stack.pop(); cls = stack[-1]; stack[-1] = call(cls, args)
             elif op == 0x92:  # NEWOBJ_EX
+                at = pos - 1
                 if len(stack) < 3: raise fail("NEWOBJ_EX needs a class, arguments and keywords")
                 kwargs = stack.pop(); args = stack.pop(); cls = stack[-1]
                 if not isinstance(kwargs, dict): raise fail("NEWOBJ_EX keywords are not a dict")
@@ -527,8 +562,6 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                     scan.anomalies.append(f"{n - pos} byte(s) of trailing data after STOP")
                     merge_extra(scan, scan_trailing(data, pos, member=member, path=path))
                 return stack[-1], scan
-            elif op == 0x6A:  # LONG_BINGET
-                need(4); memo_get(unpack("<I", mv, pos)[0]); pos += 4
             elif op == 0x47:  # BINFLOAT
                 need(8); stack.append(unpack(">d", mv, pos)[0]); pos += 8; alloc += 24
             elif op == 0x8A:  # LONG1
@@ -590,11 +623,13 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
             elif op == 0x6C:  # LIST
                 items = pop_mark(); stack.append(items); alloc += 64
             elif op == 0x69:  # INST
+                at = pos - 1
                 mod = text_line().decode("utf-8", "replace"); name = text_line().decode("utf-8", "replace")
                 cls = find(mod, name, "INST", at)
                 args = tuple(pop_mark())
                 stack.append(call(cls, args))
             elif op == 0x6F:  # OBJ
+                at = pos - 1
                 items = pop_mark()
                 if not items: raise fail("OBJ without a class")
                 stack.append(call(items[0], tuple(items[1:])))
@@ -632,6 +667,7 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
             elif op == 0x70:  # PUT
                 memo_put(int(text_line()))
             elif op in (0x82, 0x83, 0x84):  # EXT1/2/4: the copyreg extension registry can name any callable
+                at = pos - 1
                 k = {0x82: 1, 0x83: 2, 0x84: 4}[op]
                 need(k); code = int.from_bytes(mv[pos:pos + k], "little"); pos += k
                 ref = GlobalRef("copyreg", f"extension #{code}", "dangerous", f"EXT{k}", at, member=member)

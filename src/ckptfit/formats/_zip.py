@@ -29,6 +29,7 @@ MAX_RATIO = 200  # inflated / compressed
 MAX_MEMBERS = 1_000_000  # checked from the end record before zipfile builds one object per member
 NAME_GUESS = 256  # bytes read after a local header along with it (its name, if no longer)
 _HAS_PREAD = hasattr(os, "pread")
+_HH = struct.Struct("<HH").unpack_from
 
 
 class Window(io.RawIOBase):
@@ -169,12 +170,14 @@ class ZipArchive:
             raise ResourceLimitExceeded(f"the {what} has {len(infos)} members", path=self.path)
         members: dict[str, Member] = {}
         spans: list[tuple[int, int, str]] = []
+        fd = self._f.fileno() if _HAS_PREAD else None  # (one pread per member, without a method call)
         for info in infos:
             name = info.filename
             if name in members:
                 raise CorruptCheckpoint(f"the {what} has the member {name!r} twice", path=self.path,
                                         hint="a zip with duplicate names is ambiguous; ckptfit refuses it")
-            if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or ":" in name[:3]:
+            if (name.startswith(("/", "\\")) or (".." in name and ".." in name.replace("\\", "/").split("/"))
+                    or ":" in name[:3]):
                 raise CorruptCheckpoint(f"the {what} has a member with an absolute or '..' path: {name!r}",
                                         path=self.path)
             if info.flag_bits & 0x1:
@@ -190,19 +193,19 @@ class ZipArchive:
                                         f"outside the archive (truncated or damaged)", path=self.path,
                                         hint="download or copy the file again")
             at = self.base + info.header_offset
-            head = self._pread(30 + NAME_GUESS, at)  # the fixed header and, usually, the name after it
-            local = head[:30]
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            # the fixed header and, usually, the name after it
+            head = os.pread(fd, 30 + NAME_GUESS, at) if fd is not None else self._pread(30 + NAME_GUESS, at)
+            if len(head) < 30 or not head.startswith(b"PK\x03\x04"):
                 raise CorruptCheckpoint(f"the {what} member {name!r} has no valid local header (the archive is "
                                         f"truncated or damaged)", path=self.path, hint="download the file again")
-            lflags, lmethod = struct.unpack("<HH", local[6:10])
+            lflags, lmethod = _HH(head, 6)
             if lflags & 0x1:
                 raise UnsupportedFormat(f"the {what} member {name!r} is encrypted", path=self.path)
             if lmethod != info.compress_type:
                 raise CorruptCheckpoint(f"the {what} member {name!r} is compressed with method {lmethod} in its "
                                         f"local header but {info.compress_type} in the directory", path=self.path,
                                         hint="the archive was tampered with or damaged; ckptfit refuses it")
-            nlen, elen = struct.unpack("<HH", local[26:30])
+            nlen, elen = _HH(head, 26)
             local_name = head[30:30 + nlen] if 30 + nlen <= len(head) else self._pread(nlen, at + 30)
             try:
                 local_name_s = local_name.decode("utf-8" if info.flag_bits & 0x800 else "cp437")

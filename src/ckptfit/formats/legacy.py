@@ -146,14 +146,7 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
         ref = refs.get(key)
         if ref is None:
             dtype = stype.dtype
-
-            def read(key=key, dtype=dtype):
-                return mapped.tensor(offsets[key], dtype, records[key][1])
-
-            read.span = lambda key=key, dtype=dtype: ByteSpan(  # type: ignore[attr-defined]
-                mapped, offsets[key], records[key][1] * itemsize(dtype))
-
-            ref = StorageRef(key, dtype, numel, str(location), read)
+            ref = StorageRef(key, dtype, numel, str(location), _LegacyRead(mapped, offsets, records, key, dtype))
             refs[key] = ref
         if view is not None:
             if not isinstance(view, tuple) or len(view) != 3:
@@ -208,8 +201,30 @@ def open_legacy(path: str, trust: bool = False) -> Checkpoint:
         merge_extra(scans[-1], scan_trailing(data, pos, member="after the last storage:", path=path))
         refuse_if_dangerous(scans, path=path)
     md = {"sys_info": header[2]} if isinstance(header[2], dict) else {}
-    from .numpy_file import numpy_to_tensors
+    if any(sc.names_numpy for sc in scans):  # (only numpy's reconstructors rebuild arrays)
+        from .numpy_file import numpy_to_tensors
 
-    return Checkpoint(path=path, format="torch-legacy", tree=numpy_to_tensors(value, beside_tensors=True),
-                      scans=tuple(scans), metadata=md,
+        value = numpy_to_tensors(value, beside_tensors=True)
+    return Checkpoint(path=path, format="torch-legacy", tree=value, scans=tuple(scans), metadata=md,
                       closers=(mapped.close,))
+
+
+class _LegacyRead:
+    """Reads one storage of a legacy file, from where the data section puts it (known once the whole
+    pickle is read); ``span()`` is where its bytes lie. One small object per storage, not closures."""
+
+    __slots__ = ("mapped", "offsets", "records", "key", "dtype")
+
+    def __init__(self, mapped: MappedFile, offsets: dict[str, int], records: dict[str, tuple[str, int, str]],
+                 key: str, dtype: str):
+        self.mapped = mapped
+        self.offsets = offsets
+        self.records = records
+        self.key = key
+        self.dtype = dtype
+
+    def __call__(self) -> Any:
+        return self.mapped.tensor(self.offsets[self.key], self.dtype, self.records[self.key][1])
+
+    def span(self) -> ByteSpan:
+        return ByteSpan(self.mapped, self.offsets[self.key], self.records[self.key][1] * itemsize(self.dtype))

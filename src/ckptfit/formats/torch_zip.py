@@ -50,6 +50,8 @@ def _not_torch(path: str):
 
 def _persistent_loader(archive: ZipArchive, prefix: str, mapped: MappedFile, path: str):
     storages: dict[str, StorageRef] = {}
+    members = archive.members
+    sizes: dict[str, int] = {}  # itemsize by dtype name
 
     def persistent_load(pid: Any) -> StorageRef:
         if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
@@ -61,37 +63,54 @@ def _persistent_loader(archive: ZipArchive, prefix: str, mapped: MappedFile, pat
         if key in storages:
             return storages[key]
         name = f"{prefix}data/{key}"
-        member = archive.members.get(name)
+        member = members.get(name)
         if member is None:
             raise CorruptCheckpoint(f"data.pkl refers to storage {key!r} but the archive has no {name!r} "
                                     f"(truncated or damaged)", path=path, hint="download or copy the file again")
         dtype = stype.dtype  # a dtype name: torch is imported only when the bytes are read
-        size = itemsize(dtype)
-        nbytes = numel * (size if stype.name != "UntypedStorage" else 1)
-        if stype.name == "UntypedStorage":
+        size = sizes.get(dtype)
+        if size is None:
+            size = sizes[dtype] = itemsize(dtype)
+        untyped = stype.name == "UntypedStorage"
+        nbytes = numel * (size if not untyped else 1)
+        if untyped:
             dtype, size = "uint8", 1
         if member.size < nbytes:
             raise CorruptCheckpoint(f"storage {key!r} declares {nbytes} bytes but its record holds {member.size}",
                                     path=path, hint="the file is damaged; download or copy it again")
         if member.compress_type != 0:
-            read = _inflating_reader(archive, member, mapped, path, dtype, nbytes // max(size, 1))
+            read: Any = _inflating_reader(archive, member, mapped, path, dtype, nbytes // max(size, 1))
         else:
-            offset = member.data_offset
-            count = nbytes // size
             record = Record(member.name, member.data_offset, member.size, member.crc)
             mapped.add_record(record)
-
-            def read(offset=offset, dtype=dtype, count=count, record=record):
-                note_read(mapped, record)  # CRC-32 of the whole record: now, or by the loader with its copy
-                return mapped.tensor(offset, dtype, count)
-
-            read.span = lambda offset=offset, n=count * size, record=record: ByteSpan(  # type: ignore[attr-defined]
-                mapped, offset, n, record)
+            read = _StoredRead(mapped, record, dtype, nbytes // size, size)
         ref = StorageRef(key, dtype, nbytes // size, str(location), read)
         storages[key] = ref
         return ref
 
     return persistent_load
+
+
+class _StoredRead:
+    """Reads one stored (uncompressed) storage record: a view of the mapped file, its CRC checked by
+    :func:`~ckptfit.lazy.note_read`; ``span()`` is where its bytes lie. (One small object per storage,
+    not closures: a file of 20,000 tensors keeps all of them alive.)"""
+
+    __slots__ = ("mapped", "record", "dtype", "count", "size")
+
+    def __init__(self, mapped: MappedFile, record: Record, dtype: str, count: int, size: int):
+        self.mapped = mapped
+        self.record = record
+        self.dtype = dtype
+        self.count = count
+        self.size = size
+
+    def __call__(self) -> Any:
+        note_read(self.mapped, self.record)  # CRC-32 of the whole record: now, or by the loader with its copy
+        return self.mapped.tensor(self.record.offset, self.dtype, self.count)
+
+    def span(self) -> ByteSpan:
+        return ByteSpan(self.mapped, self.record.offset, self.count * self.size, self.record)
 
 
 # Compressed tensor records (torch never writes them; a re-zipped archive has them) are inflated when
@@ -229,10 +248,12 @@ def open_torch_zip(path: str, trust: bool = False) -> Checkpoint:
         return Checkpoint(path=path, format="torchscript", tree=tree, scans=(scan,), candidates=cand,
                           metadata={"torchscript_class": value.qualname if isinstance(value, Placeholder) else None},
                           closers=(mapped.close,))
-    from .numpy_file import numpy_to_tensors  # numpy arrays saved with torch.save are weights too
+    if scan.names_numpy:  # (only numpy's reconstructors rebuild arrays)
+        from .numpy_file import numpy_to_tensors  # numpy arrays saved with torch.save are weights too
 
-    return Checkpoint(path=path, format="torch-zip", tree=numpy_to_tensors(value, beside_tensors=True),
-                      scans=(scan,), closers=(mapped.close,))
+        value = numpy_to_tensors(value, beside_tensors=True)
+    return Checkpoint(path=path, format="torch-zip", tree=value, scans=(scan,), closers=(mapped.close,))
+
 
 
 def open_trusted(path: str) -> Checkpoint:
