@@ -92,8 +92,11 @@ def test_from_checkpoint_builds_the_configs_model_within_the_same_bounds(tmp_pat
     path = _folder(tmp_path, {"architectures": ["BertModel"], "model_type": "bert", "num_hidden_layers": 1,
                               "hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 8, "vocab_size": 10,
                               "max_position_embeddings": 300_000_000})
-    with pytest.raises(ResourceLimitExceeded, match=r"the model config.json describes would compute 2289 MiB"):
-        ckptfit.from_checkpoint(path)
+    with pytest.raises(ResourceLimitExceeded, match=r"config.json describes has more than 256 MiB of parameters "
+                                                    r"\(reached at Embedding.weight, shape \[300000000, 8\]: 8.9 GiB "
+                                                    r"so far\), far larger than the checkpoint it is to hold \(1 "
+                                                    r"tensor, 64 bytes\)"):
+        ckptfit.from_checkpoint(path)  # bounded as build("hf:DIR", ...) is (tests/test_never_wrong_hf_spec.py)
     small = transformers_bert_folder(tmp_path / "small")
     model, report = ckptfit.from_checkpoint(small)  # a real save_pretrained folder builds as before
     assert report.num_loaded == len(model.state_dict())

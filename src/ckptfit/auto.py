@@ -183,7 +183,9 @@ def choose_architecture(ckpt: Checkpoint, *, trust: bool = False, use: str | Non
     config = ckpt.metadata.get("config") if ckpt.format == "hf-folder" else None
     if isinstance(config, dict) and config.get("model_type"):
         factory, chosen = hf_factory(ckpt.path, config)
-        return _bounded(factory, ckpt.num_tensors), chosen
+        # its sizes come from config.json: build() bounds it by the checkpoint (ckptfit.specs.bounded_by_file)
+        factory.ckptfit_config_dir = ckpt.path  # type: ignore[attr-defined]
+        return factory, chosen
     found = _lightning_class(ckpt.tree)
     if found is not None:
         class_path, args = found
@@ -202,20 +204,6 @@ def choose_architecture(ckpt: Checkpoint, *, trust: bool = False, use: str | Non
         text = f"{class_path}({_kwargs_text(args)}) (recorded in the Lightning checkpoint's hyper_parameters)"
         return (lambda: cls(**args)), text
     return identified_factory(ckpt, use, families)
-
-
-def _bounded(factory: Callable[[], nn.Module], tensors: int) -> Callable[[], nn.Module]:
-    """``factory`` building within the bounds of a model whose sizes the file's config.json sets (as the
-    source model of :mod:`ckptfit.provenance`): a hostile config is refused, not run out of memory."""
-    from .loading.meta import bounded_build
-    from .provenance import MAX_INIT_BYTES, MIN_PARAMETERS
-
-    def make() -> nn.Module:
-        with bounded_build(max_parameters=max(4 * tensors, MIN_PARAMETERS), max_bytes=MAX_INIT_BYTES,
-                           what="the model config.json describes"):
-            return factory()
-
-    return make
 
 
 def from_checkpoint(source: str | os.PathLike[str] | Checkpoint, *, trust: bool = False,

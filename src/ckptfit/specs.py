@@ -263,7 +263,8 @@ def bounded_by_file(factory: Callable[..., Any], make: Callable[[dict[str, Any]]
             size = f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
             raise ResourceLimitExceeded(
                 f"{e.detail.removesuffix('; not built')}, far larger than the checkpoint it is to hold "
-                f"({tensors} tensors, {size}), so it cannot be a correct load; not built", path=ckpt.path,
+                f"({tensors} tensor{'' if tensors == 1 else 's'}, {size}), so it cannot be a correct load; not built",
+                path=ckpt.path,
                 hint=f"fix the sizes in {config} (layer counts, max_position_embeddings, vocab_size ...) to "
                      f"those of the model that wrote the checkpoint; or, if the model really is this large, "
                      f"build it yourself and fill it with ckptfit.load(model, {ckpt.path!r}) (with "
