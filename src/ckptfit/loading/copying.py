@@ -154,7 +154,9 @@ class Rollback:
     (a load into the model's own memory) is first copied to the CPU (:meth:`keep`), one tensor
     at a time just before it is written: a failed load then costs nothing to undo but the copy
     back, and a successful one costs one memory copy of the tensors it overwrites, no more
-    device memory, and no change of any tensor's address.
+    device memory, and no change of any tensor's address. With ``keep_values=False``
+    (``load(atomic=False)``) no values are copied: only the references are put back, and
+    :attr:`written` says how many tensors a failed load had already overwritten.
     """
 
     def __init__(self, model: nn.Module, *, keep_values: bool = True):
@@ -253,11 +255,14 @@ def apply_plan(target: Target, cand: StateDictCandidate, p: Plan, *, device: Any
     view of a memory-mapped file costs no memory and is kept; a tensor a reader had to build
     in memory (a DCP tensor gathered from chunks, an inflated zip member) is dropped and read
     again in its turn, so at most one of those exists at a time. Records that no single copy
-    reads whole are CRC-checked now (:class:`_Checks`). Then, in file order, each source is
-    copied into its model tensor (:class:`Streamer`, which checks the CRC-32 of each record
-    as it reads it) or, for a model tensor on the meta device, assigned (:func:`assign`). A
-    failure at any point (I/O error, CRC mismatch) raises with ``rollback`` able to undo every
-    change: tensors overwritten in place are kept (:meth:`Rollback.keep`) before they are.
+    reads whole are CRC-checked now (:class:`_Checks`; all records when ``rollback`` keeps no
+    values, ``atomic=False``). An in-place load whose undo copies would not fit in the memory
+    the kernel says is available is refused here, before anything changes. Then, in file order,
+    each source is copied into its model tensor (:class:`Streamer`, on a few threads, which
+    checks the CRC-32 of each record as it reads it) or, for a model tensor on the meta device,
+    assigned (:func:`assign`). A failure at any point (I/O error, CRC mismatch) raises, after
+    every copy in flight has stopped, with ``rollback`` able to undo every change: tensors
+    overwritten in place are kept (:meth:`Rollback.keep_later`) just before they are.
     """
     check_ties(cand, p, lambda k: _dtype_of(target.tensors[k], dtype), verify=verify,
                is_parameter=lambda k: k not in target.owner or target.owner[k][2])  # before anything changes
