@@ -118,8 +118,9 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     _check_view(storage, storage_offset, size_t, stride_t)
     reader = strided_reader(storage, storage_offset, size_t, stride_t)
     if type(storage.dtype) is str:  # every field checked: the one lazy tensor per pickled tensor, made directly
-        return LazyTensor.checked(size_t, dtype_name(storage.dtype), reader, storage.location, bool(requires_grad),
-                                  storage.key, storage_offset, stride_t)
+        name = storage.dtype if storage.dtype in PLAIN_DTYPES else dtype_name(storage.dtype)  # (plain: its own name)
+        return LazyTensor.checked(size_t, name, reader, storage.location, bool(requires_grad), storage.key,
+                                  storage_offset, stride_t)
     return LazyTensor(size_t, storage.dtype, reader, device=storage.location, requires_grad=bool(requires_grad),
                       storage_key=storage.key, storage_offset=storage_offset, stride=stride_t)
 

@@ -167,6 +167,8 @@ def take_charge(limit: int | None = None) -> int:
     :func:`charge` enforces from now on in this thread (the interpreter passes its ``MAX_OBJECT_BYTES``)."""
     if limit is not None:
         _PENDING.limit = limit
+        if not hasattr(_PENDING, "n"):
+            _PENDING.n = 0  # so that the calls below find it (a missing attribute costs an exception each time)
     n = getattr(_PENDING, "n", 0)
     if n:
         _PENDING.n = 0

@@ -478,7 +478,11 @@ def interpret(data: bytes | memoryview, *, persistent_load: Callable[[Any], Any]
                 stack.append({}); alloc += 256
             elif op == 0x73:  # SETITEM
                 if len(stack) < 3: raise fail("SETITEM needs a dict, a key and a value")
-                v = stack.pop(); k = stack.pop(); setitems(stack[-1], [k, v])
+                v = stack.pop(); k = stack.pop()
+                if type(stack[-1]) is dict and type(k) is str:  # setitems(stack[-1], [k, v]) for a plain dict
+                    alloc += 80; stack[-1][k] = v
+                else:
+                    setitems(stack[-1], [k, v])
             elif op == 0x6A:  # LONG_BINGET
                 if pos + 4 > limit: need(4)
                 idx = u32(mv, pos)[0]

@@ -171,8 +171,10 @@ class ZipArchive:
         members: dict[str, Member] = {}
         spans: list[tuple[int, int, str]] = []
         fd = self._f.fileno() if _HAS_PREAD else None  # (one pread per member, without a method call)
+        base, length, stored, deflated = self.base, self.length, zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
         for info in infos:
             name = info.filename
+            method = info.compress_type
             if name in members:
                 raise CorruptCheckpoint(f"the {what} has the member {name!r} twice", path=self.path,
                                         hint="a zip with duplicate names is ambiguous; ckptfit refuses it")
@@ -184,15 +186,16 @@ class ZipArchive:
                 raise UnsupportedFormat(f"the {what} member {name!r} is encrypted", path=self.path,
                                         hint="torch never writes encrypted archives; decrypt it with the tool "
                                              "that made it")
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            if method != stored and method != deflated:
                 raise UnsupportedFormat(f"the {what} member {name!r} uses compression method "
-                                        f"{info.compress_type}", path=self.path)
+                                        f"{method}", path=self.path)
             # local header: fixed 30 bytes, then name and extra field
-            if not 0 <= info.header_offset <= self.length - 30:
-                raise CorruptCheckpoint(f"the {what} member {name!r} has its header at byte {info.header_offset}, "
+            header_offset = info.header_offset
+            if not 0 <= header_offset <= length - 30:
+                raise CorruptCheckpoint(f"the {what} member {name!r} has its header at byte {header_offset}, "
                                         f"outside the archive (truncated or damaged)", path=self.path,
                                         hint="download or copy the file again")
-            at = self.base + info.header_offset
+            at = base + header_offset
             # the fixed header and, usually, the name after it
             head = os.pread(fd, 30 + NAME_GUESS, at) if fd is not None else self._pread(30 + NAME_GUESS, at)
             if len(head) < 30 or not head.startswith(b"PK\x03\x04"):
@@ -201,9 +204,9 @@ class ZipArchive:
             lflags, lmethod = _HH(head, 6)
             if lflags & 0x1:
                 raise UnsupportedFormat(f"the {what} member {name!r} is encrypted", path=self.path)
-            if lmethod != info.compress_type:
+            if lmethod != method:
                 raise CorruptCheckpoint(f"the {what} member {name!r} is compressed with method {lmethod} in its "
-                                        f"local header but {info.compress_type} in the directory", path=self.path,
+                                        f"local header but {method} in the directory", path=self.path,
                                         hint="the archive was tampered with or damaged; ckptfit refuses it")
             nlen, elen = _HH(head, 26)
             local_name = head[30:30 + nlen] if 30 + nlen <= len(head) else self._pread(nlen, at + 30)
@@ -214,27 +217,27 @@ class ZipArchive:
             if local_name_s != name and local_name.decode("utf-8", "replace") != name:
                 raise CorruptCheckpoint(f"the {what} member {name!r} is named {local_name_s!r} in its local header",
                                         path=self.path, hint="the archive was tampered with or damaged")
-            data_off = info.header_offset + 30 + nlen + elen
-            end = data_off + info.compress_size
-            if end > start_dir and end <= self.length:
+            data_off = header_offset + 30 + nlen + elen
+            csize, size = info.compress_size, info.file_size
+            end = data_off + csize
+            if end > start_dir and end <= length:
                 raise CorruptCheckpoint(f"the {what} member {name!r} runs into the archive's central directory "
                                         f"(bytes {data_off}..{end}, directory at {start_dir})", path=self.path,
                                         hint="the archive was tampered with or damaged; ckptfit refuses it")
-            if end > self.length:
+            if end > length:
                 raise CorruptCheckpoint(
-                    f"the {what} member {name!r} reaches byte {end} but the archive holds only {self.length} bytes "
+                    f"the {what} member {name!r} reaches byte {end} but the archive holds only {length} bytes "
                     f"(truncated)", path=self.path, hint="download or copy the file again")
-            if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
-                raise CorruptCheckpoint(f"the {what} member {name!r} is stored with {info.compress_size} bytes "
-                                        f"but declares {info.file_size}", path=self.path)
-            if info.compress_type == zipfile.ZIP_DEFLATED:
-                if info.file_size > MAX_INFLATED or info.file_size > MAX_RATIO * max(info.compress_size, 1) + 4096:
+            if method == stored and csize != size:
+                raise CorruptCheckpoint(f"the {what} member {name!r} is stored with {csize} bytes "
+                                        f"but declares {size}", path=self.path)
+            if method == deflated:
+                if size > MAX_INFLATED or size > MAX_RATIO * max(csize, 1) + 4096:
                     raise ResourceLimitExceeded(
-                        f"the {what} member {name!r} would inflate from {info.compress_size} to {info.file_size} "
+                        f"the {what} member {name!r} would inflate from {csize} to {size} "
                         f"bytes (a zip bomb?)", path=self.path, hint="ckptfit refuses it; no data was inflated")
-            spans.append((info.header_offset, end, name))
-            members[name] = Member(name, self.base + data_off, info.compress_size, info.file_size, info.CRC,
-                                   info.compress_type)
+            spans.append((header_offset, end, name))
+            members[name] = Member(name, base + data_off, csize, size, info.CRC, method)
         spans.sort()
         for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
             if s1 < e0:
