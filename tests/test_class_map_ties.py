@@ -107,3 +107,19 @@ def test_freeze_keeps_the_tied_head_with_new_rows_trainable(tmp_path: Path):
                           freeze=True)
     assert report.frozen == ("extra.weight",)
     assert model.emb.weight.requires_grad and not model.extra.weight.requires_grad
+
+
+def test_naming_the_tied_module_the_file_lacks_says_which_module_to_name(tmp_path: Path):
+    torch.manual_seed(4)
+    src = {"emb.weight": torch.randn(5, 4)}
+    torch.save(src, tmp_path / "five.pt")
+    model = Tied(3)
+    init = model.emb.weight.detach().clone()
+    with pytest.raises(ckptfit.LoadError) as e:
+        ckptfit.load(model, tmp_path / "five.pt", partial=True, class_map=ROWS, class_map_head="head")
+    assert ("class_map_head='head': head.weight is tied to 'emb.weight' (one tensor), which the file holds for "
+            "another number of classes; name that module: class_map_head='emb' (CLI: --class-map-head emb)"
+            in str(e.value))
+    assert torch.equal(model.emb.weight, init)
+    ckptfit.load(model, tmp_path / "five.pt", partial=True, class_map=ROWS, class_map_head="emb")  # followed
+    assert torch.equal(model.head.weight, _mapped(src["emb.weight"], init))

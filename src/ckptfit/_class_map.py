@@ -206,6 +206,13 @@ def _head(plan: Plan, cm: ClassMap) -> tuple[list[Decision], str | None]:
                                                    is not None and tuple(d.source_shape) == tuple(d.target_shape)
                                                    and len(d.target_shape) >= 1)]
     if not rows:
+        via = next((d for d in mine if d.source is None and d.tied_to and any(
+            x.target == d.tied_to for group in cands.values() for x in group)), None)
+        if via is not None:  # one tensor under two names: the file has it under the other one
+            other = _module(via.tied_to or "")
+            return [], (f"class_map_head={cm.head!r}: {via.target} is tied to '{via.tied_to}' (one tensor), which the "
+                        f"file holds for another number of classes; name that module: class_map_head='{other}' "
+                        f"(CLI: --class-map-head {other})")
         lost = [d.target for d in mine if d.source is None]
         why = (f"{', '.join(lost)} {'is' if len(lost) == 1 else 'are'} not in the file under a matching name (pass "
                f"rename= to pair the file's head with it)" if lost else
