@@ -2,13 +2,15 @@
 
 Opening a torch zip (or legacy) file of many small tensors runs the restricted interpreter's inline
 REDUCE for torch's rebuild functions, one small reader object per storage and per tensor, records
-declared in file order, and skips the numpy walk when the pickle named no numpy global. Each is
-checked here against what it stands in for: the scan's positions and call counts (against
-``pickletools``), tensors and byte spans (against ``torch.load``), records added in any order.
+declared in file order, a zip directory reader without a ``ZipInfo`` per member, and skips the numpy
+walk when the pickle named no numpy global. Each is checked here against what it stands in for: the
+scan's positions and call counts (against ``pickletools``), tensors and byte spans (against
+``torch.load``), zip members and directory errors (against ``zipfile``), records added in any order.
 """
 from __future__ import annotations
 
 import collections
+import io
 import pickle
 import pickletools
 
@@ -18,7 +20,7 @@ import torch
 
 import ckptfit
 from ckptfit import safety
-from ckptfit.errors import CorruptCheckpoint, ResourceLimitExceeded
+from ckptfit.errors import CheckpointError, CorruptCheckpoint, ResourceLimitExceeded
 from ckptfit.lazy import LazyTensor, MappedFile, Record
 
 
@@ -160,3 +162,75 @@ def test_records_declared_out_of_order_stay_sorted(tmp_path):
     assert [mapped.record_at(o).name if mapped.record_at(o) else None for o in (0, 5, 10, 25, 45, 75, 95, 99)] == \
         ["r0", "r0", "r10", None, "r40", "r70", "r90", "r90"]
     assert mapped.has_checksums
+
+
+def _archives(tmp_path) -> dict[str, bytes]:
+    """Zip archives of every kind the member reader meets: torch's, numpy's, and Python's with the options
+    its directory reading treats specially (comments, UTF-8 and cp437 names, a NUL in a name, extra fields,
+    zip64 records, bytes before the archive)."""
+    import zipfile
+
+    out = {}
+    torch.save({"a": torch.ones(3), "b": torch.zeros(2, 2)}, tmp_path / "t.pt")
+    out["torch"] = (tmp_path / "t.pt").read_bytes()
+    np.savez_compressed(tmp_path / "n.npz", a=np.ones(3), b=np.arange(4))
+    out["npz"] = (tmp_path / "n.npz").read_bytes()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("é/ü.bin", b"1")
+        z.writestr(zipfile.ZipInfo("cp437 \x80name"), b"2")
+        z.writestr(zipfile.ZipInfo("a\0hidden"), b"3")
+        info = zipfile.ZipInfo("extra")
+        info.extra = b"\x99\x99\x02\x00ab"
+        z.writestr(info, b"4", compress_type=zipfile.ZIP_DEFLATED)
+        with z.open("big", "w", force_zip64=True) as f:
+            f.write(b"abc")
+        z.comment = b"a comment"
+    out["options"] = buf.getvalue()
+    out["prefixed"] = b"JUNK" * 10 + out["options"]
+    return out
+
+
+def test_zip_members_are_those_zipfile_reads(tmp_path):
+    import zipfile
+
+    from ckptfit.formats._zip import ZipArchive
+
+    for label, data in _archives(tmp_path).items():
+        path = tmp_path / f"{label}.zip"
+        path.write_bytes(data)
+        with zipfile.ZipFile(path) as zf:
+            want = [(i.filename, i.compress_size, i.file_size, i.CRC, i.compress_type) for i in zf.infolist()]
+            comment = zf.comment
+        archive = ZipArchive(str(path))
+        try:
+            got = [(m.name, m.compressed_size, m.size, m.crc, m.compress_type) for m in archive.members.values()]
+            assert got == want, label
+            assert any("comment" in a for a in archive.anomalies) == bool(comment), label
+            for name in archive.members:
+                with zipfile.ZipFile(path) as zf:
+                    assert archive.read(name) == zf.read(name), (label, name)
+        finally:
+            archive.close()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d, cd: d[:cd + 3] + b"\x09" + d[cd + 4:], r"Bad magic number for central directory"),
+    (lambda d, cd: d[:cd + 6] + b"\x63" + d[cd + 7:], r"zip file version 9.9"),
+    (lambda d, cd: d[:cd + 49] + b"\x09" + d[cd + 50:], r"Corrupt extra field 9999 \(size=9\)"),  # its length
+])
+def test_damaged_directories_are_reported_in_zipfiles_words(tmp_path, damage, message):
+    import zipfile
+
+    from ckptfit.formats._zip import ZipArchive
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        info = zipfile.ZipInfo("e")
+        info.extra = b"\x99\x99\x02\x00ab"
+        z.writestr(info, b"1")
+    data = buf.getvalue()
+    path = tmp_path / "bad.zip"
+    path.write_bytes(damage(data, data.rfind(b"PK\x01\x02")))
+    with pytest.raises(CheckpointError, match=message):
+        ZipArchive(str(path))
