@@ -92,7 +92,15 @@ def dtype_name(dtype: torch.dtype | str) -> str:
         >>> dtype_name(torch.bfloat16), dtype_name("torch.float16")
         ('bfloat16', 'float16')
     """
-    return str(dtype).removeprefix("torch.")
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = str(dtype).removeprefix("torch.")
+        if len(_NAMES) < 256:  # torch.dtype objects and the names of the table: a few dozen
+            _NAMES[dtype] = name
+    return name
+
+
+_NAMES: dict[object, str] = {}  # dtype_name's answers: str() of a torch.dtype costs a microsecond, per tensor
 
 
 def short_name(dtype: torch.dtype | str) -> str:
