@@ -64,3 +64,23 @@ def seeded(model: nn.Module, seed: int) -> nn.Module:
             if t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g))
     return model
+
+
+def fail_read_at(monkeypatch: pytest.MonkeyPatch, k: int, exc: BaseException) -> None:
+    """Make the k-th read of tensor bytes from a file raise ``exc`` (the disk failing mid-copy).
+
+    Reads may run on several threads: the count is an ``itertools.count`` (``next`` is atomic).
+    """
+    import itertools
+
+    from ckptfit.lazy import MappedFile
+
+    counter = itertools.count(1)
+    real = MappedFile.readinto
+
+    def readinto(self, offset, buf):
+        if next(counter) == k:
+            raise exc
+        return real(self, offset, buf)
+
+    monkeypatch.setattr(MappedFile, "readinto", readinto)

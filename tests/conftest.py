@@ -29,6 +29,20 @@ def _linear_state_dict_fixture() -> dict[str, torch.Tensor]:
     return linear_state_dict()
 
 
+@pytest.fixture(params=["one thread", "threads"])
+def readers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A test run twice: copies on the calling thread, then each tensor its own task on 3 worker threads
+    (``pytestmark = pytest.mark.usefixtures("readers")`` in a module of load tests)."""
+    from ckptfit.loading import streaming
+
+    if request.param == "one thread":
+        monkeypatch.setattr(streaming, "worker_count", lambda: 1)
+    else:
+        monkeypatch.setattr(streaming, "worker_count", lambda: 3)
+        monkeypatch.setattr(streaming, "_BATCH_BYTES", 1)
+    return request.param
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

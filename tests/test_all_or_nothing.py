@@ -12,18 +12,10 @@ from torch import nn
 import ckptfit
 from ckptfit.errors import CorruptCheckpoint
 from ckptfit.lazy import MappedFile
-from ckptfit.loading import streaming
+from _checkpoints import fail_read_at
 
 
-@pytest.fixture(autouse=True, params=["one thread", "threads"])
-def readers(request, monkeypatch):
-    """Every test twice: copies on the calling thread, and each tensor its own task on 3 worker threads."""
-    if request.param == "one thread":
-        monkeypatch.setattr(streaming, "worker_count", lambda: 1)
-    else:
-        monkeypatch.setattr(streaming, "worker_count", lambda: 3)
-        monkeypatch.setattr(streaming, "_BATCH_BYTES", 1)
-    return request.param
+pytestmark = pytest.mark.usefixtures("readers")  # each test on one thread and on several (conftest.py)
 
 
 class Net(nn.Module):
@@ -65,18 +57,7 @@ def _file(tmp_path: Path, fmt: str) -> Path:
     return path
 
 
-def _fail_at(monkeypatch: pytest.MonkeyPatch, k: int, exc: BaseException) -> list[int]:
-    """Make the k-th read of tensor bytes from a file raise ``exc`` (the disk failing mid-copy)."""
-    counter = itertools.count(1)  # next() is atomic: reads run on several threads
-    real = MappedFile.readinto
-
-    def readinto(self, offset, buf):
-        if next(counter) == k:
-            raise exc
-        return real(self, offset, buf)
-
-    monkeypatch.setattr(MappedFile, "readinto", readinto)
-    return counter
+_fail_at = fail_read_at
 
 
 def _reads(path: Path, **kw) -> int:

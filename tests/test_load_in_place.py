@@ -2,7 +2,6 @@
 and the all-or-nothing default refusing, before anything changes, an undo copy the machine cannot hold."""
 from __future__ import annotations
 
-import itertools
 import struct
 import zipfile
 from pathlib import Path
@@ -13,28 +12,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ckptfit
+from _checkpoints import fail_read_at
+from test_all_or_nothing import Net
 from ckptfit.errors import CorruptCheckpoint, LoadError
-from ckptfit.lazy import MappedFile
-from ckptfit.loading import copying, streaming
+from ckptfit.loading import copying
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(64, 64)
-        self.bn = nn.BatchNorm1d(64)
-        self.b = nn.Linear(64, 32)
-        self.c = nn.Linear(32, 8)
-
-
-@pytest.fixture(autouse=True, params=["one thread", "threads"])
-def readers(request, monkeypatch):
-    if request.param == "one thread":
-        monkeypatch.setattr(streaming, "worker_count", lambda: 1)
-    else:
-        monkeypatch.setattr(streaming, "worker_count", lambda: 3)
-        monkeypatch.setattr(streaming, "_BATCH_BYTES", 1)
-    return request.param
+pytestmark = pytest.mark.usefixtures("readers")  # each test on one thread and on several (conftest.py)
 
 
 def _file(tmp_path: Path, fmt: str) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -98,15 +82,7 @@ def test_atomic_false_checks_every_byte_before_the_model_changes(tmp_path) -> No
 def test_atomic_false_says_when_a_failure_while_writing_left_the_model_partly_loaded(tmp_path, monkeypatch) -> None:
     path, sd = _file(tmp_path, "safetensors")  # no checksum: no reads before the writes
     model = Net()
-    counter = itertools.count(1)
-    real = MappedFile.readinto
-
-    def readinto(self, offset, buf):
-        if next(counter) == 4:
-            raise OSError(5, "Input/output error")
-        return real(self, offset, buf)
-
-    monkeypatch.setattr(MappedFile, "readinto", readinto)
+    fail_read_at(monkeypatch, 4, OSError(5, "Input/output error"))
     with pytest.raises(OSError, match="Input/output error") as e:
         ckptfit.load(model, path, atomic=False)
     notes = "\n".join(getattr(e.value, "__notes__", []))
@@ -122,15 +98,7 @@ def test_the_default_adds_no_note_on_failure(tmp_path, monkeypatch) -> None:
     path, _ = _file(tmp_path, "safetensors")
     model = Net()
     before = _values(model)
-    counter = itertools.count(1)
-    real = MappedFile.readinto
-
-    def readinto(self, offset, buf):
-        if next(counter) == 4:
-            raise OSError(5, "Input/output error")
-        return real(self, offset, buf)
-
-    monkeypatch.setattr(MappedFile, "readinto", readinto)
+    fail_read_at(monkeypatch, 4, OSError(5, "Input/output error"))
     with pytest.raises(OSError) as e:
         ckptfit.load(model, path)
     assert not getattr(e.value, "__notes__", None)
