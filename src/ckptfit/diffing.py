@@ -134,12 +134,47 @@ def _side(src: str, model_args: Sequence[str], trust: bool, use: str | None = No
         from .loading.meta import parameters_on_meta
         from .specs import model_factory, parse_model_args
 
+        factory = model_factory(src, parse_model_args(list(model_args)))
         with parameters_on_meta():
-            model = model_factory(src, parse_model_args(list(model_args)))()
+            model = _bounded(factory)
         return dict(model.state_dict()), False
     from .errors import CheckpointError
 
     raise CheckpointError(f"{src!r} is neither an existing path nor a model SPEC (like torchvision:resnet18)")
+
+
+# Bounds on a model whose sizes come from a file (an ``hf:DIR`` SPEC's config.json). They cannot come from
+# the other side of the diff, as load's do (specs.bounded_by_file): "what does this file lack" compares a file
+# with a far larger model. So they are fixed, and generous. Parameters registered: transformers 5 holds a
+# layer's experts in one tensor, so a 70B Llama registers ~700 and DeepSeek-V3 ~1,500; with one tensor per
+# expert (transformers 4) the largest (a DeepSeek-V3-shaped config with 384 experts: 60 x 384 x 3) register
+# ~70,000, under 100,000. Building costs time per registered parameter (num_hidden_layers=100_000 of a tiny
+# BERT would run for minutes), so the limit stops it after 100,000. Real tensors computed in __init__ (position
+# ids, rotary frequencies, masks: megabytes in real models) are held to MAX_INIT_BYTES, which refuses
+# max_position_embeddings=300_000_000 (2.3 GiB of position ids) before the memory is taken. Parameter bytes are
+# not bounded: on meta they take no memory, and a 1T-parameter model in float32 would hold 4 TB of them.
+MAX_SPEC_PARAMETERS = 100_000
+
+
+def _bounded(factory: Any) -> Any:
+    """``factory()`` on meta, within the bounds above when its sizes come from a config.json (else as it is)."""
+    cfg_dir = getattr(factory, "ckptfit_config_dir", None)
+    if cfg_dir is None:
+        return factory()
+    from .errors import ResourceLimitExceeded
+    from .loading.meta import bounded_build
+    from .provenance import MAX_INIT_BYTES
+
+    config = os.path.join(cfg_dir, "config.json")
+    try:
+        with bounded_build(max_parameters=MAX_SPEC_PARAMETERS, max_bytes=MAX_INIT_BYTES,
+                           what=f"the model {config} describes"):
+            return factory()
+    except ResourceLimitExceeded as e:
+        raise ResourceLimitExceeded(
+            f"{e.detail.removesuffix('; not built')}, more than any real model; not built", path=config,
+            hint=f"fix the sizes in {config} (layer counts, max_position_embeddings, vocab_size ...) to those "
+                 f"of the model meant") from None
 
 
 def _dtype_name(t: Any) -> str:

@@ -139,6 +139,9 @@ class _Bound(TorchFunctionMode):
     """
 
     _LAZY = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
+    # calls that make no new tensor memory (a property such as ``.data``/``.T``/``.shape``, grad mode,
+    # sizes), made for every parameter registered: not measured, which would cost more than the build
+    _FREE = frozenset({"__get__", "_set_grad_enabled", "numel", "element_size", "size", "dim", "stride"})
 
     def __init__(self, max_parameters: int, max_bytes: int, what: str, max_parameter_bytes: int | None = None) -> None:
         super().__init__()
@@ -169,7 +172,7 @@ class _Bound(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name not in self._LAZY:
+        if name not in self._LAZY and name not in self._FREE:
             size = self._real_size(func, args, kwargs)
             if size:
                 self.bytes += size
@@ -186,6 +189,8 @@ class _Bound(TorchFunctionMode):
         """Bytes of real tensors ``func`` would return (0: none, meta ones, or unknown)."""
         from torch.utils._pytree import tree_flatten, tree_map
 
+        if _on_meta_only(args, kwargs):  # the common call while building on meta: settled without a pytree walk
+            return 0
         flat, _ = tree_flatten((args, kwargs))
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         if tensors and all(t.is_meta for t in tensors):
@@ -206,6 +211,24 @@ class _Bound(TorchFunctionMode):
                            if isinstance(t, torch.Tensor) and (id(t) in inputs or not t._is_view()))
         except Exception:  # noqa: BLE001 - no meta kernel, or not a tensor function: run as it is
             return 0
+
+
+_SCALARS = (int, float, bool, str, type(None), torch.dtype)
+
+
+def _on_meta_only(args: tuple, kwargs: dict) -> bool:
+    """Whether a call's arguments are meta tensors and plain scalars only, with no ``device=``: its results
+    are meta tensors (or it fails: a meta tensor cannot be copied to a device named by a string), never
+    real memory. Anything else (a list, a device) says False."""
+    some = False
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            if not a.is_meta:
+                return False
+            some = True
+        elif not isinstance(a, _SCALARS):
+            return False
+    return some and "device" not in kwargs
 
 
 def _size(n: int) -> str:
