@@ -96,14 +96,14 @@ def test_too_many_layers_are_refused_at_the_parameter_bound(saved, monkeypatch):
     folder, file, _ = saved
     monkeypatch.setattr(diffing, "MAX_SPEC_PARAMETERS", 500)
     _edit(folder, num_hidden_layers=100_000)
-    _refused(folder, file, "has more than 500 parameters (the 501th: ")
+    _refused(folder, file, "has more than 500 parameters (stopped at parameter 501: ")
 
 
 @pytest.mark.slow
 def test_num_hidden_layers_100_000_is_refused_at_the_real_bound(saved):
     folder, file, _ = saved
     _edit(folder, num_hidden_layers=100_000)
-    _refused(folder, file, f"has more than {diffing.MAX_SPEC_PARAMETERS} parameters (the ")
+    _refused(folder, file, f"has more than {diffing.MAX_SPEC_PARAMETERS} parameters (stopped at parameter ")
 
 
 def test_a_spec_whose_sizes_come_from_no_file_is_not_bounded(tmp_path, monkeypatch):

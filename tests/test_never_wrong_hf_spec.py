@@ -91,7 +91,7 @@ def test_a_huge_layer_count_is_refused_after_a_bounded_number_of_parameters(tmp_
     d = tmp_path / "gpt2"
     _gpt2(d)
     _edit(d, n_layer=100_000)
-    with pytest.raises(ResourceLimitExceeded, match=r"has more than 4096 parameters \(the 4097th: Conv1D.weight\), "
+    with pytest.raises(ResourceLimitExceeded, match=r"has more than 4096 parameters \(stopped at parameter 4097: Conv1D.weight\), "
                                                     r"far larger than the checkpoint it is to hold \(28 tensors"):
         ckptfit.build(f"hf:{d}", d)
 

@@ -57,7 +57,7 @@ def test_a_huge_layer_count_is_refused_after_a_bounded_number_of_parameters(tmp_
                               "n_embd": 8, "n_head": 2, "vocab_size": 10})
     assert _problem(path) == (
         "source model transformers.GPT2LMHeadModel (recorded in config.json): could not be built: "
-        "ResourceLimitExceeded: it has more than 4096 parameters (the 4097th: Conv1D.weight); not built")
+        "ResourceLimitExceeded: it has more than 4096 parameters (stopped at parameter 4097: Conv1D.weight); not built")
 
 
 def test_a_small_config_is_still_built(tmp_path):

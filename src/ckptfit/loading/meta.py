@@ -157,8 +157,9 @@ class _Bound(TorchFunctionMode):
 
         self.parameters += 1
         if self.parameters > self.max_parameters:
-            raise ResourceLimitExceeded(f"{self.what} has more than {self.max_parameters} parameters (the "
-                                        f"{self.max_parameters + 1}th: {type(module).__name__}.{name}); not built")
+            raise ResourceLimitExceeded(f"{self.what} has more than {self.max_parameters} parameters (stopped "
+                                        f"at parameter {self.max_parameters + 1}: {type(module).__name__}.{name}); "
+                                        f"not built")
         if id(param) in self.seen:
             return
         self.seen.add(id(param))
