@@ -161,20 +161,11 @@ def _bounded(factory: Any) -> Any:
     cfg_dir = getattr(factory, "ckptfit_config_dir", None)
     if cfg_dir is None:
         return factory()
-    from .errors import ResourceLimitExceeded
-    from .loading.meta import bounded_build
-    from .provenance import MAX_INIT_BYTES
+    from .specs import config_bounds
 
-    config = os.path.join(cfg_dir, "config.json")
-    try:
-        with bounded_build(max_parameters=MAX_SPEC_PARAMETERS, max_bytes=MAX_INIT_BYTES,
-                           what=f"the model {config} describes"):
-            return factory()
-    except ResourceLimitExceeded as e:
-        raise ResourceLimitExceeded(
-            f"{e.detail.removesuffix('; not built')}, more than any real model; not built", path=config,
-            hint=f"fix the sizes in {config} (layer counts, max_position_embeddings, vocab_size ...) to those "
-                 f"of the model meant") from None
+    with config_bounds(cfg_dir, max_parameters=MAX_SPEC_PARAMETERS, why="more than any real model",
+                       instead="those of the model meant"):
+        return factory()
 
 
 def _dtype_name(t: Any) -> str:

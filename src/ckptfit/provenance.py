@@ -35,15 +35,9 @@ from torch import nn
 from .checkpoint import Checkpoint, StateDictCandidate
 from .plans import Plan
 
-__all__ = ["source_model_option", "source_aware", "check_source_model", "MIN_PARAMETERS", "MAX_INIT_BYTES"]
+__all__ = ["source_model_option", "source_aware", "check_source_model"]
 
 _OPTION: ContextVar[Any] = ContextVar("ckptfit_source_model", default=None)
-
-# Bounds on building the source model, whose sizes the file's config.json sets: the model that wrote a
-# file holds about as many tensors as the file (a few more: ties, buffers left out), and its __init__
-# computes small buffers (position ids, rotary frequencies, causal masks), not gigabytes.
-MIN_PARAMETERS = 4096
-MAX_INIT_BYTES = 1 << 30
 
 
 def check_source_model(value: Any) -> Any:
@@ -193,7 +187,7 @@ def source_aware(model: nn.Module, ckpt: Checkpoint, cand: StateDictCandidate, p
     structural = any(d.stage == "structural" and d.action == "load" for d in plan.decisions)
     if plan.ok and not structural:
         return plan
-    from .loading.meta import bounded_build, parameters_on_meta
+    from .loading.meta import MAX_INIT_BYTES, MIN_PARAMETERS, bounded_build, parameters_on_meta
 
     try:
         found = _source_factory(ckpt)

@@ -25,6 +25,7 @@ Python literals: ``num_classes=10``, ``dims=(64, 128)``, ``act='gelu'``, ``bias=
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -32,7 +33,7 @@ import json
 import os
 import sys
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 from .errors import CheckpointError
 
-__all__ = ["model_factory", "parse_model_args", "bounded_by_file"]
+__all__ = ["model_factory", "parse_model_args", "bounded_by_file", "config_bounds"]
 
 
 def parse_model_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -246,31 +247,46 @@ def bounded_by_file(factory: Callable[..., Any], make: Callable[[dict[str, Any]]
     cfg_dir = getattr(factory, "ckptfit_config_dir", None)
     if cfg_dir is None:
         return make
-    from .errors import ResourceLimitExceeded
-    from .loading.meta import bounded_build
-    from .provenance import MAX_INIT_BYTES, MIN_PARAMETERS
+    from .loading.meta import MIN_PARAMETERS
 
     tensors, nbytes = ckpt.num_tensors, ckpt.num_bytes
-    config = os.path.join(cfg_dir, "config.json")
+    size = f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
 
     def bounded(kwargs: dict[str, Any]) -> nn.Module:
-        try:
-            with bounded_build(max_parameters=max(4 * tensors, MIN_PARAMETERS), max_bytes=MAX_INIT_BYTES,
-                               max_parameter_bytes=max(_PARAMETER_RATIO * nbytes, _MIN_PARAMETER_BYTES),
-                               what=f"the model {config} describes"):
-                return make(kwargs)
-        except ResourceLimitExceeded as e:
-            size = f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
-            raise ResourceLimitExceeded(
-                f"{e.detail.removesuffix('; not built')}, far larger than the checkpoint it is to hold "
-                f"({tensors} tensor{'' if tensors == 1 else 's'}, {size}), so it cannot be a correct load; not built",
-                path=ckpt.path,
-                hint=f"fix the sizes in {config} (layer counts, max_position_embeddings, vocab_size ...) to "
-                     f"those of the model that wrote the checkpoint; or, if the model really is this large, "
-                     f"build it yourself and fill it with ckptfit.load(model, {ckpt.path!r}) (with "
-                     f"partial=True for the layers the file lacks)") from None
+        with config_bounds(cfg_dir, max_parameters=max(4 * tensors, MIN_PARAMETERS),
+                           max_parameter_bytes=max(_PARAMETER_RATIO * nbytes, _MIN_PARAMETER_BYTES),
+                           why=f"far larger than the checkpoint it is to hold ({tensors} "
+                               f"tensor{'' if tensors == 1 else 's'}, {size}), so it cannot be a correct load",
+                           path=ckpt.path,
+                           instead=f"those of the model that wrote the checkpoint; or, if the model really is this "
+                                   f"large, build it yourself and fill it with ckptfit.load(model, {ckpt.path!r}) "
+                                   f"(with partial=True for the layers the file lacks)"):
+            return make(kwargs)
 
     return bounded
+
+
+@contextlib.contextmanager
+def config_bounds(cfg_dir: str, *, max_parameters: int, why: str, instead: str, path: str | None = None,
+                  max_parameter_bytes: int | None = None) -> Iterator[None]:
+    """Build (on meta) the model ``cfg_dir/config.json`` describes within these bounds and
+    :data:`~ckptfit.loading.meta.MAX_INIT_BYTES`; past them, :class:`~ckptfit.errors.ResourceLimitExceeded`
+    saying ``why`` it cannot be meant (refused at ``path``, the config by default) and to fix the sizes
+    to ``instead``. The one refusal for every build whose sizes a config.json sets (load, build, diff).
+    """
+    from .errors import ResourceLimitExceeded
+    from .loading.meta import MAX_INIT_BYTES, bounded_build
+
+    config = os.path.join(cfg_dir, "config.json")
+    try:
+        with bounded_build(max_parameters=max_parameters, max_bytes=MAX_INIT_BYTES,
+                           max_parameter_bytes=max_parameter_bytes, what=f"the model {config} describes"):
+            yield
+    except ResourceLimitExceeded as e:
+        raise ResourceLimitExceeded(
+            f"{e.detail.removesuffix('; not built')}, {why}; not built", path=path or config,
+            hint=f"fix the sizes in {config} (layer counts, max_position_embeddings, vocab_size ...) to "
+                 f"{instead}") from None
 
 
 def _calling(spec: str, builder: Callable[..., nn.Module], kwargs: dict[str, Any]) -> Callable[[], nn.Module]:

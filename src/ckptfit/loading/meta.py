@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["INIT_ATTR", "parameters_on_meta", "bounded_build"]
+__all__ = ["INIT_ATTR", "parameters_on_meta", "bounded_build", "MIN_PARAMETERS", "MAX_INIT_BYTES"]
 
 # ---------------------------------------------------------------------------------- build
 
@@ -126,6 +126,12 @@ class _SkipInitOnMeta(TorchFunctionMode):
 
 
 # ---------------------------------------------------------------------------------- bounds
+
+# Bounds on building a model whose sizes a file sets (a config.json): the model that wrote a file holds
+# about as many tensors as the file (a few more: ties, buffers left out), and its __init__ computes small
+# buffers (position ids, rotary frequencies, causal masks), not gigabytes.
+MIN_PARAMETERS = 4096
+MAX_INIT_BYTES = 1 << 30
 
 class _Bound(TorchFunctionMode):
     """Counts what a build registers and computes; raises :class:`~ckptfit.errors.ResourceLimitExceeded` past its bounds.

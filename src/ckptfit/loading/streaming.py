@@ -127,7 +127,8 @@ class Streamer:
             loc = locate(src)
         nbytes = dst.numel() * dst.element_size()
         if dst.device.type == "cuda" or loc is None:
-            self._inline(dst, lambda: self._copy(dst, src, loc, record, tensor, before), nbytes)
+            storage = dst.untyped_storage().data_ptr() if dst.device.type == "cpu" else None
+            self._inline(lambda: self._copy(dst, src, loc, record, tensor, before), storage, nbytes)
             return
         _bump_version(dst)  # an in-place write autograd must know about, as copy_ would
         self.run(lambda: self._copy(dst, src, loc, record, tensor, before), dst.untyped_storage().data_ptr(), nbytes)
@@ -135,9 +136,7 @@ class Streamer:
     def run(self, job: Callable[[], None], storage: int | None, nbytes: int) -> None:
         """Run ``job`` (which writes the memory of ``storage``, or none) on a worker, in its turn."""
         if self._workers == 1:
-            self._inline_wait(storage)
-            job()
-            self._done(nbytes)
+            self._inline(job, storage, nbytes)
             return
         b = self._batch
         if storage is not None and storage not in b.storages:
@@ -163,15 +162,12 @@ class Streamer:
         self._submitted.append((fut, b.nbytes))
         self._report(block=False)
 
-    def _inline_wait(self, storage: int | None) -> None:
-        """Before a copy on this thread: earlier copies into the same memory have finished."""
+    def _inline(self, job: Callable[[], None], storage: int | None, nbytes: int) -> None:
+        """Run ``job`` on this thread, once earlier copies into the same memory have finished."""
         self._flush()
         prev = self._last.get(storage) if storage is not None else None
         if prev is not None:
             prev.result()
-
-    def _inline(self, dst: torch.Tensor, job: Callable[[], None], nbytes: int) -> None:
-        self._inline_wait(dst.untyped_storage().data_ptr() if dst.device.type == "cpu" else None)
         job()
         self._done(nbytes)
 
