@@ -109,3 +109,22 @@ def transformers_bert_folder(path: Path) -> Path:
                                      vocab_size=10, max_position_embeddings=16)
     transformers.BertModel(config).save_pretrained(path)
     return path
+
+
+def test_the_parameter_bound_counts_every_parameter_even_when_ids_are_reused() -> None:
+    """Each real parameter a layer makes is dropped for its meta twin, and the next one may get its id:
+    counting by id alone once left about half of 200 Linear(64, 64) uncounted (the bound undercounted)."""
+    from torch import nn
+
+    from ckptfit.errors import ResourceLimitExceeded
+    from ckptfit.loading.meta import bounded_build, parameters_on_meta
+
+    total = 200 * (64 * 64 + 64) * 4
+    with pytest.raises(ResourceLimitExceeded, match="of parameters"):
+        with parameters_on_meta(), bounded_build(max_parameters=10**6, max_bytes=1 << 30, what="it",
+                                                 max_parameter_bytes=total - 1):
+            nn.Sequential(*[nn.Linear(64, 64) for _ in range(200)])
+    with parameters_on_meta(), bounded_build(max_parameters=10**6, max_bytes=1 << 30, what="it",
+                                             max_parameter_bytes=total):
+        model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(200)])
+    assert all(p.is_meta for p in model.parameters())

@@ -94,7 +94,7 @@ def _parameter_to_meta(module: nn.Module, name: str, param: nn.Parameter) -> nn.
             setattr(meta, INIT_ATTR, param.detach().clone())
             kept[0] += n
     if bound is not None:
-        bound.seen.add(id(meta))  # registered again (a tied weight): one tensor, counted once
+        bound.seen[id(meta)] = meta  # registered again (a tied weight): one tensor, counted once
     return meta
 
 
@@ -156,7 +156,10 @@ class _Bound(TorchFunctionMode):
         self.parameters = 0
         self.bytes = 0
         self.parameter_bytes = 0
-        self.seen: set[int] = set()
+        # meta parameters counted, by id, kept alive here (they cost no memory): a freed tensor's id may be
+        # given to the next one, which would then go uncounted. A real parameter is counted as it arrives and
+        # dropped for its meta twin, which is the one recorded (a tie registers the twin again).
+        self.seen: dict[int, torch.Tensor] = {}
 
     def parameter(self, module: nn.Module, name: str, param: torch.Tensor) -> None:
         from ..errors import ResourceLimitExceeded
@@ -168,7 +171,8 @@ class _Bound(TorchFunctionMode):
                                         f"not built")
         if id(param) in self.seen:
             return
-        self.seen.add(id(param))
+        if param.is_meta:
+            self.seen[id(param)] = param
         self.parameter_bytes += param.numel() * param.element_size()
         if self.max_parameter_bytes is not None and self.parameter_bytes > self.max_parameter_bytes:
             raise ResourceLimitExceeded(
